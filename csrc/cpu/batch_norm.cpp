@@ -1,0 +1,307 @@
+// BatchNorm on the CPU: per-channel statistics over (N, spatial).
+// Two layouts reach the kernels:
+//   rows: NCHW-contiguous input, N*C rows of S spatial elements (row r is channel r % C);
+//   cols: channels_last input, or S == 1, seen as an (N*S, C) matrix.
+// Forward (training): one read for statistics, one read+write for act(x*alpha + beta).
+// Backward: one read of (x, dy) for the per-channel sums, one more to write dx.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../common/checks.h"
+#include "../common/norm_math.h"
+#include "cpu_utils.h"
+
+namespace fusednorm {
+namespace cpu {
+namespace {
+
+struct BnLayout {
+  at::Tensor x;  // the input in the layout the kernels read
+  int64_t N, C, S;
+  bool cols;
+};
+
+BnLayout bn_layout(const at::Tensor& input) {
+  BnLayout l;
+  l.N = input.size(0);
+  l.C = input.size(1);
+  l.S = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) l.S *= input.size(d);
+  const bool cl = (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                  (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  if (input.is_contiguous()) {
+    l.x = input;
+    l.cols = l.S == 1;
+  } else if (cl) {
+    l.x = input;
+    l.cols = true;
+  } else {
+    l.x = input.contiguous();
+    l.cols = l.S == 1;
+  }
+  return l;
+}
+
+// The gradient in the same memory layout as the input the kernels read.
+at::Tensor like_layout(const at::Tensor& g, const BnLayout& l) {
+  if (l.cols && l.S != 1) {
+    auto mf = l.x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+    return g.contiguous(mf);
+  }
+  return g.contiguous();
+}
+
+// Per-channel sums over the whole batch: moments (training forward) or gradient sums.
+template <typename T, typename A>
+void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2) {
+  const auto& k = table<T>();
+  const T* x = ptr<T>(l.x);
+  const int64_t C = l.C;
+  if (l.cols) {
+    const int64_t M = l.N * l.S;
+    const int64_t chunks = num_chunks(M, std::max<int64_t>(1, kGrainElements / C));
+    std::vector<A> pm(chunks * C, A(0)), pq(chunks * C, A(0)), cnt(chunks, A(0));
+    parallel_chunks(M, chunks, [&](int64_t ch, int64_t b, int64_t e) {
+      std::vector<A> scratch(3 * C);
+      k.moments_cols(x + b * C, e - b, C, A(0), &pm[ch * C], &pq[ch * C], scratch.data());
+      cnt[ch] = A(e - b);
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      Moments<A> acc{0, 0, 0};
+      for (int64_t ch = 0; ch < chunks; ++ch)
+        acc = merge(acc, Moments<A>{cnt[ch], pm[ch * C + c], pq[ch * C + c]});
+      mean[c] = acc.mean;
+      m2[c] = acc.m2;
+    }
+  } else {
+    const int64_t R = l.N * C, S = l.S;
+    std::vector<A> rm(R), rq(R);
+    parallel_chunks(R, num_chunks(R, std::max<int64_t>(1, kGrainElements / S)),
+                    [&](int64_t, int64_t b, int64_t e) {
+                      k.moments_rows(x + b * S, e - b, S, &rm[b], &rq[b]);
+                    });
+    for (int64_t c = 0; c < C; ++c) {
+      Moments<A> acc{0, 0, 0};
+      for (int64_t n = 0; n < l.N; ++n)
+        acc = merge(acc, Moments<A>{A(S), rm[n * C + c], rq[n * C + c]});
+      mean[c] = acc.mean;
+      m2[c] = acc.m2;
+    }
+  }
+}
+
+// Repeats a per-channel vector for every (n, c) row of the rows layout.
+template <typename A>
+std::vector<A> per_row(const std::vector<A>& v, int64_t N) {
+  std::vector<A> out(v.size() * N);
+  for (int64_t n = 0; n < N; ++n) std::copy(v.begin(), v.end(), out.begin() + n * v.size());
+  return out;
+}
+
+void update_running(at::Tensor& running, const std::vector<double>& fresh, double momentum) {
+  // running = (1 - momentum) * running + momentum * fresh, in float64 then stored.
+  at::Tensor cur = running.to(at::kDouble).cpu().contiguous();
+  double* p = cur.data_ptr<double>();
+  for (size_t c = 0; c < fresh.size(); ++c) p[c] = (1.0 - momentum) * p[c] + momentum * fresh[c];
+  running.copy_(cur);
+}
+
+void check_bn_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                   const c10::optional<at::Tensor>& bias,
+                   const c10::optional<at::Tensor>& running_mean,
+                   const c10::optional<at::Tensor>& running_var) {
+  check_input_dtype_not_implemented(input, "batch_norm");
+  TORCH_CHECK(input.dim() >= 2, "batch_norm: expected at least 2D input (got ", input.dim(),
+              "D input)");
+  const int64_t C = input.size(1);
+  check_param(running_mean, input, "running_mean", C, "batch_norm");
+  check_param(running_var, input, "running_var", C, "batch_norm");
+  check_param(weight, input, "weight", C, "batch_norm");
+  check_param(bias, input, "bias", C, "batch_norm");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    int64_t act, double slope) {
+  check_bn_args(input, weight, bias, running_mean, running_var);
+  TORCH_CHECK(training || (has(running_mean) && has(running_var)),
+              "running_mean must be defined in evaluation mode");
+  const BnLayout l = bn_layout(input);
+  const int64_t C = l.C, M = l.N * l.S;
+  at::Tensor y = at::empty_like(l.x);
+  at::Tensor mean_t = at::empty({C}, input.options().dtype(acc_dtype(input)));
+  at::Tensor rstd_t = at::empty({C}, input.options().dtype(acc_dtype(input)));
+
+  dispatch_storage(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    std::vector<A> mean(C), rstd(C);
+    if (training) {
+      if (M == 0) {  // empty batch: nothing to normalise, running statistics untouched
+        std::fill(mean.begin(), mean.end(), A(0));
+        std::fill(rstd.begin(), rstd.end(), A(1) / std::sqrt(A(eps)));
+      } else {
+        std::vector<A> m2(C);
+        channel_moments<T, A>(l, mean, m2);
+        std::vector<double> unbiased(C), fresh_mean(C);
+        for (int64_t c = 0; c < C; ++c) {
+          rstd[c] = rstd_from_m2<A>(m2[c], A(M), A(eps));
+          fresh_mean[c] = mean[c];
+          unbiased[c] = double(m2[c]) / double(M - 1);
+        }
+        if (has(running_mean)) {
+          at::Tensor rm = *running_mean;
+          update_running(rm, fresh_mean, momentum);
+        }
+        if (has(running_var)) {
+          at::Tensor rv = *running_var;
+          update_running(rv, unbiased, momentum);
+        }
+      }
+    } else {
+      std::vector<A> rv = to_acc_vector<A>(running_var, C, A(1));
+      mean = to_acc_vector<A>(running_mean, C, A(0));
+      for (int64_t c = 0; c < C; ++c) rstd[c] = A(1) / std::sqrt(rv[c] + A(eps));
+    }
+    std::copy(mean.begin(), mean.end(), mean_t.data_ptr<A>());
+    std::copy(rstd.begin(), rstd.end(), rstd_t.data_ptr<A>());
+    if (M == 0) return;
+
+    std::vector<A> gamma = to_acc_vector<A>(weight, C, A(1));
+    std::vector<A> beta = to_acc_vector<A>(bias, C, A(0));
+    std::vector<A> alpha(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) fold_affine(mean[c], rstd[c], gamma[c], beta[c], &alpha[c], &shift[c]);
+
+    const auto& k = table<T>();
+    const T* x = ptr<T>(l.x);
+    T* out = ptr<T>(y);
+    if (l.cols) {
+      parallel_chunks(M, num_chunks(M, std::max<int64_t>(1, kGrainElements / C)),
+                      [&](int64_t, int64_t b, int64_t e) {
+                        k.apply_cols(x + b * C, out + b * C, e - b, C, alpha.data(),
+                                     shift.data(), act, A(slope));
+                      });
+    } else {
+      const int64_t R = l.N * C, S = l.S;
+      std::vector<A> ra = per_row(alpha, l.N), rb = per_row(shift, l.N);
+      parallel_chunks(R, num_chunks(R, std::max<int64_t>(1, kGrainElements / S)),
+                      [&](int64_t, int64_t b, int64_t e) {
+                        k.apply_rows(x + b * S, out + b * S, e - b, S, &ra[b], &rb[b], act,
+                                     A(slope));
+                      });
+    }
+  });
+  return {y, mean_t, rstd_t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean_t, const at::Tensor& rstd_t,
+    bool training, int64_t act, double slope, std::array<bool, 3> mask) {
+  check_bn_args(input, weight, bias, c10::nullopt, c10::nullopt);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_bwd: grad_out has shape ",
+              grad_out.sizes(), " but the input has shape ", input.sizes());
+  const BnLayout l = bn_layout(input);
+  const int64_t C = l.C, M = l.N * l.S;
+  const at::Tensor dy = like_layout(grad_out.to(input.scalar_type()), l);
+  at::Tensor dx = mask[0] ? at::empty_like(l.x) : at::empty({0}, input.options());
+  at::Tensor dweight, dbias;
+
+  dispatch_storage(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const auto& k = table<T>();
+    const at::Tensor mean_c = mean_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
+    const at::Tensor rstd_c = rstd_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
+    std::vector<A> mean(mean_c.data_ptr<A>(), mean_c.data_ptr<A>() + C);
+    std::vector<A> rstd(rstd_c.data_ptr<A>(), rstd_c.data_ptr<A>() + C);
+    std::vector<A> gamma = to_acc_vector<A>(weight, C, A(1));
+    std::vector<A> beta = to_acc_vector<A>(bias, C, A(0));
+    std::vector<A> alpha(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) fold_affine(mean[c], rstd[c], gamma[c], beta[c], &alpha[c], &shift[c]);
+
+    const T* x = ptr<T>(l.x);
+    const T* g = ptr<T>(dy);
+    const int64_t R = l.N * C, S = l.S;
+    const int64_t col_chunks = num_chunks(M, std::max<int64_t>(1, kGrainElements / C));
+    const int64_t row_chunks = num_chunks(R, std::max<int64_t>(1, kGrainElements / S));
+
+    // Pass 1: per-channel sum(dyhat) and sum(dyhat * (x - mean)).
+    std::vector<A> sum_dy(C, A(0)), sum_dy_xmu(C, A(0));
+    const bool need_sums = training ? (mask[0] || mask[1] || mask[2]) : (mask[1] || mask[2]);
+    if (need_sums && M > 0) {
+      if (l.cols) {
+        std::vector<A> ps(col_chunks * C, A(0)), px(col_chunks * C, A(0));
+        parallel_chunks(M, col_chunks, [&](int64_t ch, int64_t b, int64_t e) {
+          k.grad_sums_cols(x + b * C, g + b * C, e - b, C, alpha.data(), shift.data(),
+                           mean.data(), act, A(slope), &ps[ch * C], &px[ch * C]);
+        });
+        for (int64_t ch = 0; ch < col_chunks; ++ch)
+          for (int64_t c = 0; c < C; ++c) {
+            sum_dy[c] += ps[ch * C + c];
+            sum_dy_xmu[c] += px[ch * C + c];
+          }
+      } else {
+        std::vector<A> ra = per_row(alpha, l.N), rb = per_row(shift, l.N), rm = per_row(mean, l.N);
+        std::vector<A> rs(R), rx(R);
+        parallel_chunks(R, row_chunks, [&](int64_t, int64_t b, int64_t e) {
+          k.grad_sums_rows(x + b * S, g + b * S, e - b, S, &ra[b], &rb[b], &rm[b], act,
+                           A(slope), &rs[b], &rx[b]);
+        });
+        for (int64_t n = 0; n < l.N; ++n)
+          for (int64_t c = 0; c < C; ++c) {
+            sum_dy[c] += rs[n * C + c];
+            sum_dy_xmu[c] += rx[n * C + c];
+          }
+      }
+    }
+    // dweight = sum(dyhat * xhat), dbias = sum(dyhat).
+    if (mask[1] && has(weight)) {
+      std::vector<A> dw(C);
+      for (int64_t c = 0; c < C; ++c) dw[c] = sum_dy_xmu[c] * rstd[c];
+      dweight = from_acc_vector(dw, weight->scalar_type());
+    }
+    if (mask[2] && has(bias)) dbias = from_acc_vector(sum_dy, bias->scalar_type());
+
+    // Pass 2: dx = A*dyhat + B*x + C per channel.
+    if (!mask[0] || M == 0) return;
+    std::vector<A> cA(C), cB(C), cC(C);
+    for (int64_t c = 0; c < C; ++c) {
+      if (training) {
+        input_grad_coefficients<A>(mean[c], rstd[c], gamma[c], gamma[c] * sum_dy[c],
+                                   gamma[c] * sum_dy_xmu[c] * rstd[c], A(M), &cA[c], &cB[c], &cC[c]);
+      } else {  // eval: the statistics are constants, dx = alpha * dyhat
+        cA[c] = alpha[c];
+        cB[c] = cC[c] = A(0);
+      }
+    }
+    T* d = ptr<T>(dx);
+    if (l.cols) {
+      parallel_chunks(M, col_chunks, [&](int64_t, int64_t b, int64_t e) {
+        k.input_grad_cols(x + b * C, g + b * C, d + b * C, e - b, C, alpha.data(), shift.data(),
+                          cA.data(), cB.data(), cC.data(), act, A(slope));
+      });
+    } else {
+      std::vector<A> ra = per_row(alpha, l.N), rb = per_row(shift, l.N);
+      std::vector<A> rA = per_row(cA, l.N), rB = per_row(cB, l.N), rC = per_row(cC, l.N);
+      parallel_chunks(R, row_chunks, [&](int64_t, int64_t b, int64_t e) {
+        k.input_grad_rows(x + b * S, g + b * S, d + b * S, e - b, S, &ra[b], &rb[b], &rA[b],
+                          &rB[b], &rC[b], act, A(slope));
+      });
+    }
+  });
+  auto empty = at::empty({0}, input.options());
+  return {dx, dweight.defined() ? dweight : empty, dbias.defined() ? dbias : empty};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusednorm, CPU, m) {
+  m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
+  m.impl("batch_norm_bwd", &batch_norm_bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fusednorm

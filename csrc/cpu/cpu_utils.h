@@ -1,0 +1,75 @@
+// Helpers for the CPU bindings: dtype dispatch onto the kernels' storage types, chunked
+// parallel loops, and small per-channel parameter vectors in the accumulation type.
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels.h"
+
+namespace fusednorm {
+namespace cpu {
+
+// Calls f(T{}) with T the kernels' storage type for t's dtype (checked by the caller).
+template <typename F>
+void dispatch_storage(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(bf16_t{}); break;
+    case at::kHalf: f(half_t{}); break;
+    default: TORCH_CHECK(false, "fusednorm: unsupported dtype ", t);
+  }
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// Splits [0, n) into at most one chunk per thread, each at least `grain` long, and runs
+// f(chunk, begin, end) in parallel. Returns the number of chunks, so callers can keep
+// one partial result per chunk and merge them in a fixed (deterministic) order.
+inline int64_t num_chunks(int64_t n, int64_t grain) {
+  if (n <= 0) return 0;
+  int64_t by_size = (n + grain - 1) / std::max<int64_t>(grain, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_size));
+}
+
+template <typename F>
+void parallel_chunks(int64_t n, int64_t chunks, F&& f) {
+  if (chunks <= 0) return;
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) f(k, k * n / chunks, (k + 1) * n / chunks);
+  });
+}
+
+// Elements each parallel chunk should at least hold (below that, threading costs more
+// than it saves).
+constexpr int64_t kGrainElements = 32768;
+
+// A parameter vector (weight, bias, running statistic) in the accumulation type A, or
+// `fill` repeated n times when the tensor is absent.
+template <typename A>
+std::vector<A> to_acc_vector(const c10::optional<at::Tensor>& p, int64_t n, A fill) {
+  std::vector<A> v(n, fill);
+  if (p.has_value() && p->defined()) {
+    at::Tensor c = p->detach().to(c10::CppTypeToScalarType<A>::value).contiguous();
+    std::copy(c.data_ptr<A>(), c.data_ptr<A>() + n, v.begin());
+  }
+  return v;
+}
+
+// Copies an accumulation-type vector into a new tensor of dtype `dtype`.
+template <typename A>
+at::Tensor from_acc_vector(const std::vector<A>& v, at::ScalarType dtype) {
+  at::Tensor t = at::empty({(int64_t)v.size()}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+  std::copy(v.begin(), v.end(), t.data_ptr<A>());
+  return dtype == t.scalar_type() ? t : t.to(dtype);
+}
+
+}  // namespace cpu
+}  // namespace fusednorm

@@ -1,0 +1,91 @@
+// The CPU kernels' interface: plain C++ (no torch types), one table of function pointers
+// per storage type. Each table is filled once per instruction set (kernels_*.cpp compile
+// kernels_impl.h under different target flags) and the best one the CPU supports is
+// picked at first use (isa_dispatch.cpp). The kernels work on a range of rows handed to
+// them by the caller, which owns threading (at::parallel_for) and the small per-channel
+// bookkeeping.
+#pragma once
+#include <cstdint>
+
+namespace fusednorm {
+namespace cpu {
+
+// 16-bit storage types, bit-compatible with c10::BFloat16 / c10::Half.
+struct bf16_t {
+  uint16_t bits;
+};
+using half_t = _Float16;
+
+// Accumulation type: float for every input type except double.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+// Layouts: "rows" = R contiguous rows of length S (NCHW channels, LN rows, GN groups);
+// "cols" = a (rows, C) matrix whose per-column statistics we need (channels_last BN).
+// alpha/beta: the folded affine (y = act(x*alpha + beta)); A/B/C: dx = A*dyhat + B*x + C;
+// sum_dy = sum(dyhat), sum_dy_xmu = sum(dyhat * (x - mean)), dyhat = dy * act'(x*alpha+beta).
+template <typename T, typename A>
+struct KernelTable {
+  // mean[r], m2[r] of each row.
+  void (*moments_rows)(const T* x, int64_t rows, int64_t S, A* mean, A* m2);
+  // Merge `rows` more rows into per-column (mean, m2) that already hold `count` rows.
+  // scratch: 3*C values.
+  void (*moments_cols)(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2,
+                       A* scratch);
+  void (*apply_rows)(const T* x, T* y, int64_t rows, int64_t S, const A* alpha, const A* beta,
+                     int64_t act, A slope);
+  void (*apply_cols)(const T* x, T* y, int64_t rows, int64_t C, const A* alpha, const A* beta,
+                     int64_t act, A slope);
+  // Per-row sums (written), per-column sums (accumulated).
+  void (*grad_sums_rows)(const T* x, const T* dy, int64_t rows, int64_t S, const A* alpha,
+                         const A* beta, const A* mean, int64_t act, A slope, A* sum_dy,
+                         A* sum_dy_xmu);
+  void (*grad_sums_cols)(const T* x, const T* dy, int64_t rows, int64_t C, const A* alpha,
+                         const A* beta, const A* mean, int64_t act, A slope, A* sum_dy,
+                         A* sum_dy_xmu);
+  void (*input_grad_rows)(const T* x, const T* dy, T* dx, int64_t rows, int64_t S,
+                          const A* alpha, const A* beta, const A* cA, const A* cB, const A* cC,
+                          int64_t act, A slope);
+  void (*input_grad_cols)(const T* x, const T* dy, T* dx, int64_t rows, int64_t C,
+                          const A* alpha, const A* beta, const A* cA, const A* cB, const A* cC,
+                          int64_t act, A slope);
+  // LayerNorm: per-element gamma/beta (length L), statistics per row.
+  void (*layer_norm_apply)(const T* x, T* y, int64_t rows, int64_t L, const A* mean,
+                           const A* rstd, const A* gamma, const A* beta, int64_t act, A slope);
+  // dx (if non-null) per row; dgamma/dbeta partial sums accumulated.
+  void (*layer_norm_backward)(const T* x, const T* dy, T* dx, int64_t rows, int64_t L,
+                              const A* mean, const A* rstd, const A* gamma, const A* beta,
+                              int64_t act, A slope, A* dgamma, A* dbeta);
+};
+
+struct AllKernels {
+  KernelTable<float, float> f32;
+  KernelTable<double, double> f64;
+  KernelTable<bf16_t, float> bf16;
+  KernelTable<half_t, float> f16;
+};
+
+namespace isa_default { void fill(AllKernels* k); }
+namespace isa_avx2 { void fill(AllKernels* k); }
+namespace isa_avx512 { void fill(AllKernels* k); }
+
+// The table for the best instruction set this CPU supports (or FUSEDNORM_CPU_ISA).
+const AllKernels& kernels();
+const char* isa_name();
+
+template <typename T> const KernelTable<T, acc_t<T>>& table();
+template <> inline const KernelTable<float, float>& table<float>() { return kernels().f32; }
+template <> inline const KernelTable<double, double>& table<double>() { return kernels().f64; }
+template <> inline const KernelTable<bf16_t, float>& table<bf16_t>() { return kernels().bf16; }
+template <> inline const KernelTable<half_t, float>& table<half_t>() { return kernels().f16; }
+
+}  // namespace cpu
+}  // namespace fusednorm

@@ -1,0 +1,11 @@
+// The CPU kernels compiled for the avx2 instruction set (see kernels_impl.h).
+// Shared headers first, so their code is not compiled under the target flags below.
+#include <cmath>
+#include <cstdint>
+#include "../common/norm_math.h"
+#include "kernels.h"
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#define FN_ISA isa_avx2
+#include "kernels_impl.h"

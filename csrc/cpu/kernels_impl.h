@@ -1,0 +1,331 @@
+// The CPU kernel bodies. Included by kernels_{default,avx2,avx512}.cpp, each of which sets
+// FN_ISA (the namespace) and the compiler's target flags first, so the same loops are
+// vectorised for each instruction set. Only our own inline functions and compiler
+// builtins are used in here: an inline function from a shared header compiled with AVX
+// flags could otherwise be picked by the linker for callers on older CPUs.
+//
+// Loops are written for the auto-vectoriser: the activation is a template parameter (no
+// branch inside the loop), reductions use `omp simd reduction`, and 16-bit types are
+// converted with plain bit operations or _Float16 casts.
+#ifndef FN_ISA
+#error "define FN_ISA before including kernels_impl.h"
+#endif
+
+#include "../common/norm_math.h"
+#include "kernels.h"
+
+namespace fusednorm {
+namespace cpu {
+namespace FN_ISA {
+namespace {
+
+// ---- loads and stores in the accumulation type --------------------------------------
+inline float load(float v) { return v; }
+inline double load(double v) { return v; }
+inline float load(half_t v) { return static_cast<float>(v); }
+inline float load(bf16_t v) {
+  uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline void store(float* p, float v) { *p = v; }
+inline void store(double* p, double v) { *p = v; }
+inline void store(half_t* p, float v) { *p = static_cast<half_t>(v); }
+inline void store(bf16_t* p, float v) {
+  // Round to nearest even, NaN kept quiet: what c10::BFloat16 does.
+  uint32_t u;
+  __builtin_memcpy(&u, &v, sizeof(u));
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  p->bits = static_cast<uint16_t>(v != v ? 0x7fc0u : rounded);
+}
+
+// Calls f(std::integral_constant<int64_t, ACT>) so each activation gets its own loop.
+template <int64_t ACT>
+struct ActTag {
+  static constexpr int64_t value = ACT;
+};
+template <typename F>
+inline void with_activation(int64_t act, F&& f) {
+  switch (act) {
+    case kRelu: f(ActTag<kRelu>{}); break;
+    case kLeakyRelu: f(ActTag<kLeakyRelu>{}); break;
+    default: f(ActTag<kNone>{}); break;
+  }
+}
+
+// Elements handled per two-pass chunk: small enough that the second read hits L1.
+constexpr int64_t kChunk = 2048;
+
+// Corrected two-pass moments of a chunk that sits in cache.
+template <typename T, typename A>
+inline Moments<A> chunk_moments(const T* x, int64_t n) {
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += A(load(x[i]));
+  const A m = s / A(n);
+  A q = 0, d = 0;
+#pragma omp simd reduction(+ : q, d)
+  for (int64_t i = 0; i < n; ++i) {
+    A v = A(load(x[i])) - m;
+    q += v * v;
+    d += v;
+  }
+  // d is the rounding error of m times n: correct the mean and M2 for it.
+  return {A(n), m + d / A(n), q - d * d / A(n)};
+}
+
+template <typename T, typename A>
+void moments_rows(const T* x, int64_t rows, int64_t S, A* mean, A* m2) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * S;
+    Moments<A> acc{0, 0, 0};
+    for (int64_t off = 0; off < S; off += kChunk) {
+      int64_t n = S - off < kChunk ? S - off : kChunk;
+      acc = merge(acc, chunk_moments<T, A>(xr + off, n));
+    }
+    mean[r] = acc.mean;
+    m2[r] = acc.m2;
+  }
+}
+
+template <typename T, typename A>
+void moments_cols(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2, A* scratch) {
+  A* s = scratch;
+  A* q = scratch + C;
+  A* d = scratch + 2 * C;
+  int64_t block = kChunk / C;
+  if (block < 1) block = 1;
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t b = rows - r0 < block ? rows - r0 : block;
+    const T* xb = x + r0 * C;
+    for (int64_t c = 0; c < C; ++c) s[c] = q[c] = d[c] = 0;
+    for (int64_t i = 0; i < b; ++i) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) s[c] += A(load(xb[i * C + c]));
+    }
+    const A inv_b = A(1) / A(b);
+    for (int64_t c = 0; c < C; ++c) s[c] *= inv_b;  // now the block mean
+    for (int64_t i = 0; i < b; ++i) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        A v = A(load(xb[i * C + c])) - s[c];
+        q[c] += v * v;
+        d[c] += v;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      Moments<A> blk{A(b), s[c] + d[c] * inv_b, q[c] - d[c] * d[c] * inv_b};
+      Moments<A> m = merge(Moments<A>{count, mean[c], m2[c]}, blk);
+      mean[c] = m.mean;
+      m2[c] = m.m2;
+    }
+    count += A(b);
+  }
+}
+
+template <typename T, typename A>
+void apply_rows(const T* x, T* y, int64_t rows, int64_t S, const A* alpha, const A* beta,
+                int64_t act, A slope) {
+  with_activation(act, [&](auto tag) {
+    constexpr int64_t ACT = decltype(tag)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      const A a = alpha[r], b = beta[r];
+      const T* xr = x + r * S;
+      T* yr = y + r * S;
+#pragma omp simd
+      for (int64_t i = 0; i < S; ++i) store(yr + i, activate<A>(A(load(xr[i])) * a + b, ACT, slope));
+    }
+  });
+}
+
+template <typename T, typename A>
+void apply_cols(const T* x, T* y, int64_t rows, int64_t C, const A* alpha, const A* beta,
+                int64_t act, A slope) {
+  with_activation(act, [&](auto tag) {
+    constexpr int64_t ACT = decltype(tag)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * C;
+      T* yr = y + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c)
+        store(yr + c, activate<A>(A(load(xr[c])) * alpha[c] + beta[c], ACT, slope));
+    }
+  });
+}
+
+template <typename T, typename A>
+void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* alpha,
+                    const A* beta, const A* mean, int64_t act, A slope, A* sum_dy,
+                    A* sum_dy_xmu) {
+  with_activation(act, [&](auto tag) {
+    constexpr int64_t ACT = decltype(tag)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      const A a = ACT == kNone ? A(0) : alpha[r], b = ACT == kNone ? A(0) : beta[r];
+      const A m = mean[r];
+      const T* xr = x + r * S;
+      const T* gr = dy + r * S;
+      A s = 0, sx = 0;
+#pragma omp simd reduction(+ : s, sx)
+      for (int64_t i = 0; i < S; ++i) {
+        const A xv = A(load(xr[i]));
+        A g = A(load(gr[i]));
+        if (ACT != kNone) g *= activation_grad<A>(xv * a + b, ACT, slope);
+        s += g;
+        sx += g * (xv - m);
+      }
+      sum_dy[r] = s;
+      sum_dy_xmu[r] = sx;
+    }
+  });
+}
+
+template <typename T, typename A>
+void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* alpha,
+                    const A* beta, const A* mean, int64_t act, A slope, A* sum_dy,
+                    A* sum_dy_xmu) {
+  with_activation(act, [&](auto tag) {
+    constexpr int64_t ACT = decltype(tag)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * C;
+      const T* gr = dy + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A xv = A(load(xr[c]));
+        A g = A(load(gr[c]));
+        if (ACT != kNone) g *= activation_grad<A>(xv * alpha[c] + beta[c], ACT, slope);
+        sum_dy[c] += g;
+        sum_dy_xmu[c] += g * (xv - mean[c]);
+      }
+    }
+  });
+}
+
+template <typename T, typename A>
+void input_grad_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t S, const A* alpha,
+                     const A* beta, const A* cA, const A* cB, const A* cC, int64_t act,
+                     A slope) {
+  with_activation(act, [&](auto tag) {
+    constexpr int64_t ACT = decltype(tag)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      const A a = ACT == kNone ? A(0) : alpha[r], b = ACT == kNone ? A(0) : beta[r];
+      const A ka = cA[r], kb = cB[r], kc = cC[r];
+      const T* xr = x + r * S;
+      const T* gr = dy + r * S;
+      T* dr = dx + r * S;
+#pragma omp simd
+      for (int64_t i = 0; i < S; ++i) {
+        const A xv = A(load(xr[i]));
+        A g = A(load(gr[i]));
+        if (ACT != kNone) g *= activation_grad<A>(xv * a + b, ACT, slope);
+        store(dr + i, ka * g + kb * xv + kc);
+      }
+    }
+  });
+}
+
+template <typename T, typename A>
+void input_grad_cols(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, const A* alpha,
+                     const A* beta, const A* cA, const A* cB, const A* cC, int64_t act,
+                     A slope) {
+  with_activation(act, [&](auto tag) {
+    constexpr int64_t ACT = decltype(tag)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * C;
+      const T* gr = dy + r * C;
+      T* dr = dx + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A xv = A(load(xr[c]));
+        A g = A(load(gr[c]));
+        if (ACT != kNone) g *= activation_grad<A>(xv * alpha[c] + beta[c], ACT, slope);
+        store(dr + c, cA[c] * g + cB[c] * xv + cC[c]);
+      }
+    }
+  });
+}
+
+template <typename T, typename A>
+void layer_norm_apply(const T* x, T* y, int64_t rows, int64_t L, const A* mean, const A* rstd,
+                      const A* gamma, const A* beta, int64_t act, A slope) {
+  with_activation(act, [&](auto tag) {
+    constexpr int64_t ACT = decltype(tag)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      const A m = mean[r], rs = rstd[r];
+      const T* xr = x + r * L;
+      T* yr = y + r * L;
+#pragma omp simd
+      for (int64_t i = 0; i < L; ++i)
+        store(yr + i, activate<A>((A(load(xr[i])) - m) * rs * gamma[i] + beta[i], ACT, slope));
+    }
+  });
+}
+
+template <typename T, typename A>
+void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L,
+                         const A* mean, const A* rstd, const A* gamma, const A* beta,
+                         int64_t act, A slope, A* dgamma, A* dbeta) {
+  with_activation(act, [&](auto tag) {
+    constexpr int64_t ACT = decltype(tag)::value;
+    const A inv_l = A(1) / A(L);
+    for (int64_t r = 0; r < rows; ++r) {
+      const A m = mean[r], rs = rstd[r];
+      const T* xr = x + r * L;
+      const T* gr = dy + r * L;
+      // Pass 1 (row in cache afterwards): parameter-gradient partials and the row's sums.
+      A s = 0, sx = 0;
+#pragma omp simd reduction(+ : s, sx)
+      for (int64_t i = 0; i < L; ++i) {
+        const A xh = (A(load(xr[i])) - m) * rs;
+        A g = A(load(gr[i]));
+        if (ACT != kNone) g *= activation_grad<A>(xh * gamma[i] + beta[i], ACT, slope);
+        dgamma[i] += g * xh;
+        dbeta[i] += g;
+        const A gg = g * gamma[i];
+        s += gg;
+        sx += gg * xh;
+      }
+      if (dx == nullptr) continue;
+      // Pass 2: dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)).
+      T* dr = dx + r * L;
+      const A ms = s * inv_l, msx = sx * inv_l;
+#pragma omp simd
+      for (int64_t i = 0; i < L; ++i) {
+        const A xh = (A(load(xr[i])) - m) * rs;
+        A g = A(load(gr[i]));
+        if (ACT != kNone) g *= activation_grad<A>(xh * gamma[i] + beta[i], ACT, slope);
+        store(dr + i, rs * (g * gamma[i] - ms - xh * msx));
+      }
+    }
+  });
+}
+
+template <typename T>
+KernelTable<T, acc_t<T>> make_table() {
+  using A = acc_t<T>;
+  KernelTable<T, A> t;
+  t.moments_rows = &moments_rows<T, A>;
+  t.moments_cols = &moments_cols<T, A>;
+  t.apply_rows = &apply_rows<T, A>;
+  t.apply_cols = &apply_cols<T, A>;
+  t.grad_sums_rows = &grad_sums_rows<T, A>;
+  t.grad_sums_cols = &grad_sums_cols<T, A>;
+  t.input_grad_rows = &input_grad_rows<T, A>;
+  t.input_grad_cols = &input_grad_cols<T, A>;
+  t.layer_norm_apply = &layer_norm_apply<T, A>;
+  t.layer_norm_backward = &layer_norm_backward<T, A>;
+  return t;
+}
+
+}  // namespace
+
+void fill(AllKernels* k) {
+  k->f32 = make_table<float>();
+  k->f64 = make_table<double>();
+  k->bf16 = make_table<bf16_t>();
+  k->f16 = make_table<half_t>();
+}
+
+}  // namespace FN_ISA
+}  // namespace cpu
+}  // namespace fusednorm

@@ -1,0 +1,25 @@
+"""fusednorm: fused normalisation (+ activation) kernels for PyTorch.
+
+Drop-in modules (fusednorm.BatchNorm2d, ...), a functional API (fusednorm.functional) and
+the ops underneath (torch.ops.fusednorm.*)."""
+from . import functional
+from ._C import cpu_isa
+from ._ops import ops
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "LayerNorm", "GroupNorm", "functional", "ops", "cpu_isa",
+]

@@ -1,0 +1,96 @@
+"""torch.autograd.Function wrappers over the fusednorm ops: forward calls the *_fwd op and
+saves what its backward op needs; backward calls the *_bwd op. No torch normalisation
+kernel is called on this path."""
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._ops import ops
+
+
+def _grad_mask(ctx, weight, bias):
+    """Which of (input, weight, bias) need a gradient; weight/bias at argument 1 and 2."""
+    return [
+        ctx.needs_input_grad[0],
+        weight is not None and ctx.needs_input_grad[1],
+        bias is not None and ctx.needs_input_grad[2],
+    ]
+
+
+def _grads(mask, dx, dw, db, n_other):
+    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None) + (None,) * n_other
+
+
+class BatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
+        y, mean, rstd = ops.batch_norm_fwd(
+            x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope
+        )
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.training, ctx.act, ctx.slope = training, act, slope
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        mask = _grad_mask(ctx, weight, bias)
+        dx, dw, db = ops.batch_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.training, ctx.act, ctx.slope, mask)
+        return _grads(mask, dx, dw, db, 7)
+
+
+class InstanceNormFunction(torch.autograd.Function):
+    """InstanceNorm with input statistics; backward is GroupNorm's with one group per channel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
+        y, mean, rstd = ops.instance_norm_fwd(
+            x, weight, bias, running_mean, running_var, momentum, eps, act, slope
+        )
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.act, ctx.slope = act, slope
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        mask = _grad_mask(ctx, weight, bias)
+        dx, dw, db = ops.group_norm_bwd(dy, x, x.shape[1], mean, rstd, weight, bias, ctx.act, ctx.slope, mask)
+        return _grads(mask, dx, dw, db, 6)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, normalized_shape, eps, act, slope):
+        y, mean, rstd = ops.layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.normalized_shape, ctx.act, ctx.slope = normalized_shape, act, slope
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        mask = _grad_mask(ctx, weight, bias)
+        dx, dw, db = ops.layer_norm_bwd(
+            dy, x, ctx.normalized_shape, mean, rstd, weight, bias, ctx.act, ctx.slope, mask
+        )
+        return _grads(mask, dx, dw, db, 4)
+
+
+class GroupNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, act, slope):
+        y, mean, rstd = ops.group_norm_fwd(x, num_groups, weight, bias, eps, act, slope)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.act, ctx.slope = num_groups, act, slope
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        mask = _grad_mask(ctx, weight, bias)
+        dx, dw, db = ops.group_norm_bwd(dy, x, ctx.num_groups, mean, rstd, weight, bias, ctx.act, ctx.slope, mask)
+        return _grads(mask, dx, dw, db, 4)

@@ -1,0 +1,68 @@
+"""torch.nn.functional's normalisation functions with a fused activation.
+
+Each takes torch.nn.functional's arguments plus keyword-only `activation` (None, "relu",
+"leaky_relu") and `negative_slope`, and returns act(norm(input))."""
+import math
+
+import torch
+
+from ._activation import activation_code
+from .autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction, LayerNormFunction
+
+__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm"]
+
+
+def _verify_batch_size(size):
+    # torch.nn.functional's check, with its message.
+    if math.prod([size[0]] + list(size[2:])) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def _verify_spatial_size(size):
+    if math.prod(size[2:]) == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01):
+    """torch.nn.functional.batch_norm followed by the activation, in one fused kernel."""
+    act = activation_code(activation)
+    if training:
+        _verify_batch_size(input.size())
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
+                                   float(momentum), float(eps), act, float(negative_slope))
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, activation=None,
+                  negative_slope=0.01):
+    """torch.nn.functional.instance_norm followed by the activation, in one fused kernel."""
+    act = activation_code(activation)
+    if use_input_stats:
+        _verify_spatial_size(input.size())
+        return InstanceNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                          float(momentum), float(eps), act, float(negative_slope))
+    # Normalising with running statistics is per channel: BatchNorm's eval path.
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False,
+                                   float(momentum), float(eps), act, float(negative_slope))
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None,
+               negative_slope=0.01):
+    """torch.nn.functional.layer_norm followed by the activation, in one fused kernel."""
+    act = activation_code(activation)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    return LayerNormFunction.apply(input, weight, bias, [int(s) for s in normalized_shape],
+                                   float(eps), act, float(negative_slope))
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
+               negative_slope=0.01):
+    """torch.nn.functional.group_norm followed by the activation, in one fused kernel."""
+    act = activation_code(activation)
+    if input.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
+    return GroupNormFunction.apply(input, weight, bias, int(num_groups), float(eps), act,
+                                   float(negative_slope))

@@ -1,0 +1,126 @@
+"""Drop-in replacements for torch.nn's normalisation modules, with a fused activation.
+
+Each class subclasses its torch.nn counterpart, so constructor arguments, defaults,
+parameters, buffers, state_dict keys and isinstance checks are torch.nn's; it adds the
+keyword-only `activation` and `negative_slope` and computes forward with fusednorm's
+kernels. Module semantics (num_batches_tracked, momentum=None, eval vs train) follow
+torch.nn's code exactly and live only here."""
+import torch
+
+from . import functional as F
+from ._activation import activation_code, activation_repr
+
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "LayerNorm", "GroupNorm",
+]
+
+
+class _FusedActivation:
+    """Mixin: the activation attributes, checked at construction."""
+
+    def _set_activation(self, activation, negative_slope):
+        activation_code(activation)  # ValueError for an unknown name
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def extra_repr(self):
+        return super().extra_repr() + activation_repr(self.activation, self.negative_slope)
+
+
+class _BatchNorm(_FusedActivation):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *, bias=True,
+                 activation=None, negative_slope=0.01):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, bias=bias)
+        self._set_activation(activation, negative_slope)
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        # As torch.nn.modules.batchnorm._BatchNorm.forward.
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                exponential_average_factor = self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight, self.bias, bn_training, exponential_average_factor, self.eps,
+            activation=self.activation, negative_slope=self.negative_slope,
+        )
+
+
+class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d + fused activation."""
+
+
+class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d + fused activation."""
+
+
+class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d + fused activation."""
+
+
+class _InstanceNorm(_FusedActivation):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
+                 track_running_stats=False, device=None, dtype=None, *, bias=True,
+                 activation=None, negative_slope=0.01):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, bias=bias)
+        self._set_activation(activation, negative_slope)
+
+    # torch.nn's _InstanceNorm.forward (input checks, unbatched input) calls this.
+    def _apply_instance_norm(self, input):
+        return F.instance_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0, self.eps,
+            activation=self.activation, negative_slope=self.negative_slope,
+        )
+
+
+class InstanceNorm1d(_InstanceNorm, torch.nn.InstanceNorm1d):
+    """torch.nn.InstanceNorm1d + fused activation."""
+
+
+class InstanceNorm2d(_InstanceNorm, torch.nn.InstanceNorm2d):
+    """torch.nn.InstanceNorm2d + fused activation."""
+
+
+class InstanceNorm3d(_InstanceNorm, torch.nn.InstanceNorm3d):
+    """torch.nn.InstanceNorm3d + fused activation."""
+
+
+class LayerNorm(_FusedActivation, torch.nn.LayerNorm):
+    """torch.nn.LayerNorm + fused activation."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
+                 device=None, dtype=None, *, activation=None, negative_slope=0.01):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
+        self._set_activation(activation, negative_slope)
+
+    def forward(self, input):
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                            activation=self.activation, negative_slope=self.negative_slope)
+
+
+class GroupNorm(_FusedActivation, torch.nn.GroupNorm):
+    """torch.nn.GroupNorm + fused activation."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None,
+                 *, bias=True, activation=None, negative_slope=0.01):
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype, bias=bias)
+        self._set_activation(activation, negative_slope)
+
+    def forward(self, input):
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                            activation=self.activation, negative_slope=self.negative_slope)
