@@ -1,0 +1,96 @@
+"""Shared test helpers: the torch.nn reference (norm then a separate activation),
+dtype-derived tolerances, and builders for paired fusednorm / torch.nn modules."""
+import torch
+import torch.nn.functional as F
+
+import fusednorm
+
+ACTIVATIONS = [None, "relu", "leaky_relu"]
+SLOPE = 0.2  # a leaky slope far from 0 and 1, so a wrong derivative shows
+
+
+def activate(y, activation, negative_slope=SLOPE):
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    return y
+
+
+def tolerances(dtype):
+    """(rtol, atol) for results stored in `dtype`, derived from its machine epsilon.
+
+    float32/float64: DESIGN.md's 1e-4/1e-5 and a float64 analogue. Half types are compared
+    against a float32 reference, so the tolerance is the rounding of the final store
+    (half an ulp, relative) with a margin: one epsilon."""
+    if dtype == torch.float64:
+        return 1e-10, 1e-10
+    if dtype == torch.float32:
+        return 1e-4, 1e-5
+    eps = torch.finfo(dtype).eps
+    return eps, eps
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """Compare `actual` (any dtype) with the reference; atol scales with the reference's
+    magnitude so reductions (gradients of parameters) get the same relative precision."""
+    rtol, atol = tolerances(dtype)
+    expected = expected.to(actual.dtype) if actual.dtype == torch.float64 else expected
+    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.detach().to(expected.dtype), expected.detach(),
+                               rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+# kind -> (fusednorm class, torch.nn class, constructor args, input shape)
+KINDS = {
+    "BatchNorm1d": (fusednorm.BatchNorm1d, torch.nn.BatchNorm1d, (3,), (4, 3, 5)),
+    "BatchNorm2d": (fusednorm.BatchNorm2d, torch.nn.BatchNorm2d, (4,), (3, 4, 5, 6)),
+    "BatchNorm3d": (fusednorm.BatchNorm3d, torch.nn.BatchNorm3d, (3,), (2, 3, 4, 3, 5)),
+    "InstanceNorm1d": (fusednorm.InstanceNorm1d, torch.nn.InstanceNorm1d, (4,), (3, 4, 7)),
+    "InstanceNorm2d": (fusednorm.InstanceNorm2d, torch.nn.InstanceNorm2d, (4,), (3, 4, 5, 6)),
+    "InstanceNorm3d": (fusednorm.InstanceNorm3d, torch.nn.InstanceNorm3d, (3,), (2, 3, 4, 3, 5)),
+    "LayerNorm": (fusednorm.LayerNorm, torch.nn.LayerNorm, ((5, 6),), (3, 4, 5, 6)),
+    "GroupNorm": (fusednorm.GroupNorm, torch.nn.GroupNorm, (2, 4), (3, 4, 5, 6)),
+}
+
+# Extra constructor arguments so every code path (affine, running statistics) is used.
+KIND_KWARGS = {k: ({"affine": True, "track_running_stats": True} if k.startswith("Instance") else {})
+               for k in KINDS}
+
+
+def make_pair(kind, activation, param_dtype=torch.float32, seed=0, **kwargs):
+    """A fusednorm module and a torch.nn module with the same random parameters/buffers."""
+    ours_cls, ref_cls, args, _ = KINDS[kind]
+    kw = dict(KIND_KWARGS[kind], **kwargs)
+    ours = ours_cls(*args, **kw, activation=activation, negative_slope=SLOPE).to(param_dtype)
+    ref = ref_cls(*args, **kw).to(param_dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ours.parameters():  # signs of both kinds, away from zero
+            p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 0.5).to(p.dtype))
+        for name, b in ours.named_buffers():
+            if name == "running_mean":
+                b.copy_(torch.randn(b.shape, generator=g, dtype=torch.float64).to(b.dtype) * 0.3)
+            elif name == "running_var":
+                b.copy_((torch.rand(b.shape, generator=g, dtype=torch.float64) + 0.5).to(b.dtype))
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def make_input(shape, dtype, layout, seed=1):
+    """A random input in `layout`: contiguous, channels_last or non-contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "noncontiguous":  # every other element of a wider tensor
+        wide = list(shape[:-1]) + [shape[-1] * 2]
+        x = (torch.randn(wide, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)[..., ::2]
+        assert not x.is_contiguous()
+        return x
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def layouts_for(kind):
+    ndim = len(KINDS[kind][3])
+    return ["contiguous", "noncontiguous"] + (["channels_last"] if ndim in (4, 5) else [])

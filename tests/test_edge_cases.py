@@ -1,0 +1,199 @@
+"""Edge cases against torch.nn: N=1, spatial size 1, empty batches, C=1, groups=1 and
+groups=C, momentum=None, track_running_stats=False, affine=False, unbatched input, NaN and
+inf, meta tensors, large rows that span several kernel chunks."""
+import pytest
+import torch
+
+import fusednorm
+from helpers import activate, assert_close, make_input
+
+
+def compare(ours, ref, x, dtype=torch.float32, steps=2, train=True):
+    ours.train(train)
+    ref.train(train)
+    for step in range(steps):
+        xi = x.detach().clone().requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        y = ours(xi)
+        yr = activate(ref(xr), ours.activation, ours.negative_slope)
+        assert_close(y, yr, dtype, f"output, step {step}")
+        if y.numel() or any(p.requires_grad for p in ours.parameters()):
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(step), dtype=dtype)
+            grads = torch.autograd.grad(y.sum() * 0 + (y * g).sum(), [xi] + list(ours.parameters()))
+            grads_ref = torch.autograd.grad((yr * g).sum(), [xr] + list(ref.parameters()))
+            for a, b in zip(grads, grads_ref):
+                assert_close(a, b, dtype, "grad")
+    for (name, b), (_, br) in zip(ours.named_buffers(), ref.named_buffers()):
+        assert torch.allclose(b.double(), br.double(), rtol=1e-5, atol=1e-6), name
+
+
+def pair(ours_cls, ref_cls, *args, activation="relu", **kw):
+    ours = ours_cls(*args, activation=activation, negative_slope=0.1, **kw)
+    ref = ref_cls(*args, **kw)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.uniform_(-1, 2)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (4, 3, 1, 1), (5, 1, 3, 3), (2, 3, 1, 7)],
+                         ids=["N=1", "spatial=1", "C=1", "H=1"])
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_small_shapes(shape, train):
+    ours, ref = pair(fusednorm.BatchNorm2d, torch.nn.BatchNorm2d, shape[1])
+    compare(ours, ref, make_input(shape, torch.float32, "contiguous"), train=train)
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (1, 3, 9), (6, 1)], ids=["2d", "N=1", "C=1"])
+def test_batch_norm_1d_shapes(shape):
+    ours, ref = pair(fusednorm.BatchNorm1d, torch.nn.BatchNorm1d, shape[1])
+    compare(ours, ref, make_input(shape, torch.float32, "contiguous"))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"momentum": None}, {"track_running_stats": False}, {"affine": False},
+    {"bias": False}, {"affine": False, "track_running_stats": False, "momentum": None},
+], ids=["momentum=None", "no-running-stats", "affine=False", "bias=False", "bare"])
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_options(kwargs, train):
+    ours, ref = pair(fusednorm.BatchNorm2d, torch.nn.BatchNorm2d, 3, **kwargs)
+    compare(ours, ref, make_input((4, 3, 5, 5), torch.float32, "contiguous"), steps=4, train=train)
+
+
+def test_batch_norm_momentum_none_is_cumulative_average():
+    ours, ref = pair(fusednorm.BatchNorm2d, torch.nn.BatchNorm2d, 3, momentum=None)
+    for i in range(5):
+        x = make_input((4, 3, 2, 2), torch.float32, "contiguous", seed=i)
+        ours(x)
+        ref(x)
+    assert ours.num_batches_tracked.item() == 5
+    assert_close(ours.running_mean, ref.running_mean, torch.float32)
+    assert_close(ours.running_var, ref.running_var, torch.float32)
+
+
+@pytest.mark.parametrize("mod", ["bn", "ln", "gn"])
+def test_empty_batch(mod):
+    make = {
+        "bn": lambda: pair(fusednorm.BatchNorm2d, torch.nn.BatchNorm2d, 3),
+        "ln": lambda: pair(fusednorm.LayerNorm, torch.nn.LayerNorm, 4),
+        "gn": lambda: pair(fusednorm.GroupNorm, torch.nn.GroupNorm, 3, 3),
+    }[mod]
+    ours, ref = make()
+    shape = (0, 3, 4, 4) if mod != "ln" else (0, 4)
+    compare(ours, ref, torch.randn(shape))
+
+
+def test_instance_norm_empty_batch():
+    # torch.nn.InstanceNorm2d raises IndexError on an empty batch (an ATen limitation);
+    # ours returns the empty output and zero parameter gradients, as BatchNorm does.
+    ours, ref = pair(fusednorm.InstanceNorm2d, torch.nn.InstanceNorm2d, 3, affine=True)
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    with pytest.raises(IndexError):
+        ref(x)
+    y = ours(x)
+    assert y.shape == x.shape
+    gx, gw, gb = torch.autograd.grad(y.sum(), [x, ours.weight, ours.bias])
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros(3)) and torch.equal(gb, torch.zeros(3))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_groups(groups, layout):
+    ours, ref = pair(fusednorm.GroupNorm, torch.nn.GroupNorm, groups, 6, activation="leaky_relu")
+    compare(ours, ref, make_input((3, 6, 4, 5), torch.float32, layout))
+
+
+def test_group_norm_2d_input_and_many_channels_per_group():
+    # 2-D input (no spatial dims) and more than 64 channels per group (the fold batches).
+    ours, ref = pair(fusednorm.GroupNorm, torch.nn.GroupNorm, 2, 160)
+    compare(ours, ref, make_input((3, 160), torch.float32, "contiguous"))
+    ours, ref = pair(fusednorm.GroupNorm, torch.nn.GroupNorm, 1, 130)
+    compare(ours, ref, make_input((2, 130, 3), torch.float32, "contiguous"))
+
+
+@pytest.mark.parametrize("cls,ref_cls,shape", [
+    (fusednorm.InstanceNorm1d, torch.nn.InstanceNorm1d, (4, 9)),
+    (fusednorm.InstanceNorm2d, torch.nn.InstanceNorm2d, (4, 3, 5)),
+    (fusednorm.InstanceNorm3d, torch.nn.InstanceNorm3d, (4, 3, 2, 5)),
+])
+@pytest.mark.parametrize("kwargs", [{}, {"affine": True, "track_running_stats": True}])
+def test_instance_norm_unbatched(cls, ref_cls, shape, kwargs):
+    ours, ref = pair(cls, ref_cls, 4, **kwargs)
+    compare(ours, ref, make_input(shape, torch.float32, "contiguous"))
+    compare(ours, ref, make_input(shape, torch.float32, "contiguous"), train=False)
+
+
+def test_instance_norm_default_eval_uses_input_statistics():
+    ours, ref = pair(fusednorm.InstanceNorm2d, torch.nn.InstanceNorm2d, 3)
+    compare(ours, ref, make_input((2, 3, 4, 4), torch.float32, "contiguous"), train=False)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5000), (3, 2, 70, 70)], ids=["L=15000", "GN-row=9800"])
+def test_rows_longer_than_a_chunk(shape):
+    # Rows above the kernels' 2048-element chunk exercise the Chan merge of chunks.
+    ours, ref = pair(fusednorm.LayerNorm, torch.nn.LayerNorm, shape[1:])
+    compare(ours, ref, make_input(shape, torch.float32, "contiguous"), steps=1)
+    ours, ref = pair(fusednorm.GroupNorm, torch.nn.GroupNorm, 1, shape[1])
+    compare(ours, ref, make_input(shape, torch.float32, "contiguous"), steps=1)
+    ours, ref = pair(fusednorm.BatchNorm1d if len(shape) == 3 else fusednorm.BatchNorm2d,
+                     torch.nn.BatchNorm1d if len(shape) == 3 else torch.nn.BatchNorm2d, shape[1])
+    compare(ours, ref, make_input(shape, torch.float32, "channels_last" if len(shape) == 4 else "contiguous"), steps=1)
+
+
+def test_statistics_are_stable_with_a_large_offset():
+    # E[x^2] - E[x]^2 would lose every digit here; Welford/Chan and two-pass do not.
+    x = torch.randn(8, 4, 32, 32, dtype=torch.float64) + 1e4
+    for cls, ref_cls, args in [(fusednorm.BatchNorm2d, torch.nn.BatchNorm2d, (4,)),
+                               (fusednorm.GroupNorm, torch.nn.GroupNorm, (2, 4)),
+                               (fusednorm.LayerNorm, torch.nn.LayerNorm, ((32, 32),))]:
+        ours, ref = cls(*args), ref_cls(*args)
+        y = ours(x.float())
+        yr = ref.double()(x)  # float64 reference
+        torch.testing.assert_close(y.double(), yr, rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("kind", ["bn", "ln", "gn", "in"])
+def test_nan_and_inf_propagate_like_torch(kind):
+    x = torch.randn(3, 4, 5, 5)
+    x[0, 1, 2, 3] = float("nan")
+    x[2, 2, 0, 0] = float("inf")
+    ours, ref = {
+        "bn": lambda: pair(fusednorm.BatchNorm2d, torch.nn.BatchNorm2d, 4),
+        "ln": lambda: pair(fusednorm.LayerNorm, torch.nn.LayerNorm, (5, 5)),
+        "gn": lambda: pair(fusednorm.GroupNorm, torch.nn.GroupNorm, 2, 4),
+        "in": lambda: pair(fusednorm.InstanceNorm2d, torch.nn.InstanceNorm2d, 4),
+    }[kind]()
+    y, yr = ours(x), torch.relu(ref(x))
+    assert torch.equal(torch.isnan(y), torch.isnan(yr))
+    assert torch.equal(torch.isinf(y), torch.isinf(yr))
+    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("cls,args,shape", [
+    (fusednorm.BatchNorm2d, (3,), (2, 3, 4, 4)),
+    (fusednorm.InstanceNorm2d, (3,), (2, 3, 4, 4)),
+    (fusednorm.LayerNorm, (4,), (2, 3, 4)),
+    (fusednorm.GroupNorm, (1, 3), (2, 3, 4)),
+])
+def test_meta_tensors(cls, args, shape):
+    m = cls(*args, device="meta", activation="relu")
+    x = torch.empty(shape, device="meta", requires_grad=True)
+    y = m(x)
+    assert y.device.type == "meta" and y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_threads_give_consistent_results():
+    x = make_input((8, 16, 32, 32), torch.float32, "contiguous")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = fusednorm.BatchNorm2d(16)(x)
+        torch.set_num_threads(max(2, threads))
+        y2 = fusednorm.BatchNorm2d(16)(x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)

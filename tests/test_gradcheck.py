@@ -1,0 +1,108 @@
+"""torch.autograd.gradcheck (float64) on every functional op x activation x affine x
+training mode, and torch.library.opcheck on every op."""
+import pytest
+import torch
+
+import fusednorm.functional as FF
+from fusednorm import ops
+from helpers import ACTIVATIONS, SLOPE
+
+
+def rand(*shape, seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) + 0.3).requires_grad_(requires_grad)
+
+
+def affine_params(c, affine):
+    if not affine:
+        return None, None
+    return (rand(c, seed=6, requires_grad=False) + 0.5).requires_grad_(), rand(c, seed=7)
+
+
+def check(fn, inputs):
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+def test_batch_norm(activation, affine, training, layout):
+    shape = {"nchw": (3, 2, 3, 2), "channels_last": (3, 2, 3, 2), "2d": (5, 3)}[layout]
+    x = rand(*shape)
+    if layout == "channels_last":
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    w, b = affine_params(shape[1], affine)
+    rm, rv = torch.zeros(shape[1], dtype=torch.float64) + 0.1, torch.ones(shape[1], dtype=torch.float64) * 0.7
+
+    def fn(x, w, b):
+        return FF.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
+                             activation=activation, negative_slope=SLOPE)
+    check(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("use_input_stats", [True, False], ids=["train", "eval"])
+def test_instance_norm(activation, affine, use_input_stats):
+    x = rand(2, 3, 4)
+    w, b = affine_params(3, affine)
+    rm, rv = torch.zeros(3, dtype=torch.float64) + 0.1, torch.ones(3, dtype=torch.float64) * 0.7
+
+    def fn(x, w, b):
+        return FF.instance_norm(x, rm.clone(), rv.clone(), w, b, use_input_stats, 0.1, 1e-5,
+                                activation=activation, negative_slope=SLOPE)
+    check(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_layer_norm(activation, affine):
+    x = rand(3, 2, 5)
+    w = rand(2, 5, seed=3) if affine else None
+    b = rand(2, 5, seed=4) if affine else None
+    check(lambda x, w, b: FF.layer_norm(x, (2, 5), w, b, 1e-5, activation=activation, negative_slope=SLOPE), (x, w, b))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_group_norm(activation, affine, groups):
+    x = rand(2, 4, 3)
+    w, b = affine_params(4, affine)
+    check(lambda x, w, b: FF.group_norm(x, groups, w, b, 1e-5, activation=activation, negative_slope=SLOPE), (x, w, b))
+
+
+# ---- torch.library.opcheck: schema, fake kernel, autograd registration, AOT dispatch ----
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def opcheck_cases():
+    c = 3
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    x = _x(4, c, 5, 2)
+    xcl = x.to(memory_format=torch.channels_last)
+    for act in (0, 1, 2):
+        for xi in (x, xcl):
+            yield "bn_fwd_train", ops.batch_norm_fwd, (xi, w, b, torch.zeros(c), torch.ones(c), True, 0.1, 1e-5, act, 0.2)
+            yield "bn_fwd_eval", ops.batch_norm_fwd, (xi, w, b, torch.zeros(c), torch.ones(c), False, 0.1, 1e-5, act, 0.2)
+            mean, rstd = torch.randn(c), torch.rand(c) + 0.5
+            yield "bn_bwd", ops.batch_norm_bwd, (torch.randn_like(xi), xi, w, b, mean, rstd, True, act, 0.2, [True, True, True])
+        yield "bn_bwd_partial", ops.batch_norm_bwd, (torch.randn_like(x), x, w, None, torch.randn(c), torch.rand(c) + 0.5, False, act, 0.2, [False, True, False])
+        lw, lb = torch.rand(5, 2) + 0.5, torch.randn(5, 2)
+        yield "ln_fwd", ops.layer_norm_fwd, (x, [5, 2], lw, lb, 1e-5, act, 0.2)
+        yield "ln_bwd", ops.layer_norm_bwd, (torch.randn_like(x), x, [5, 2], torch.randn(12), torch.rand(12) + 0.5, lw, lb, act, 0.2, [True, True, True])
+        xg = _x(4, 6, 5)
+        gw, gb = torch.rand(6) + 0.5, torch.randn(6)
+        yield "gn_fwd", ops.group_norm_fwd, (xg, 3, gw, gb, 1e-5, act, 0.2)
+        yield "gn_fwd_cl", ops.group_norm_fwd, (_x(2, 6, 3, 3).to(memory_format=torch.channels_last), 3, gw, gb, 1e-5, act, 0.2)
+        yield "gn_bwd", ops.group_norm_bwd, (torch.randn_like(xg), xg, 3, torch.randn(4, 3), torch.rand(4, 3) + 0.5, gw, gb, act, 0.2, [True, True, True])
+        yield "in_fwd", ops.instance_norm_fwd, (xg, gw, gb, torch.zeros(6), torch.ones(6), 0.1, 1e-5, act, 0.2)
+        yield "in_fwd_nostats", ops.instance_norm_fwd, (xg, None, None, None, None, 0.1, 1e-5, act, 0.2)
+
+
+@pytest.mark.parametrize("name,op,args", list(opcheck_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, op, args):
+    torch.library.opcheck(op, args)

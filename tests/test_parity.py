@@ -1,0 +1,79 @@
+"""Parity with torch.nn: every module x train/eval x dtype x memory layout x activation.
+Outputs, input and parameter gradients, and running buffers after several steps."""
+import pytest
+import torch
+
+from helpers import ACTIVATIONS, KINDS, activate, assert_close, layouts_for, make_input, make_pair
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+STEPS = 3
+
+
+def cases():
+    for kind in KINDS:
+        for layout in layouts_for(kind):
+            yield kind, layout
+
+
+def run_steps(ours, ref, x, activation, dtype, train):
+    """STEPS forward/backward steps of both modules on the same data; compare each."""
+    ours.train(train)
+    ref.train(train)
+    # Half inputs: torch.nn in float32 on the same (rounded) values is the reference.
+    ref_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    for step in range(STEPS):
+        xi = (x * (1 + 0.25 * step)).detach().requires_grad_()
+        xr = xi.detach().to(ref_dtype).requires_grad_()
+        y = ours(xi)
+        yr = activate(ref(xr), ours.activation)
+        assert y.dtype == x.dtype and y.shape == yr.shape
+        assert_close(y, yr, dtype, f"output, step {step}")
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64).to(dtype)
+        params = [p for p in ours.parameters()]
+        grads = torch.autograd.grad(y, [xi] + params, g)
+        grads_ref = torch.autograd.grad(yr, [xr] + list(ref.parameters()), g.to(ref_dtype))
+        assert_close(grads[0], grads_ref[0], dtype, f"input grad, step {step}")
+        for (name, _), gp, gr in zip(ours.named_parameters(), grads[1:], grads_ref[1:]):
+            assert gp.dtype == dict(ours.named_parameters())[name].dtype
+            assert_close(gp, gr, gp.dtype, f"{name} grad, step {step}")
+    for (name, b), (_, br) in zip(ours.named_buffers(), ref.named_buffers()):
+        if b.dtype.is_floating_point:
+            assert_close(b, br, b.dtype, name)
+        else:
+            assert torch.equal(b, br), name
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: str(a))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind,layout", list(cases()))
+def test_module_parity(kind, layout, train, dtype, activation):
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ours, ref = make_pair(kind, activation, param_dtype)
+    x = make_input(KINDS[kind][3], dtype, layout)
+    run_steps(ours, ref, x, activation, dtype, train)
+
+
+@pytest.mark.parametrize("kind,layout", [c for c in cases() if c[1] == "channels_last"])
+def test_channels_last_output_format_matches_torch(kind, layout):
+    ours, ref = make_pair(kind, None)
+    x = make_input(KINDS[kind][3], torch.float32, layout)
+    y, yr = ours(x), ref(x)
+    for fmt in (torch.channels_last, torch.channels_last_3d, torch.contiguous_format):
+        try:
+            expected = yr.is_contiguous(memory_format=fmt)
+        except RuntimeError:  # channels_last on the wrong rank
+            continue
+        assert y.is_contiguous(memory_format=fmt) == expected, fmt
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: str(a))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_half_parameters_match_torch_half_module(kind, dtype, activation):
+    """The whole module in a half type (params and buffers too) against torch.nn's in
+    float32 on the same values."""
+    ours, ref = make_pair(kind, activation, dtype)
+    ref = ref.float()
+    x = make_input(KINDS[kind][3], dtype, "contiguous")
+    run_steps(ours, ref, x, activation, dtype, True)
