@@ -10,11 +10,14 @@
 namespace fusednorm {
 namespace cpu {
 
-// 16-bit storage types, bit-compatible with c10::BFloat16 / c10::Half.
+// 16-bit storage types, bit-compatible with c10::BFloat16 / c10::Half. Converted with
+// integer operations (kernels_impl.h) that vectorise on every instruction set.
 struct bf16_t {
   uint16_t bits;
 };
-using half_t = _Float16;
+struct half_t {
+  uint16_t bits;
+};
 
 // Accumulation type: float for every input type except double.
 template <typename T>

@@ -22,16 +22,44 @@ namespace {
 // ---- loads and stores in the accumulation type --------------------------------------
 inline float load(float v) { return v; }
 inline double load(double v) { return v; }
-inline float load(half_t v) { return static_cast<float>(v); }
-inline float load(bf16_t v) {
-  uint32_t u = uint32_t(v.bits) << 16;
+inline float as_float(uint32_t u) {
   float f;
   __builtin_memcpy(&f, &u, sizeof(f));
   return f;
 }
+inline uint32_t as_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof(u));
+  return u;
+}
+inline float load(bf16_t v) { return as_float(uint32_t(v.bits) << 16); }
+inline float load(half_t v) {
+  // Move exponent and mantissa into float position and rescale the exponent bias by
+  // 2^112 (exact, and it turns half subnormals into float normals); inf/NaN get the
+  // full float exponent back.
+  const uint32_t h = v.bits;
+  const float magnitude = as_float((h & 0x7fffu) << 13) * 0x1p112f;
+  const uint32_t bits = as_bits(magnitude) | ((h & 0x7c00u) == 0x7c00u ? 0x7f800000u : 0u);
+  return as_float(bits | ((h & 0x8000u) << 16));
+}
 inline void store(float* p, float v) { *p = v; }
 inline void store(double* p, double v) { *p = v; }
-inline void store(half_t* p, float v) { *p = static_cast<half_t>(v); }
+inline void store(half_t* p, float v) {
+  // Round to nearest even, as c10::Half. Three ranges, chosen without branches so the
+  // loop vectorises: overflow/inf/NaN, subnormal (rounded by adding a magic constant whose
+  // ulp is the half subnormal step), normal (bias change + rounding on the low 13 bits).
+  const uint32_t u = as_bits(v);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  const uint32_t inf_nan = 0x7c00u | (uint32_t(a > 0x7f800000u) << 9);  // NaN: 0x7e00
+  const uint32_t subnormal = as_bits(as_float(a) + 0.5f) - as_bits(0.5f);
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+  // All-ones masks instead of nested ?: (which the vectoriser gives up on for AVX2).
+  const uint32_t big = 0u - uint32_t(a >= 0x47800000u);
+  const uint32_t small = 0u - uint32_t(a < 0x38800000u);
+  const uint32_t h = (inf_nan & big) | (subnormal & small) | (normal & ~(big | small));
+  p->bits = static_cast<uint16_t>(h | sign);
+}
 inline void store(bf16_t* p, float v) {
   // Round to nearest even, NaN kept quiet: what c10::BFloat16 does.
   uint32_t u;
