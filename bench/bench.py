@@ -1,0 +1,370 @@
+"""fusednorm benchmark: fusednorm vs eager torch.nn (norm + separate activation module) vs
+torch.compile of the torch.nn version, timed in the same process.
+
+    python bench/bench.py                    # default preset (under 3 minutes on 2 CPU cores)
+    python bench/bench.py --full             # size sweep: where per-call overhead starts to matter
+    python bench/bench.py --json r.json --csv r.csv --plot r.png
+    python bench/bench.py --filter BatchNorm2d --no-compile
+
+Per case: median time of each implementation (torch.utils.benchmark, with warm-up), the
+speed-up ratio eager/fusednorm and compile/fusednorm, the effective bandwidth (the bytes
+the operation must move, divided by fusednorm's time) and that as a fraction of the
+measured copy bandwidth for a tensor of the same size (the floor no kernel beats).
+"""
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+
+# torch.compile's background compile workers would compete with the timed code for the
+# two cores: compile in-process.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.utils.benchmark as tb  # noqa: E402
+
+import fusednorm
+
+ROUNDS = 3
+ACT_MODULES = {None: None, "relu": lambda: nn.ReLU(), "leaky_relu": lambda: nn.LeakyReLU(0.01)}
+
+
+@dataclasses.dataclass
+class Case:
+    norm: str            # BatchNorm2d, InstanceNorm2d, GroupNorm, LayerNorm
+    shape: tuple
+    activation: object = None
+    train: bool = True
+    backward: bool = False
+    dtype: str = "float32"
+    layout: str = "nchw"  # nchw | channels_last
+    device: str = "cpu"
+    groups: int = 32
+
+    @property
+    def name(self):
+        act = f"+{self.activation}" if self.activation else ""
+        mode = "train" if self.train else "eval"
+        step = "fwd+bwd" if self.backward else "fwd"
+        shape = "x".join(map(str, self.shape))
+        norm = f"GroupNorm({self.groups})" if self.norm == "GroupNorm" else self.norm
+        return f"{norm}{act} {shape} {self.layout} {self.dtype} {mode} {step} [{self.device}]"
+
+
+def build(case):
+    """(fusednorm module, torch.nn module (+ activation), input, grad) for a case."""
+    dtype = getattr(torch, case.dtype)
+    c = case.shape[1] if case.norm != "LayerNorm" else case.shape[-1]
+    if case.norm == "BatchNorm2d":
+        ours, ref = fusednorm.BatchNorm2d(c, activation=case.activation), nn.BatchNorm2d(c)
+    elif case.norm == "InstanceNorm2d":
+        ours = fusednorm.InstanceNorm2d(c, affine=True, activation=case.activation)
+        ref = nn.InstanceNorm2d(c, affine=True)
+    elif case.norm == "GroupNorm":
+        ours = fusednorm.GroupNorm(case.groups, c, activation=case.activation)
+        ref = nn.GroupNorm(case.groups, c)
+    elif case.norm == "LayerNorm":
+        ours, ref = fusednorm.LayerNorm(c, activation=case.activation), nn.LayerNorm(c)
+    else:
+        raise ValueError(case.norm)
+    if case.activation:
+        ref = nn.Sequential(ref, ACT_MODULES[case.activation]())
+    ours, ref = ours.to(case.device), ref.to(case.device)
+    ours.train(case.train)
+    ref.train(case.train)
+    x = torch.randn(case.shape, device=case.device).to(dtype)
+    if case.layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    return ours, ref, x, torch.randn_like(x)
+
+
+def step_fn(module, x, g, backward):
+    if not backward:
+        def fwd():
+            with torch.no_grad():
+                return module(x)
+        return fwd
+    xg = x.detach().requires_grad_()
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def fwd_bwd():
+        y = module(xg)
+        return torch.autograd.grad(y, [xg] + params, g)
+    return fwd_bwd
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def steady_malloc():
+    """Make glibc keep freed memory (as CUDA's caching allocator does) instead of its
+    dynamic mmap/trim thresholds, which flip between reusing memory and page-faulting every
+    new 25 MB tensor depending on the allocation history: the same eager call measured 4 ms
+    or 15 ms in one process. Stable numbers need one regime; --system-malloc keeps glibc's."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    if not name or platform.system() != "Linux":
+        return False
+    libc = ctypes.CDLL(name)
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # Tensors up to 1 GiB from the heap, and the heap never trimmed (both are C ints).
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def median_time(fn, device, min_run_time):
+    fn()  # warm-up (and compilation for torch.compile)
+    fn()
+    sync(device)
+    t = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return t.blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(numel, dtype, device, min_run_time, cache={}):
+    """Bytes/s of a plain copy of a tensor of this size: the floor for a memory-bound op."""
+    key = (numel, dtype, device)
+    if key not in cache:
+        src = torch.randn(numel, device=device).to(dtype)
+        dst = torch.empty_like(src)
+        t = median_time(lambda: dst.copy_(src), device, min_run_time)
+        cache[key] = 2 * src.numel() * src.element_size() / t
+    return cache[key]
+
+
+def peak_memory(fn, device):
+    if not device.startswith("cuda"):
+        return None  # no allocator statistics for the CPU
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated() - base
+
+
+def run_case(case, compile_ref, min_run_time):
+    ours, ref, x, g = build(case)
+    # Bytes the operation must move: forward reads x and writes y; backward reads x and dy
+    # and writes dx.
+    tensors = 5 if case.backward else 2
+    nbytes = tensors * x.numel() * x.element_size()
+    row = {"case": case.name, **dataclasses.asdict(case)}
+    row["shape"] = list(case.shape)
+    impls = {"fusednorm": ours, "eager": ref}
+    if compile_ref:
+        torch._dynamo.reset()
+        impls["compile"] = torch.compile(ref)
+    fns = {k: step_fn(m, x, g, case.backward) for k, m in impls.items()}
+    # Interleaved rounds, median of the rounds' medians: slow drifts hit every column alike.
+    times = {k: [] for k in fns}
+    for _ in range(ROUNDS):
+        for k, fn in fns.items():
+            times[k].append(median_time(fn, case.device, min_run_time / ROUNDS))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    row["fusednorm_s"], row["eager_s"] = med["fusednorm"], med["eager"]
+    row["compile_s"] = med.get("compile")
+    row["speedup_vs_eager"] = row["eager_s"] / row["fusednorm_s"]
+    row["speedup_vs_compile"] = row["compile_s"] / row["fusednorm_s"] if row["compile_s"] else None
+    row["bandwidth_GBps"] = nbytes / row["fusednorm_s"] / 1e9
+    row["fraction_of_copy"] = nbytes / row["fusednorm_s"] / copy_bandwidth(x.numel(), x.dtype, case.device, min_run_time)
+    row["peak_mem_MiB_fusednorm"] = row["peak_mem_MiB_eager"] = None
+    if case.backward:
+        for impl, m in (("fusednorm", ours), ("eager", ref)):
+            pm = peak_memory(step_fn(m, x, g, True), case.device)
+            row[f"peak_mem_MiB_{impl}"] = pm / 2**20 if pm is not None else None
+    return row
+
+
+def devices():
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+def default_cases():
+    cases = []
+    for dev in devices():
+        big = (32, 64, 56, 56)
+        for dtype in ("float32", "bfloat16"):
+            cases += [
+                Case("BatchNorm2d", big, "relu", True, True, dtype, device=dev),
+                Case("BatchNorm2d", big, None, True, False, dtype, device=dev),
+                Case("BatchNorm2d", big, "relu", False, False, dtype, device=dev),
+                Case("BatchNorm2d", big, "relu", True, True, dtype, "channels_last", device=dev),
+                Case("InstanceNorm2d", big, None, True, True, dtype, device=dev),
+                Case("GroupNorm", big, "relu", True, True, dtype, device=dev),
+                Case("LayerNorm", (8192, 1024), None, True, True, dtype, device=dev),
+            ]
+        cases += [
+            Case("BatchNorm2d", big, "leaky_relu", True, False, "float32", "channels_last", device=dev),
+            Case("GroupNorm", big, "relu", True, False, "float32", "channels_last", device=dev),
+            Case("LayerNorm", (8192, 1024), "relu", True, False, "float32", device=dev),
+        ]
+    return cases
+
+
+def full_cases():
+    """Size sweeps, small to large, so cost growth and the overhead floor show."""
+    cases = []
+    for dev in devices():
+        for n, c, hw in [(1, 8, 4), (2, 16, 8), (4, 32, 14), (8, 64, 28), (16, 64, 56), (32, 64, 56), (64, 128, 56)]:
+            for backward in (False, True):
+                cases.append(Case("BatchNorm2d", (n, c, hw, hw), "relu", True, backward, device=dev))
+                cases.append(Case("GroupNorm", (n, c, hw, hw), "relu", True, backward, device=dev, groups=min(8, c)))
+                cases.append(Case("InstanceNorm2d", (n, c, hw, hw), None, True, backward, device=dev))
+        for rows, cols in [(4, 64), (64, 256), (512, 512), (2048, 1024), (8192, 1024), (8192, 4096)]:
+            for backward in (False, True):
+                cases.append(Case("LayerNorm", (rows, cols), None, True, backward, device=dev))
+    return cases
+
+
+def per_call_overhead(min_run_time):
+    """Time of one call on a tiny tensor: Python, autograd.Function and dispatch overhead."""
+    x = torch.randn(2, 4, 2, 2)
+    out = {}
+    for name, m in (("fusednorm", fusednorm.BatchNorm2d(4)), ("eager", nn.BatchNorm2d(4))):
+        out[name + "_fwd_us"] = median_time(step_fn(m, x, None, False), "cpu", min_run_time) * 1e6
+        out[name + "_fwd_bwd_us"] = median_time(step_fn(m, x, torch.randn_like(x), True), "cpu", min_run_time) * 1e6
+    return out
+
+
+def fmt_ratio(v):
+    return "—" if v is None else f"{v:.2f}×"
+
+
+def markdown(rows):
+    lines = [
+        "| case | fusednorm | eager | compile | vs eager | vs compile | GB/s | of copy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        comp = "—" if r["compile_s"] is None else f"{r['compile_s'] * 1e3:.2f} ms"
+        lines.append(
+            f"| {r['case']} | {r['fusednorm_s'] * 1e3:.2f} ms | {r['eager_s'] * 1e3:.2f} ms | {comp} | "
+            f"{fmt_ratio(r['speedup_vs_eager'])} | {fmt_ratio(r['speedup_vs_compile'])} | "
+            f"{r['bandwidth_GBps']:.1f} | {r['fraction_of_copy'] * 100:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def progress(i, n, label, start):
+    width = 30
+    done = int(width * i / n)
+    eta = (time.time() - start) / i * (n - i) if i else 0
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} eta {eta:4.0f}s {label[:60]:60s}")
+    sys.stderr.flush()
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib")
+    names = [r["case"] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], [r["speedup_vs_eager"] for r in rows], height=0.4, label="vs eager torch.nn")
+    ax.barh([i - 0.2 for i in y], [r["speedup_vs_compile"] or 0 for r in rows], height=0.4, label="vs torch.compile")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up of fusednorm (×)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="sweep sizes instead of the default preset")
+    p.add_argument("--filter", default="", help="only cases whose name contains this")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default allocation thresholds (noisy: page faults come and go)")
+    p.add_argument("--json", help="write the results as JSON")
+    p.add_argument("--csv", help="write the results as CSV")
+    p.add_argument("--plot", help="write a PNG of the speed-ups (needs matplotlib)")
+    args = p.parse_args(argv)
+
+    cases = full_cases() if args.full else default_cases()
+    cases = [c for c in cases if args.filter in c.name]
+    min_run_time = args.min_run_time or (0.1 if args.full else 0.2)
+    compile_ref = not args.no_compile and not args.full
+    warnings.filterwarnings("ignore")
+    steady = not args.system_malloc and steady_malloc()
+    header = (f"fusednorm {fusednorm.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads, CPU kernels: {fusednorm.cpu_isa()}, "
+              f"{datetime.date.today().isoformat()}, "
+              f"{'steady malloc (freed memory kept)' if steady else 'system malloc'}")
+    rows = []
+    start = time.time()
+    for i, case in enumerate(cases):
+        progress(i, len(cases), case.name, start)
+        rows.append(run_case(case, compile_ref, min_run_time))
+    progress(len(cases), len(cases), "done", start)
+    sys.stderr.write("\n")
+    print(header)
+    print()
+    print(markdown(rows))
+    overhead = per_call_overhead(min_run_time)
+    print()
+    print("Per-call overhead on a (2, 4, 2, 2) BatchNorm2d: "
+          f"fusednorm {overhead['fusednorm_fwd_us']:.1f} µs fwd / {overhead['fusednorm_fwd_bwd_us']:.1f} µs fwd+bwd, "
+          f"eager {overhead['eager_fwd_us']:.1f} µs / {overhead['eager_fwd_bwd_us']:.1f} µs")
+    if args.full:
+        print()
+        print(crossover_report(rows))
+    slower = [r["case"] for r in rows if r["speedup_vs_eager"] < 1 or (r["speedup_vs_compile"] or 2) < 1]
+    print(f"\n{len(rows)} cases in {time.time() - start:.0f} s; slower than eager or compile: "
+          f"{', '.join(slower) if slower else 'none'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "overhead": overhead, "rows": rows}, f, indent=1)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+    if args.plot:
+        plot(rows, args.plot)
+    return rows
+
+
+def crossover_report(rows):
+    """For each norm and pass: the largest size at which fusednorm is still slower than eager."""
+    lines = ["Crossover (largest swept size still slower than eager; per-call overhead dominates below it):"]
+    groups = {}
+    for r in rows:
+        key = (r["norm"], r["backward"], r["device"])
+        groups.setdefault(key, []).append(r)
+    for (norm, backward, dev), rs in groups.items():
+        rs.sort(key=lambda r: math.prod(r["shape"]))
+        slow = [r for r in rs if r["speedup_vs_eager"] < 1]
+        which = "fwd+bwd" if backward else "fwd"
+        if slow:
+            worst = slow[-1]
+            lines.append(f"- {norm} {which} [{dev}]: slower up to {math.prod(worst['shape'])} elements "
+                         f"({'x'.join(map(str, worst['shape']))}, {worst['speedup_vs_eager']:.2f}×)")
+        else:
+            lines.append(f"- {norm} {which} [{dev}]: faster than eager at every swept size "
+                         f"(smallest {math.prod(rs[0]['shape'])} elements: {rs[0]['speedup_vs_eager']:.2f}×)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
