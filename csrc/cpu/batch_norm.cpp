@@ -98,13 +98,6 @@ std::vector<A> per_row(const std::vector<A>& v, int64_t N) {
   return out;
 }
 
-void update_running(at::Tensor& running, const std::vector<double>& fresh, double momentum) {
-  // running = (1 - momentum) * running + momentum * fresh, in float64 then stored.
-  at::Tensor cur = running.to(at::kDouble).cpu().contiguous();
-  double* p = cur.data_ptr<double>();
-  for (size_t c = 0; c < fresh.size(); ++c) p[c] = (1.0 - momentum) * p[c] + momentum * fresh[c];
-  running.copy_(cur);
-}
 
 void check_bn_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                    const c10::optional<at::Tensor>& bias,

@@ -51,6 +51,21 @@ void parallel_chunks(int64_t n, int64_t chunks, F&& f) {
 // than it saves).
 constexpr int64_t kGrainElements = 32768;
 
+// Rows per cache block: about 64 KiB of float input.
+inline int64_t block_rows(int64_t row_len) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
+}
+
+// Runs f(begin, end) over [0, rows) in parallel, in cache-sized blocks.
+template <typename F>
+void for_row_blocks(int64_t rows, int64_t row_len, F&& f) {
+  const int64_t blk = block_rows(row_len);
+  parallel_chunks(rows, num_chunks(rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(row_len, 1))),
+                  [&](int64_t, int64_t b, int64_t e) {
+                    for (int64_t r = b; r < e; r += blk) f(r, std::min(e, r + blk));
+                  });
+}
+
 // A parameter vector (weight, bias, running statistic) in the accumulation type A, or
 // `fill` repeated n times when the tensor is absent.
 template <typename A>
@@ -69,6 +84,15 @@ at::Tensor from_acc_vector(const std::vector<A>& v, at::ScalarType dtype) {
   at::Tensor t = at::empty({(int64_t)v.size()}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
   std::copy(v.begin(), v.end(), t.data_ptr<A>());
   return dtype == t.scalar_type() ? t : t.to(dtype);
+}
+
+// running = (1 - momentum) * running + momentum * fresh, computed in float64 and stored
+// in the running statistic's own dtype.
+inline void update_running(at::Tensor& running, const std::vector<double>& fresh, double momentum) {
+  at::Tensor cur = running.to(at::kDouble).cpu().contiguous();
+  double* p = cur.data_ptr<double>();
+  for (size_t c = 0; c < fresh.size(); ++c) p[c] = (1.0 - momentum) * p[c] + momentum * fresh[c];
+  running.copy_(cur);
 }
 
 }  // namespace cpu

@@ -68,7 +68,7 @@ def _(x, num_groups, weight, bias, eps, act, slope):
 
 @torch.library.register_fake("fusednorm::group_norm_bwd")
 def _(dy, x, num_groups, mean, rstd, weight, bias, act, slope, mask):
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if mask[0] else x.new_empty((0,))
+    dx = _like_keeping_channels_last(x) if mask[0] else x.new_empty((0,))
     dw = _empty_unless(mask[1] and weight is not None, weight if weight is not None else x, (x.shape[1],))
     db = _empty_unless(mask[2] and bias is not None, bias if bias is not None else x, (x.shape[1],))
     return dx, dw, db

@@ -1,0 +1,311 @@
+// GroupNorm and InstanceNorm (GroupNorm with one group per channel) on the CPU.
+// Statistics per (sample n, group g) over C/G channels x S spatial elements; affine per
+// channel. Two layouts:
+//   NCHW: group (n, g) is one contiguous row of (C/G)*S elements; processed per
+//         cache-sized block of rows (statistics, then normalise: one pass over memory).
+//   channels_last (GroupNorm only, as torch): sample n is an (S, C) matrix; per-channel
+//         column statistics merged over each group's channels, per sample.
+// Backward, in either layout: per-(n, c) sums of dyhat and dyhat*(x - mean), the group's
+// totals, then dx = A*dyhat + B*x + C with per-(n, c) coefficients.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../common/checks.h"
+#include "../common/norm_math.h"
+#include "cpu_utils.h"
+
+namespace fusednorm {
+namespace cpu {
+namespace {
+
+struct GnShape {
+  int64_t N, C, G, S;
+  bool channels_last;
+  int64_t cg() const { return C / G; }
+  int64_t row_len() const { return cg() * S; }
+};
+
+bool is_channels_last(const at::Tensor& t) {
+  return !t.is_contiguous() &&
+         ((t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+          (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)));
+}
+
+GnShape check_group_norm(const at::Tensor& input, int64_t G,
+                         const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(input.dim() >= 2, "Expected at least 2 dimensions for input tensor but received ",
+              input.dim());
+  GnShape s{input.size(0), input.size(1), G, 1, false};
+  for (int64_t d = 2; d < input.dim(); ++d) s.S *= input.size(d);
+  TORCH_CHECK(G > 0 && s.C % G == 0,
+              "Expected number of channels in input to be divisible by num_groups, but got input "
+              "of shape ", input.sizes(), " and num_groups=", G);
+  for (const auto* p : {&weight, &bias}) {
+    if (has(*p))
+      TORCH_CHECK((*p)->dim() == 1 && (*p)->numel() == s.C, "Expected ",
+                  p == &weight ? "weight" : "bias",
+                  " to be a vector of size equal to the number of channels in input, but got ",
+                  p == &weight ? "weight" : "bias", " of shape ", (*p)->sizes(),
+                  " and input of shape ", input.sizes());
+  }
+  check_param(weight, input, "weight", s.C, op);
+  check_param(bias, input, "bias", s.C, op);
+  return s;
+}
+
+// The group statistics of sample n, group g, from its channels' column moments (CL).
+template <typename A>
+Moments<A> merge_channels(const A* cmean, const A* cm2, int64_t c0, int64_t cg, int64_t S) {
+  Moments<A> acc{0, 0, 0};
+  for (int64_t j = 0; j < cg; ++j) acc = merge(acc, Moments<A>{A(S), cmean[c0 + j], cm2[c0 + j]});
+  return acc;
+}
+
+// Forward. Writes mean/rstd per (n, g) and, if m2 is given, each group's M2 (InstanceNorm's
+// running variance needs it).
+template <typename T, typename A>
+void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>& gamma,
+                        const std::vector<A>& beta, A eps, int64_t act, A slope, A* mean,
+                        A* rstd, A* m2) {
+  const auto& k = table<T>();
+  const int64_t C = s.C, Cg = s.cg(), S = s.S, L = s.row_len(), G = s.G;
+  if (s.channels_last) {
+    parallel_chunks(s.N, num_chunks(s.N, std::max<int64_t>(1, kGrainElements / (S * C))),
+                    [&](int64_t, int64_t b, int64_t e) {
+      std::vector<A> cmean(C), cm2(C), scratch(3 * C), alpha(C), shift(C);
+      for (int64_t n = b; n < e; ++n) {
+        const T* xn = x + n * S * C;
+        std::fill(cmean.begin(), cmean.end(), A(0));
+        std::fill(cm2.begin(), cm2.end(), A(0));
+        k.moments_cols(xn, S, C, A(0), cmean.data(), cm2.data(), scratch.data());
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = n * G + g;
+          const Moments<A> st = merge_channels(cmean.data(), cm2.data(), g * Cg, Cg, S);
+          mean[r] = st.mean;
+          rstd[r] = rstd_from_m2<A>(st.m2, A(L), eps);
+          if (m2) m2[r] = st.m2;
+          for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+            fold_affine(mean[r], rstd[r], gamma[c], beta[c], &alpha[c], &shift[c]);
+        }
+        k.apply_cols(xn, y + n * S * C, S, C, alpha.data(), shift.data(), act, slope);
+      }
+    });
+    return;
+  }
+  for_row_blocks(s.N * G, L, [&](int64_t b, int64_t e) {
+    k.moments_rows(x + b * L, e - b, L, mean + b, rstd + b);
+    A alpha[64], shift[64];  // per-channel fold, in batches of 64 channels
+    for (int64_t r = b; r < e; ++r) {
+      if (m2) m2[r] = rstd[r];
+      rstd[r] = rstd_from_m2<A>(rstd[r], A(L), eps);
+      const int64_t c0 = (r % G) * Cg;
+      for (int64_t j0 = 0; j0 < Cg; j0 += 64) {
+        const int64_t nj = std::min<int64_t>(64, Cg - j0);
+        for (int64_t j = 0; j < nj; ++j)
+          fold_affine(mean[r], rstd[r], gamma[c0 + j0 + j], beta[c0 + j0 + j], &alpha[j], &shift[j]);
+        const int64_t off = r * L + j0 * S;
+        k.apply_rows(x + off, y + off, nj, S, alpha, shift, act, slope);
+      }
+    }
+  });
+}
+
+// Backward coefficients of sample n, group g, from the per-(n, c) sums: dx = A*dyhat + B*x + C.
+template <typename A>
+void group_coefficients(const GnShape& s, int64_t r, const A* mean, const A* rstd,
+                        const std::vector<A>& gamma, const A* sdy, const A* sdx, A* cA, A* cB,
+                        A* cC) {
+  const int64_t Cg = s.cg(), c0 = (r % s.G) * Cg;
+  A a = 0, bsum = 0;
+  for (int64_t j = 0; j < Cg; ++j) {
+    a += gamma[c0 + j] * sdy[j];
+    bsum += gamma[c0 + j] * sdx[j] * rstd[r];
+  }
+  for (int64_t j = 0; j < Cg; ++j)
+    input_grad_coefficients<A>(mean[r], rstd[r], gamma[c0 + j], a, bsum, A(s.row_len()), &cA[j],
+                               &cB[j], &cC[j]);
+}
+
+// Backward. sdy/sdx: per-(n, c) sums of dyhat and dyhat*(x - mean), written here; dx if
+// non-null.
+template <typename T, typename A>
+void group_norm_backward(const GnShape& s, const T* x, const T* g, T* dx,
+                         const std::vector<A>& gamma, const std::vector<A>& beta, const A* mean,
+                         const A* rstd, int64_t act, A slope, A* sdy, A* sdx) {
+  const auto& k = table<T>();
+  const int64_t C = s.C, Cg = s.cg(), S = s.S, L = s.row_len(), G = s.G;
+  if (s.channels_last) {
+    parallel_chunks(s.N, num_chunks(s.N, std::max<int64_t>(1, kGrainElements / (S * C))),
+                    [&](int64_t, int64_t b, int64_t e) {
+      std::vector<A> alpha(C), shift(C), cmean(C), cA(C), cB(C), cC(C);
+      for (int64_t n = b; n < e; ++n) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t r = n * G + c / Cg;
+          fold_affine(mean[r], rstd[r], gamma[c], beta[c], &alpha[c], &shift[c]);
+          cmean[c] = mean[r];
+        }
+        A* sdy_n = sdy + n * C;
+        A* sdx_n = sdx + n * C;
+        std::fill(sdy_n, sdy_n + C, A(0));
+        std::fill(sdx_n, sdx_n + C, A(0));
+        const int64_t off = n * S * C;
+        k.grad_sums_cols(x + off, g + off, S, C, alpha.data(), shift.data(), cmean.data(), act,
+                         slope, sdy_n, sdx_n);
+        if (!dx) continue;
+        for (int64_t gr = 0; gr < G; ++gr)
+          group_coefficients(s, n * G + gr, mean, rstd, gamma, sdy_n + gr * Cg, sdx_n + gr * Cg,
+                             &cA[gr * Cg], &cB[gr * Cg], &cC[gr * Cg]);
+        k.input_grad_cols(x + off, g + off, dx + off, S, C, alpha.data(), shift.data(),
+                          cA.data(), cB.data(), cC.data(), act, slope);
+      }
+    });
+    return;
+  }
+  // NCHW: per (n, c) row of S elements; alpha/shift/row mean/coefficients per row.
+  const int64_t R = s.N * C;
+  std::vector<A> alpha(R), shift(R), rmean(R), cA(R), cB(R), cC(R);
+  for_row_blocks(s.N * G, L, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int64_t j = 0; j < Cg; ++j) {
+        const int64_t c = (r % G) * Cg + j, row = r * Cg + j;
+        fold_affine(mean[r], rstd[r], gamma[c], beta[c], &alpha[row], &shift[row]);
+        rmean[row] = mean[r];
+      }
+    const int64_t rb = b * Cg, re = e * Cg;
+    k.grad_sums_rows(x + rb * S, g + rb * S, re - rb, S, &alpha[rb], &shift[rb], &rmean[rb], act,
+                     slope, &sdy[rb], &sdx[rb]);
+    if (!dx) return;
+    for (int64_t r = b; r < e; ++r)
+      group_coefficients(s, r, mean, rstd, gamma, &sdy[r * Cg], &sdx[r * Cg], &cA[r * Cg],
+                         &cB[r * Cg], &cC[r * Cg]);
+    k.input_grad_rows(x + rb * S, g + rb * S, dx + rb * S, re - rb, S, &alpha[rb], &shift[rb],
+                      &cA[rb], &cB[rb], &cC[rb], act, slope);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_impl(
+    const at::Tensor& input, GnShape s, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps, int64_t act, double slope,
+    bool allow_channels_last, std::vector<double>* m2_out) {
+  s.channels_last = allow_channels_last && is_channels_last(input);
+  const at::Tensor x = s.channels_last ? input : input.contiguous();
+  at::Tensor y = at::empty_like(x);  // keeps channels_last
+  at::Tensor mean_t = at::empty({s.N, s.G}, x.options().dtype(acc_dtype(x)));
+  at::Tensor rstd_t = at::empty({s.N, s.G}, x.options().dtype(acc_dtype(x)));
+  if (x.numel() == 0) return {y, mean_t, rstd_t};
+  dispatch_storage(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    std::vector<A> gamma = to_acc_vector<A>(weight, s.C, A(1));
+    std::vector<A> beta = to_acc_vector<A>(bias, s.C, A(0));
+    std::vector<A> m2(m2_out ? s.N * s.G : 0);
+    group_norm_forward<T, A>(s, ptr<T>(x), ptr<T>(y), gamma, beta, A(eps), act, A(slope),
+                             mean_t.data_ptr<A>(), rstd_t.data_ptr<A>(),
+                             m2_out ? m2.data() : nullptr);
+    if (m2_out) m2_out->assign(m2.begin(), m2.end());
+  });
+  return {y, mean_t, rstd_t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cpu(
+    const at::Tensor& input, int64_t G, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps, int64_t act, double slope) {
+  check_input_dtype(input, "group_norm");
+  const GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
+  return group_norm_impl(input, s, weight, bias, eps, act, slope, /*allow_channels_last=*/true,
+                         nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_fwd_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps, int64_t act,
+    double slope) {
+  check_input_dtype_not_implemented(input, "instance_norm");
+  TORCH_CHECK(input.dim() >= 2, "instance_norm: expected at least 2D input (got ", input.dim(),
+              "D input)");
+  const int64_t C = input.size(1);
+  check_param(running_mean, input, "running_mean", C, "instance_norm");
+  check_param(running_var, input, "running_var", C, "instance_norm");
+  const GnShape s = check_group_norm(input, C, weight, bias, "instance_norm");
+  const bool update = has(running_mean) || has(running_var);
+  std::vector<double> m2;
+  // torch.nn.InstanceNorm returns a contiguous output whatever the input's layout.
+  auto out = group_norm_impl(input, s, weight, bias, eps, act, slope,
+                             /*allow_channels_last=*/false, update ? &m2 : nullptr);
+  if (update && s.N > 0 && s.S > 0) {
+    // Running statistics follow the batch average of the per-instance statistics, the
+    // variance unbiased per instance (what torch's instance_norm does).
+    const at::Tensor mean = std::get<1>(out).to(at::kDouble).contiguous();
+    const double* mp = mean.data_ptr<double>();
+    std::vector<double> fresh_mean(C, 0.0), fresh_var(C, 0.0);
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        fresh_mean[c] += mp[n * C + c] / double(s.N);
+        fresh_var[c] += m2[n * C + c] / double(s.S - 1) / double(s.N);
+      }
+    if (has(running_mean)) {
+      at::Tensor rm = *running_mean;
+      update_running(rm, fresh_mean, momentum);
+    }
+    if (has(running_var)) {
+      at::Tensor rv = *running_var;
+      update_running(rv, fresh_var, momentum);
+    }
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, int64_t G, const at::Tensor& mean_t,
+    const at::Tensor& rstd_t, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, int64_t act, double slope, std::array<bool, 3> mask) {
+  check_input_dtype(input, "group_norm");
+  GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
+  s.channels_last = is_channels_last(input);
+  const at::Tensor x = s.channels_last ? input : input.contiguous();
+  const auto fmt = !s.channels_last ? at::MemoryFormat::Contiguous
+                   : x.dim() == 4   ? at::MemoryFormat::ChannelsLast
+                                    : at::MemoryFormat::ChannelsLast3d;
+  const at::Tensor dy = grad_out.to(x.scalar_type()).contiguous(fmt);
+  at::Tensor dx = mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dweight, dbias;
+  dispatch_storage(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const int64_t C = s.C;
+    std::vector<A> gamma = to_acc_vector<A>(weight, C, A(1));
+    std::vector<A> beta = to_acc_vector<A>(bias, C, A(0));
+    const at::Tensor mean_c = mean_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
+    const at::Tensor rstd_c = rstd_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
+    const A* mean = mean_c.data_ptr<A>();
+    const A* rstd = rstd_c.data_ptr<A>();
+    std::vector<A> sdy(s.N * C, A(0)), sdx(s.N * C, A(0));
+    if (x.numel() > 0)
+      group_norm_backward<T, A>(s, ptr<T>(x), ptr<T>(dy), mask[0] ? ptr<T>(dx) : nullptr, gamma,
+                                beta, mean, rstd, act, A(slope), sdy.data(), sdx.data());
+    // dgamma_c = sum_n sum(dyhat * xhat), dbeta_c = sum_n sum(dyhat).
+    std::vector<A> dw(C, A(0)), db(C, A(0));
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        dw[c] += sdx[n * C + c] * rstd[n * G + c / s.cg()];
+        db[c] += sdy[n * C + c];
+      }
+    if (mask[1] && has(weight)) dweight = from_acc_vector(dw, weight->scalar_type());
+    if (mask[2] && has(bias)) dbias = from_acc_vector(db, bias->scalar_type());
+  });
+  auto empty = at::empty({0}, x.options());
+  return {dx, dweight.defined() ? dweight : empty, dbias.defined() ? dbias : empty};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusednorm, CPU, m) {
+  m.impl("group_norm_fwd", &group_norm_fwd_cpu);
+  m.impl("group_norm_bwd", &group_norm_bwd_cpu);
+  m.impl("instance_norm_fwd", &instance_norm_fwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fusednorm
