@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <string>
+
 namespace fusednorm {
 
 inline bool is_reduced_float(at::ScalarType t) {
@@ -47,6 +49,79 @@ inline bool has(const c10::optional<at::Tensor>& p) { return p.has_value() && p-
 // Accumulation dtype of the statistics: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType acc_dtype(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_bn_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                   const c10::optional<at::Tensor>& bias,
+                   const c10::optional<at::Tensor>& running_mean,
+                   const c10::optional<at::Tensor>& running_var) {
+  check_input_dtype_not_implemented(input, "batch_norm");
+  TORCH_CHECK(input.dim() >= 2, "batch_norm: expected at least 2D input (got ", input.dim(),
+              "D input)");
+  const int64_t C = input.size(1);
+  check_param(running_mean, input, "running_mean", C, "batch_norm");
+  check_param(running_var, input, "running_var", C, "batch_norm");
+  check_param(weight, input, "weight", C, "batch_norm");
+  check_param(bias, input, "bias", C, "batch_norm");
+}
+
+// LayerNorm: checks the shapes, returns the normalised size L.
+inline int64_t check_layer_norm(const at::Tensor& input, at::IntArrayRef shape,
+                         const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& bias) {
+  check_input_dtype(input, "layer_norm");
+  const int64_t k = shape.size();
+  TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
+              "least one element, but got normalized_shape = ", shape);
+  bool ok = input.dim() >= k;
+  for (int64_t i = 0; ok && i < k; ++i) ok = input.size(input.dim() - k + i) == shape[i];
+  TORCH_CHECK(ok, "Given normalized_shape=", shape, ", expected input with shape [*",
+              [&] { std::string s; for (auto v : shape) s += ", " + std::to_string(v); return s; }(),
+              "], but got input of size", input.sizes());
+  int64_t L = 1;
+  for (auto v : shape) L *= v;
+  for (const auto* p : {&weight, &bias}) {
+    if (has(*p))
+      TORCH_CHECK((*p)->sizes() == shape, "Expected ", p == &weight ? "weight" : "bias",
+                  " to be of same shape as normalized_shape, but got ",
+                  p == &weight ? "weight" : "bias", " of shape ", (*p)->sizes(),
+                  " and normalized_shape = ", shape);
+  }
+  check_param(weight, input, "weight", L, "layer_norm");
+  check_param(bias, input, "bias", L, "layer_norm");
+  return L;
+}
+
+// GroupNorm shape: N samples, C channels in G groups, S spatial elements.
+struct GnShape {
+  int64_t N, C, G, S;
+  bool channels_last;  // the kernels read it as (N, S, C)
+  int64_t cg() const { return C / G; }
+  int64_t row_len() const { return cg() * S; }
+};
+
+
+inline GnShape check_group_norm(const at::Tensor& input, int64_t G,
+                         const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(input.dim() >= 2, "Expected at least 2 dimensions for input tensor but received ",
+              input.dim());
+  GnShape s{input.size(0), input.size(1), G, 1, false};
+  for (int64_t d = 2; d < input.dim(); ++d) s.S *= input.size(d);
+  TORCH_CHECK(G > 0 && s.C % G == 0,
+              "Expected number of channels in input to be divisible by num_groups, but got input "
+              "of shape ", input.sizes(), " and num_groups=", G);
+  for (const auto* p : {&weight, &bias}) {
+    if (has(*p))
+      TORCH_CHECK((*p)->dim() == 1 && (*p)->numel() == s.C, "Expected ",
+                  p == &weight ? "weight" : "bias",
+                  " to be a vector of size equal to the number of channels in input, but got ",
+                  p == &weight ? "weight" : "bias", " of shape ", (*p)->sizes(),
+                  " and input of shape ", input.sizes());
+  }
+  check_param(weight, input, "weight", s.C, op);
+  check_param(bias, input, "bias", s.C, op);
+  return s;
 }
 
 }  // namespace fusednorm

@@ -8,48 +8,13 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
+#include "../common/layout.h"
 #include "../common/norm_math.h"
 #include "cpu_utils.h"
 
 namespace fusednorm {
 namespace cpu {
 namespace {
-
-struct BnLayout {
-  at::Tensor x;  // the input in the layout the kernels read
-  int64_t N, C, S;
-  bool cols;
-};
-
-BnLayout bn_layout(const at::Tensor& input) {
-  BnLayout l;
-  l.N = input.size(0);
-  l.C = input.size(1);
-  l.S = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) l.S *= input.size(d);
-  const bool cl = (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-                  (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
-  if (input.is_contiguous()) {
-    l.x = input;
-    l.cols = l.S == 1;
-  } else if (cl) {
-    l.x = input;
-    l.cols = true;
-  } else {
-    l.x = input.contiguous();
-    l.cols = l.S == 1;
-  }
-  return l;
-}
-
-// The gradient in the same memory layout as the input the kernels read.
-at::Tensor like_layout(const at::Tensor& g, const BnLayout& l) {
-  if (l.cols && l.S != 1) {
-    auto mf = l.x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
-    return g.contiguous(mf);
-  }
-  return g.contiguous();
-}
 
 // Per-channel sums over the whole batch: moments (training forward) or gradient sums.
 template <typename T, typename A>
@@ -98,20 +63,6 @@ std::vector<A> per_row(const std::vector<A>& v, int64_t N) {
   return out;
 }
 
-
-void check_bn_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                   const c10::optional<at::Tensor>& bias,
-                   const c10::optional<at::Tensor>& running_mean,
-                   const c10::optional<at::Tensor>& running_var) {
-  check_input_dtype_not_implemented(input, "batch_norm");
-  TORCH_CHECK(input.dim() >= 2, "batch_norm: expected at least 2D input (got ", input.dim(),
-              "D input)");
-  const int64_t C = input.size(1);
-  check_param(running_mean, input, "running_mean", C, "batch_norm");
-  check_param(running_var, input, "running_var", C, "batch_norm");
-  check_param(weight, input, "weight", C, "batch_norm");
-  check_param(bias, input, "bias", C, "batch_norm");
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,

@@ -18,40 +18,10 @@ namespace fusednorm {
 namespace cpu {
 namespace {
 
-struct GnShape {
-  int64_t N, C, G, S;
-  bool channels_last;
-  int64_t cg() const { return C / G; }
-  int64_t row_len() const { return cg() * S; }
-};
-
 bool is_channels_last(const at::Tensor& t) {
   return !t.is_contiguous() &&
          ((t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
           (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)));
-}
-
-GnShape check_group_norm(const at::Tensor& input, int64_t G,
-                         const c10::optional<at::Tensor>& weight,
-                         const c10::optional<at::Tensor>& bias, const char* op) {
-  TORCH_CHECK(input.dim() >= 2, "Expected at least 2 dimensions for input tensor but received ",
-              input.dim());
-  GnShape s{input.size(0), input.size(1), G, 1, false};
-  for (int64_t d = 2; d < input.dim(); ++d) s.S *= input.size(d);
-  TORCH_CHECK(G > 0 && s.C % G == 0,
-              "Expected number of channels in input to be divisible by num_groups, but got input "
-              "of shape ", input.sizes(), " and num_groups=", G);
-  for (const auto* p : {&weight, &bias}) {
-    if (has(*p))
-      TORCH_CHECK((*p)->dim() == 1 && (*p)->numel() == s.C, "Expected ",
-                  p == &weight ? "weight" : "bias",
-                  " to be a vector of size equal to the number of channels in input, but got ",
-                  p == &weight ? "weight" : "bias", " of shape ", (*p)->sizes(),
-                  " and input of shape ", input.sizes());
-  }
-  check_param(weight, input, "weight", s.C, op);
-  check_param(bias, input, "bias", s.C, op);
-  return s;
 }
 
 // The group statistics of sample n, group g, from its channels' column moments (CL).

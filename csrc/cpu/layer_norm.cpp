@@ -15,32 +15,6 @@ namespace {
 
 // ---- LayerNorm -----------------------------------------------------------------------
 
-int64_t check_layer_norm(const at::Tensor& input, at::IntArrayRef shape,
-                         const c10::optional<at::Tensor>& weight,
-                         const c10::optional<at::Tensor>& bias) {
-  check_input_dtype(input, "layer_norm");
-  const int64_t k = shape.size();
-  TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
-              "least one element, but got normalized_shape = ", shape);
-  bool ok = input.dim() >= k;
-  for (int64_t i = 0; ok && i < k; ++i) ok = input.size(input.dim() - k + i) == shape[i];
-  TORCH_CHECK(ok, "Given normalized_shape=", shape, ", expected input with shape [*",
-              [&] { std::string s; for (auto v : shape) s += ", " + std::to_string(v); return s; }(),
-              "], but got input of size", input.sizes());
-  int64_t L = 1;
-  for (auto v : shape) L *= v;
-  for (const auto* p : {&weight, &bias}) {
-    if (has(*p))
-      TORCH_CHECK((*p)->sizes() == shape, "Expected ", p == &weight ? "weight" : "bias",
-                  " to be of same shape as normalized_shape, but got ",
-                  p == &weight ? "weight" : "bias", " of shape ", (*p)->sizes(),
-                  " and normalized_shape = ", shape);
-  }
-  check_param(weight, input, "weight", L, "layer_norm");
-  check_param(bias, input, "bias", L, "layer_norm");
-  return L;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const at::Tensor& input, at::IntArrayRef shape, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps, int64_t act, double slope) {

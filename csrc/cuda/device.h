@@ -1,0 +1,127 @@
+// What the kernels need from the device, in one place: the CUDA toolchain on a GPU build,
+// or the host emulation (emulation.h) when FN_EMULATE is defined. Also the reductions every
+// kernel shares: Welford/Chan moments and sums across a warp and across a block.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "../common/norm_math.h"
+
+#ifdef FN_EMULATE
+#include "emulation.h"
+#define FN_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::fnemu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#define FN_LAUNCH_CHECK()
+using fn_stream_t = void*;
+#else
+#include <cuda_runtime.h>
+#include <c10/cuda/CUDAException.h>
+#define FN_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::fusednorm::cuda::launch_kernel(kernel, grid, block, smem, stream, __VA_ARGS__)
+#define FN_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#define FN_DYNAMIC_SMEM(type, name)                          \
+  extern __shared__ __align__(16) unsigned char fn_smem_[]; \
+  type* name = reinterpret_cast<type*>(fn_smem_)
+using fn_stream_t = cudaStream_t;
+#endif
+
+namespace fusednorm {
+namespace cuda {
+
+#ifndef FN_EMULATE
+// Launch through a function pointer, so FN_LAUNCH takes a parenthesised template name.
+template <typename... KArgs, typename... Args>
+void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, Args... args) {
+  kernel<<<grid, block, smem, stream>>>(args...);
+}
+#endif
+
+constexpr int kWarp = 32;
+
+// Accumulation type: float, double for double.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename T>
+__device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
+  return static_cast<typename Acc<T>::type>(v);
+}
+template <typename T, typename A>
+__device__ __forceinline__ T from_acc(A v) {
+  return static_cast<T>(v);
+}
+
+// N values loaded or stored as one 16-byte access (callers check alignment).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+template <typename T>
+constexpr int pack_size() { return 16 / sizeof(T); }
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
+
+// ---- reductions -----------------------------------------------------------------------
+template <typename A>
+__device__ __forceinline__ Moments<A> warp_merge(Moments<A> m) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    Moments<A> o{__shfl_xor_sync(0xffffffffu, m.count, offset),
+                 __shfl_xor_sync(0xffffffffu, m.mean, offset),
+                 __shfl_xor_sync(0xffffffffu, m.m2, offset)};
+    m = merge(m, o);
+  }
+  return m;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Merges every thread's moments of a block (blockDim.x*blockDim.y threads, a multiple of
+// 32, at most 1024); every thread gets the result. Uses 32 slots of shared memory.
+template <typename A>
+__device__ __forceinline__ Moments<A> block_merge(Moments<A> m) {
+  __shared__ A s_count[kWarp], s_mean[kWarp], s_m2[kWarp];
+  const int tid = threadIdx.x + threadIdx.y * blockDim.x;
+  const int warps = (blockDim.x * blockDim.y) / kWarp;
+  m = warp_merge(m);
+  if (tid % kWarp == 0) {
+    s_count[tid / kWarp] = m.count;
+    s_mean[tid / kWarp] = m.mean;
+    s_m2[tid / kWarp] = m.m2;
+  }
+  __syncthreads();
+  Moments<A> w{A(0), A(0), A(0)};
+  if (tid % kWarp < warps) w = Moments<A>{s_count[tid % kWarp], s_mean[tid % kWarp], s_m2[tid % kWarp]};
+  w = warp_merge(w);
+  __syncthreads();  // the slots can be reused by the caller's next reduction
+  return w;
+}
+
+// Block-wide sums of two values; every thread gets both.
+template <typename A>
+__device__ __forceinline__ void block_sum2(A& a, A& b) {
+  __shared__ A s_a[kWarp], s_b[kWarp];
+  const int tid = threadIdx.x + threadIdx.y * blockDim.x;
+  const int warps = (blockDim.x * blockDim.y) / kWarp;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (tid % kWarp == 0) {
+    s_a[tid / kWarp] = a;
+    s_b[tid / kWarp] = b;
+  }
+  __syncthreads();
+  a = tid % kWarp < warps ? s_a[tid % kWarp] : A(0);
+  b = tid % kWarp < warps ? s_b[tid % kWarp] : A(0);
+  a = warp_sum(a);
+  b = warp_sum(b);
+  __syncthreads();
+}
+
+}  // namespace cuda
+}  // namespace fusednorm

@@ -1,0 +1,202 @@
+// Per-channel reductions with a grid-level finish: a channel's elements are split over
+// several blocks ("splits"); each block reduces its share, writes a partial, and the last
+// block to finish a channel (an atomic ticket) merges the partials and finalises it.
+//   NCHW: channel c of an (N, C, S) tensor, grid (C, splits).
+//   NHWC: column c of an (M, C) matrix, grid (ceil(C/32), splits), block (32, 8).
+// What is reduced is an Op: statistics (MomentsOp) or gradient sums (GradSumsOp). The same
+// kernels give BatchNorm's statistics and gradients, and LayerNorm's / GroupNorm's
+// parameter gradients (their statistics looked up per row or per group).
+#pragma once
+#include <type_traits>
+
+#include "device.h"
+
+namespace fusednorm {
+namespace cuda {
+
+// A small fixed-size vector of accumulators, shuffled member by member.
+template <typename A, int K>
+struct Vec {
+  A v[K];
+};
+
+template <typename A, int K>
+__device__ __forceinline__ Vec<A, K> shfl_xor(Vec<A, K> s, int offset) {
+  Vec<A, K> o;
+  for (int k = 0; k < K; ++k) o.v[k] = __shfl_xor_sync(0xffffffffu, s.v[k], offset);
+  return o;
+}
+
+// Statistics: (count, mean, M2), merged with Chan's formula.
+template <typename A>
+struct MomentsOp {
+  using State = Vec<A, 3>;
+  A* mean;            // [C] out
+  A* rstd;            // [C] out
+  A* var_unbiased;    // [C] out, for the running variance
+  A eps;
+  __device__ __forceinline__ static State identity() { return {{A(0), A(0), A(0)}}; }
+  __device__ __forceinline__ void add(State& s, A x, A, int64_t, int64_t) const {
+    s.v[0] += A(1);
+    const A delta = x - s.v[1];
+    s.v[1] += delta / s.v[0];
+    s.v[2] += delta * (x - s.v[1]);
+  }
+  __device__ __forceinline__ static State combine(State a, State b) {
+    Moments<A> m = merge(Moments<A>{a.v[0], a.v[1], a.v[2]}, Moments<A>{b.v[0], b.v[1], b.v[2]});
+    return {{m.count, m.mean, m.m2}};
+  }
+  __device__ __forceinline__ void finalize(int64_t c, State s) const {
+    mean[c] = s.v[1];
+    rstd[c] = rstd_from_m2<A>(s.v[2], s.v[0], eps);
+    var_unbiased[c] = s.v[0] > A(1) ? s.v[2] / (s.v[0] - A(1)) : A(NAN);
+  }
+};
+
+// Gradient sums per channel: sum(dyhat) and sum(dyhat * xhat), dyhat = dy * act'(z),
+// z = xhat*gamma + beta, xhat = (x - mean)*rstd with the statistics of element
+// (outer, c) at index outer*stat_outer + c/stat_div (BatchNorm: c; LayerNorm: the row;
+// GroupNorm: the sample's group).
+template <typename A>
+struct GradSumsOp {
+  using State = Vec<A, 2>;
+  const A* mean;
+  const A* rstd;
+  const A* gamma;     // [C]
+  const A* beta;      // [C]
+  int64_t stat_outer, stat_div;
+  int64_t act;
+  A slope;
+  A* dgamma;          // [C] out (nullable)
+  A* dbeta;           // [C] out (nullable)
+  // BatchNorm's input-gradient coefficients (nullable): dx = cA*dyhat + cB*x + cC.
+  A* cA;
+  A* cB;
+  A* cC;
+  bool training;
+  A count;            // elements per channel (training coefficients)
+
+  __device__ __forceinline__ static State identity() { return {{A(0), A(0)}}; }
+  __device__ __forceinline__ void add(State& s, A x, A dy, int64_t outer, int64_t c) const {
+    const int64_t k = outer * stat_outer + c / stat_div;
+    const A xhat = (x - mean[k]) * rstd[k];
+    const A g = dy * activation_grad<A>(xhat * gamma[c] + beta[c], act, slope);
+    s.v[0] += g;
+    s.v[1] += g * xhat;
+  }
+  __device__ __forceinline__ static State combine(State a, State b) {
+    return {{a.v[0] + b.v[0], a.v[1] + b.v[1]}};
+  }
+  __device__ __forceinline__ void finalize(int64_t c, State s) const {
+    if (dgamma) dgamma[c] = s.v[1];
+    if (dbeta) dbeta[c] = s.v[0];
+    if (cA) {
+      const A r = rstd[c], g = gamma[c];
+      if (training) {
+        input_grad_coefficients<A>(mean[c], r, g, g * s.v[0], g * s.v[1], count, &cA[c], &cB[c], &cC[c]);
+      } else {
+        cA[c] = r * g;
+        cB[c] = cC[c] = A(0);
+      }
+    }
+  }
+};
+
+// Reduces `s` over the threads that share threadIdx.x (the block's y dimension, and for a
+// 1-D block the whole block); the result is valid in threads with threadIdx.y == 0.
+template <typename State, typename Op>
+__device__ __forceinline__ State reduce_over_y(State s) {
+  constexpr int K = sizeof(State) / sizeof(s.v[0]);
+  using A = typename std::remove_reference<decltype(s.v[0])>::type;
+  if (blockDim.x == 1) {  // 1-D block along y: warp shuffles, then one warp over the warps
+    __shared__ A slots[K][kWarp];
+    const int tid = threadIdx.y;
+    for (int o = kWarp / 2; o > 0; o /= 2) s = Op::combine(s, shfl_xor(s, o));
+    if (tid % kWarp == 0)
+      for (int k = 0; k < K; ++k) slots[k][tid / kWarp] = s.v[k];
+    __syncthreads();
+    State w = Op::identity();
+    if (tid % kWarp < int(blockDim.y) / kWarp)
+      for (int k = 0; k < K; ++k) w.v[k] = slots[k][tid % kWarp];
+    for (int o = kWarp / 2; o > 0; o /= 2) w = Op::combine(w, shfl_xor(w, o));
+    __syncthreads();
+    return w;
+  }
+  // 2-D block (32 columns x blockDim.y rows): through shared memory, row 0 combines.
+  __shared__ A grid[K][8][kWarp];
+  for (int k = 0; k < K; ++k) grid[k][threadIdx.y][threadIdx.x] = s.v[k];
+  __syncthreads();
+  State out = Op::identity();
+  if (threadIdx.y == 0)
+    for (int y = 0; y < int(blockDim.y); ++y) {
+      State o;
+      for (int k = 0; k < K; ++k) o.v[k] = grid[k][y][threadIdx.x];
+      out = Op::combine(out, o);
+    }
+  __syncthreads();
+  return out;
+}
+
+// The grid-level finish, shared by both layouts: each column's partial of this split goes
+// to partials[col * splits + split]; the last block of a column group merges them all.
+template <typename Op>
+__device__ __forceinline__ void finish_columns(const Op& op, typename Op::State mine, int64_t col0,
+                                               int ncols, int64_t C, int splits, int split,
+                                               typename Op::State* partials, int* tickets,
+                                               int64_t group) {
+  using State = typename Op::State;
+  const int col = threadIdx.x;  // 0 for NCHW blocks (one column per block)
+  if (threadIdx.y == 0 && col < ncols && col0 + col < C) partials[(col0 + col) * splits + split] = mine;
+  __shared__ bool is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) is_last = atomicAdd(&tickets[group], 1) == splits - 1;
+  __syncthreads();
+  if (!is_last) return;  // uniform across the block
+  __threadfence();
+  State s = Op::identity();
+  if (col < ncols && col0 + col < C)
+    for (int k = threadIdx.y; k < splits; k += blockDim.y)
+      s = Op::combine(s, partials[(col0 + col) * splits + k]);
+  s = reduce_over_y<State, Op>(s);
+  if (threadIdx.y == 0 && col < ncols && col0 + col < C) op.finalize(col0 + col, s);
+}
+
+// NCHW: grid (C, splits), block (1, threads). Channel c's elements are (n, s) pairs.
+template <typename T, typename Op>
+__global__ void channel_reduce_nchw(Op op, const T* __restrict__ x, const T* __restrict__ dy,
+                                    int64_t N, int64_t C, int64_t S,
+                                    typename Op::State* partials, int* tickets) {
+  using A = typename Acc<T>::type;
+  const int64_t c = blockIdx.x;
+  const int split = blockIdx.y, splits = gridDim.y;
+  const int64_t stride = int64_t(splits) * blockDim.y;
+  typename Op::State s = Op::identity();
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t base = (n * C + c) * S;
+    for (int64_t i = int64_t(split) * blockDim.y + threadIdx.y; i < S; i += stride)
+      op.add(s, to_acc(x[base + i]), dy ? to_acc(dy[base + i]) : A(0), n, c);
+  }
+  s = reduce_over_y<typename Op::State, Op>(s);
+  finish_columns(op, s, c, 1, C, splits, split, partials, tickets, c);
+}
+
+// NHWC: grid (ceil(C/32), splits), block (32, 8). Column c's elements are rows m.
+template <typename T, typename Op>
+__global__ void channel_reduce_nhwc(Op op, const T* __restrict__ x, const T* __restrict__ dy,
+                                    int64_t M, int64_t C, typename Op::State* partials,
+                                    int* tickets) {
+  using A = typename Acc<T>::type;
+  const int64_t col0 = int64_t(blockIdx.x) * blockDim.x, c = col0 + threadIdx.x;
+  const int split = blockIdx.y, splits = gridDim.y;
+  const int64_t stride = int64_t(splits) * blockDim.y;
+  typename Op::State s = Op::identity();
+  if (c < C)
+    for (int64_t m = int64_t(split) * blockDim.y + threadIdx.y; m < M; m += stride)
+      op.add(s, to_acc(x[m * C + c]), dy ? to_acc(dy[m * C + c]) : A(0), m, c);
+  s = reduce_over_y<typename Op::State, Op>(s);
+  finish_columns(op, s, col0, blockDim.x, C, splits, split, partials, tickets, blockIdx.x);
+}
+
+}  // namespace cuda
+}  // namespace fusednorm

@@ -1,0 +1,182 @@
+// Row normalisation (LayerNorm, GroupNorm, InstanceNorm): R contiguous rows of L elements,
+// statistics per row, affine parameter of element i of row r at (r % G)*P + i/S
+// (LayerNorm: G=1, P=L, S=1; GroupNorm: P=C/G channels of S elements; InstanceNorm: G=C).
+// Three tiers by row length, as in OneFlow's layer_norm.cuh:
+//   warp:  one warp per row, the row in registers (L <= 32*COLS);
+//   block: one block per row, the row cached in shared memory (CACHE=true);
+//   long:  one block per row reading global memory twice (CACHE=false).
+// Forward: statistics then y = act(xhat*gamma + beta). Backward (dx only; parameter
+// gradients come from reduce_kernels.cuh): dx = rstd*(g - mean(g) - xhat*mean(g*xhat)),
+// g = dy*act'(z)*gamma.
+#pragma once
+#include "device.h"
+
+namespace fusednorm {
+namespace cuda {
+
+struct RowShape {
+  int64_t R, L, G, P, S;
+  __device__ __forceinline__ int64_t param(int64_t r, int64_t i) const { return (r % G) * P + i / S; }
+};
+
+template <typename A>
+struct RowParams {
+  const A* gamma;
+  const A* beta;
+  int64_t act;
+  A slope;
+};
+
+template <typename A>
+__device__ __forceinline__ void welford_add(Moments<A>& m, A v) {
+  m.count += A(1);
+  const A d = v - m.mean;
+  m.mean += d / m.count;
+  m.m2 += d * (v - m.mean);
+}
+
+// ---- forward ----------------------------------------------------------------------------
+template <typename T, int COLS>
+__global__ void row_fwd_warp(const T* __restrict__ x, T* __restrict__ y, RowShape sh,
+                             RowParams<typename Acc<T>::type> pr, typename Acc<T>::type eps,
+                             typename Acc<T>::type* mean_out, typename Acc<T>::type* rstd_out,
+                             typename Acc<T>::type* m2_out) {
+  using A = typename Acc<T>::type;
+  const int lane = threadIdx.x;
+  const int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool active = r < sh.R;  // inactive warps still join the shuffles
+  A v[COLS];
+  Moments<A> m{A(0), A(0), A(0)};
+  for (int k = 0; k < COLS; ++k) {
+    const int64_t i = lane + int64_t(k) * kWarp;
+    v[k] = active && i < sh.L ? to_acc(x[r * sh.L + i]) : A(0);
+    if (active && i < sh.L) welford_add(m, v[k]);
+  }
+  m = warp_merge(m);
+  const A rstd = rstd_from_m2<A>(m.m2, A(sh.L), eps);
+  if (!active) return;  // after the last shuffle
+  for (int k = 0; k < COLS; ++k) {
+    const int64_t i = lane + int64_t(k) * kWarp;
+    if (i < sh.L) {
+      const int64_t p = sh.param(r, i);
+      y[r * sh.L + i] = from_acc<T>(activate<A>((v[k] - m.mean) * rstd * pr.gamma[p] + pr.beta[p], pr.act, pr.slope));
+    }
+  }
+  if (lane == 0) {
+    mean_out[r] = m.mean;
+    rstd_out[r] = rstd;
+    if (m2_out) m2_out[r] = m.m2;
+  }
+}
+
+template <typename T, bool CACHE>
+__global__ void row_fwd_block(const T* __restrict__ x, T* __restrict__ y, RowShape sh,
+                              RowParams<typename Acc<T>::type> pr, typename Acc<T>::type eps,
+                              typename Acc<T>::type* mean_out, typename Acc<T>::type* rstd_out,
+                              typename Acc<T>::type* m2_out) {
+  using A = typename Acc<T>::type;
+  FN_DYNAMIC_SMEM(A, cache);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  for (int64_t r = blockIdx.x; r < sh.R; r += gridDim.x) {  // uniform across the block
+    const T* xr = x + r * sh.L;
+    Moments<A> m{A(0), A(0), A(0)};
+    for (int64_t i = tid; i < sh.L; i += nt) {
+      const A v = to_acc(xr[i]);
+      if (CACHE) cache[i] = v;
+      welford_add(m, v);
+    }
+    m = block_merge(m);
+    const A rstd = rstd_from_m2<A>(m.m2, A(sh.L), eps);
+    for (int64_t i = tid; i < sh.L; i += nt) {
+      const A v = CACHE ? cache[i] : to_acc(xr[i]);
+      const int64_t p = sh.param(r, i);
+      y[r * sh.L + i] = from_acc<T>(activate<A>((v - m.mean) * rstd * pr.gamma[p] + pr.beta[p], pr.act, pr.slope));
+    }
+    if (tid == 0) {
+      mean_out[r] = m.mean;
+      rstd_out[r] = rstd;
+      if (m2_out) m2_out[r] = m.m2;
+    }
+    __syncthreads();  // the cache is rewritten by the next row
+  }
+}
+
+// ---- backward (dx) ------------------------------------------------------------------------
+// g = dy * act'(xhat*gamma + beta) * gamma for element i of row r.
+template <typename A>
+__device__ __forceinline__ A scaled_grad(A xhat, A dy, int64_t p, const RowParams<A>& pr) {
+  return dy * activation_grad<A>(xhat * pr.gamma[p] + pr.beta[p], pr.act, pr.slope) * pr.gamma[p];
+}
+
+template <typename T, int COLS>
+__global__ void row_bwd_warp(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
+                             RowShape sh, RowParams<typename Acc<T>::type> pr,
+                             const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd) {
+  using A = typename Acc<T>::type;
+  const int lane = threadIdx.x;
+  const int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool active = r < sh.R;
+  const A mu = active ? mean[r] : A(0), rs = active ? rstd[r] : A(0);
+  A xh[COLS], g[COLS];
+  A sum_g = 0, sum_gx = 0;
+  for (int k = 0; k < COLS; ++k) {
+    const int64_t i = lane + int64_t(k) * kWarp;
+    xh[k] = g[k] = A(0);
+    if (active && i < sh.L) {
+      xh[k] = (to_acc(x[r * sh.L + i]) - mu) * rs;
+      g[k] = scaled_grad(xh[k], to_acc(dy[r * sh.L + i]), sh.param(r, i), pr);
+      sum_g += g[k];
+      sum_gx += g[k] * xh[k];
+    }
+  }
+  sum_g = warp_sum(sum_g);
+  sum_gx = warp_sum(sum_gx);
+  if (!active) return;
+  const A inv_l = A(1) / A(sh.L);
+  for (int k = 0; k < COLS; ++k) {
+    const int64_t i = lane + int64_t(k) * kWarp;
+    if (i < sh.L) dx[r * sh.L + i] = from_acc<T>(rs * (g[k] - sum_g * inv_l - xh[k] * sum_gx * inv_l));
+  }
+}
+
+template <typename T, bool CACHE>
+__global__ void row_bwd_block(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
+                              RowShape sh, RowParams<typename Acc<T>::type> pr,
+                              const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd) {
+  using A = typename Acc<T>::type;
+  FN_DYNAMIC_SMEM(A, cache);  // CACHE: xhat in [0, L), g in [L, 2L)
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const A inv_l = A(1) / A(sh.L);
+  for (int64_t r = blockIdx.x; r < sh.R; r += gridDim.x) {
+    const T* xr = x + r * sh.L;
+    const T* gr = dy + r * sh.L;
+    const A mu = mean[r], rs = rstd[r];
+    A sum_g = 0, sum_gx = 0;
+    for (int64_t i = tid; i < sh.L; i += nt) {
+      const A xh = (to_acc(xr[i]) - mu) * rs;
+      const A g = scaled_grad(xh, to_acc(gr[i]), sh.param(r, i), pr);
+      if (CACHE) {
+        cache[i] = xh;
+        cache[sh.L + i] = g;
+      }
+      sum_g += g;
+      sum_gx += g * xh;
+    }
+    block_sum2(sum_g, sum_gx);
+    for (int64_t i = tid; i < sh.L; i += nt) {
+      A xh, g;
+      if (CACHE) {
+        xh = cache[i];
+        g = cache[sh.L + i];
+      } else {
+        xh = (to_acc(xr[i]) - mu) * rs;
+        g = scaled_grad(xh, to_acc(gr[i]), sh.param(r, i), pr);
+      }
+      dx[r * sh.L + i] = from_acc<T>(rs * (g - sum_g * inv_l - xh * sum_gx * inv_l));
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace cuda
+}  // namespace fusednorm

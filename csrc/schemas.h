@@ -1,0 +1,44 @@
+// The op schemas, written once; csrc/ops.cpp defines them in the fusednorm namespace and
+// the CUDA emulation tests in their own (fusednorm_emu).
+#pragma once
+#include <torch/library.h>
+
+namespace fusednorm {
+
+inline void define_schemas(torch::Library& m) {
+  // BatchNorm: statistics per channel (dim 1) over batch and spatial dims. In eval
+  // (training=False) mean/rstd come from the running statistics.
+  m.def(
+      "batch_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, int activation, "
+      "float negative_slope) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor rstd, bool training, int activation, float negative_slope, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+  // LayerNorm over the trailing normalized_shape dims; mean/rstd have one entry per row.
+  m.def(
+      "layer_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "float eps, int activation, float negative_slope) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor mean, "
+      "Tensor rstd, Tensor? weight, Tensor? bias, int activation, float negative_slope, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // GroupNorm: statistics per (sample, group); mean/rstd are (N, num_groups).
+  m.def(
+      "group_norm_fwd(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, "
+      "int activation, float negative_slope) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm_bwd(Tensor grad_out, Tensor input, int num_groups, Tensor mean, Tensor rstd, "
+      "Tensor? weight, Tensor? bias, int activation, float negative_slope, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+  // InstanceNorm with input statistics: GroupNorm with one group per channel, plus the
+  // running statistics' update from the batch average of the per-instance statistics.
+  // Its backward is group_norm_bwd with num_groups = C.
+  m.def(
+      "instance_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, int activation, "
+      "float negative_slope) -> (Tensor, Tensor, Tensor)");
+}
+
+}  // namespace fusednorm
