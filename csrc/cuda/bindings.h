@@ -1,0 +1,312 @@
+// The GPU ops' bodies: checks, allocation, dtype dispatch and the calls into launch.h.
+// Compiled by nvcc for the CUDA backend (ops_cuda.cu) and, with FN_EMULATE, by the C++
+// compiler for the emulation tests (tests/emulation/emulated_ops.cpp) on CPU tensors: the
+// code under test is the code that runs on a GPU.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "../common/checks.h"
+#include "../common/layout.h"
+#include "launch.h"
+
+#ifdef FN_EMULATE
+#define FN_DEVICE_GUARD(t)
+#define FN_STREAM() nullptr
+#else
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+// Every entry point: the input's device and that device's current stream.
+#define FN_DEVICE_GUARD(t) c10::cuda::CUDAGuard fn_device_guard_((t).device())
+#define FN_STREAM() c10::cuda::getCurrentCUDAStream().stream()
+#endif
+
+namespace fusednorm {
+namespace cuda {
+
+using TensorList3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename A>
+A* aptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<A>() : nullptr;
+}
+
+// A parameter as a contiguous accumulation-type vector, or `fill` repeated.
+inline at::Tensor acc_param(const c10::optional<at::Tensor>& p, int64_t n, double fill,
+                            const at::Tensor& like) {
+  auto opts = like.options().dtype(acc_dtype(like));
+  if (has(p)) return p->detach().to(opts.dtype()).contiguous();
+  return at::full({n}, fill, opts);
+}
+
+inline void update_running(const c10::optional<at::Tensor>& running, const at::Tensor& fresh,
+                           double momentum) {
+  if (!has(running)) return;
+  at::Tensor r = *running;
+  r.mul_(1.0 - momentum).add_(fresh.to(r.scalar_type()), momentum);
+}
+
+inline at::Tensor empty_result(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+template <typename T, typename Op>
+void run_channel_reduce(const ChannelPlan& plan, const Op& op, const at::Tensor& x,
+                        const at::Tensor* dy) {
+  using State = typename Op::State;
+  using A = typename Acc<T>::type;
+  constexpr int K = sizeof(State) / sizeof(A);
+  at::Tensor partials = at::empty({plan.partials() * K}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+  at::Tensor tickets = at::zeros({plan.groups()}, x.options().dtype(at::kInt));
+  channel_reduce<T, Op>(plan, op, x.data_ptr<T>(), dy ? dy->data_ptr<T>() : nullptr,
+                        reinterpret_cast<State*>(partials.data_ptr<A>()), tickets.data_ptr<int>(),
+                        FN_STREAM());
+}
+
+// ---- BatchNorm ----------------------------------------------------------------------------
+inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& running_mean,
+                                  const c10::optional<at::Tensor>& running_var, bool training,
+                                  double momentum, double eps, int64_t act, double slope) {
+  check_bn_args(input, weight, bias, running_mean, running_var);
+  TORCH_CHECK(training || (has(running_mean) && has(running_var)),
+              "running_mean must be defined in evaluation mode");
+  FN_DEVICE_GUARD(input);
+  const BnLayout l = bn_layout(input);
+  const int64_t C = l.C, M = l.N * l.S;
+  const auto acc = input.options().dtype(acc_dtype(input));
+  at::Tensor y = at::empty_like(l.x);
+  at::Tensor gamma = acc_param(weight, C, 1.0, input), beta = acc_param(bias, C, 0.0, input);
+  at::Tensor mean, rstd;
+  if (!training) {
+    mean = running_mean->to(acc.dtype());
+    rstd = (running_var->to(acc.dtype()) + eps).rsqrt();
+  } else if (M == 0) {  // empty batch: running statistics untouched
+    mean = at::zeros({C}, acc);
+    rstd = at::full({C}, 1.0 / std::sqrt(eps), acc);
+  } else {
+    mean = at::empty({C}, acc);
+    rstd = at::empty({C}, acc);
+    at::Tensor var_unbiased = at::empty({C}, acc);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_fwd", [&] {
+      using A = typename Acc<scalar_t>::type;
+      MomentsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(var_unbiased), A(eps)};
+      run_channel_reduce<scalar_t>(plan_channels(l.cols, l.N, C, l.S), op, l.x, nullptr);
+    });
+    update_running(running_mean, mean, momentum);
+    update_running(running_var, var_unbiased, momentum);
+  }
+  if (M > 0) {
+    const at::Tensor alpha = rstd * gamma, shift = beta - mean * alpha;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_apply", [&] {
+      using A = typename Acc<scalar_t>::type;
+      apply<scalar_t>(l.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), l.x.numel(), C, l.S, l.cols,
+                      aptr<A>(alpha), aptr<A>(shift), act, A(slope), FN_STREAM());
+    });
+  }
+  return {y, mean, rstd};
+}
+
+inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                  const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias, const at::Tensor& mean_in,
+                                  const at::Tensor& rstd_in, bool training, int64_t act,
+                                  double slope, std::array<bool, 3> mask) {
+  check_bn_args(input, weight, bias, c10::nullopt, c10::nullopt);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_bwd: grad_out has shape ",
+              grad_out.sizes(), " but the input has shape ", input.sizes());
+  FN_DEVICE_GUARD(input);
+  const BnLayout l = bn_layout(input);
+  const int64_t C = l.C, M = l.N * l.S;
+  const auto acc = input.options().dtype(acc_dtype(input));
+  const at::Tensor dy = like_layout(grad_out.to(input.scalar_type()), l);
+  const at::Tensor mean = mean_in.to(acc.dtype()).contiguous(), rstd = rstd_in.to(acc.dtype()).contiguous();
+  at::Tensor gamma = acc_param(weight, C, 1.0, input), beta = acc_param(bias, C, 0.0, input);
+  at::Tensor dx = mask[0] ? at::empty_like(l.x) : empty_result(input);
+  at::Tensor dgamma = at::zeros({C}, acc), dbeta = at::zeros({C}, acc);
+  at::Tensor cA = at::empty({C}, acc), cB = at::zeros({C}, acc), cC = at::zeros({C}, acc);
+  const bool need_sums = mask[1] || mask[2] || (training && mask[0]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_bwd", [&] {
+    using scalar = scalar_t;
+    using A = typename Acc<scalar>::type;
+    if (need_sums && M > 0) {
+      GradSumsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), 0, 1, act, A(slope),
+                       aptr<A>(dgamma), aptr<A>(dbeta),
+                       mask[0] ? aptr<A>(cA) : nullptr, aptr<A>(cB), aptr<A>(cC), training, A(M)};
+      run_channel_reduce<scalar>(plan_channels(l.cols, l.N, C, l.S), op, l.x, &dy);
+    }
+    if (mask[0] && M > 0) {
+      const at::Tensor alpha = rstd * gamma, shift = beta - mean * alpha;
+      if (!training) cA.copy_(alpha);  // eval: dx = alpha * dyhat
+      input_grad<scalar>(l.x.data_ptr<scalar>(), dy.data_ptr<scalar>(), dx.data_ptr<scalar>(),
+                         l.x.numel(), C, l.S, l.cols, aptr<A>(alpha), aptr<A>(shift), aptr<A>(cA),
+                         aptr<A>(cB), aptr<A>(cC), act, A(slope), FN_STREAM());
+    }
+  });
+  return {dx, mask[1] && has(weight) ? dgamma.to(weight->scalar_type()) : empty_result(input),
+          mask[2] && has(bias) ? dbeta.to(bias->scalar_type()) : empty_result(input)};
+}
+
+// ---- row norms: LayerNorm, GroupNorm, InstanceNorm ------------------------------------------
+template <typename A>
+RowParams<A> row_params(const at::Tensor& gamma, const at::Tensor& beta, int64_t act, double slope) {
+  return RowParams<A>{aptr<A>(gamma), aptr<A>(beta), act, A(slope)};
+}
+
+// Forward of R rows (statistics and apply); m2 (optional) receives each row's M2.
+inline void rows_forward(const at::Tensor& x, at::Tensor& y, RowShape sh, const at::Tensor& gamma,
+                         const at::Tensor& beta, double eps, int64_t act, double slope,
+                         at::Tensor& mean, at::Tensor& rstd, at::Tensor* m2) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rows_forward", [&] {
+    using A = typename Acc<scalar_t>::type;
+    row_forward<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sh, row_params<A>(gamma, beta, act, slope),
+                          A(eps), aptr<A>(mean), aptr<A>(rstd), m2 ? aptr<A>(*m2) : nullptr, FN_STREAM());
+  });
+}
+
+// Backward of R rows: dx (if wanted), then dgamma/dbeta with a channel reduction whose
+// statistics are looked up per row (LayerNorm: NHWC view of (R, L)) or per group
+// (GroupNorm: NCHW view (N, C, S)).
+inline TensorList3 rows_backward(const at::Tensor& grad_out, const at::Tensor& x, RowShape sh,
+                                 const at::Tensor& mean_in, const at::Tensor& rstd_in,
+                                 const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, int64_t nparams,
+                                 const ChannelPlan& plan, int64_t stat_outer, int64_t stat_div,
+                                 int64_t act, double slope, std::array<bool, 3> mask) {
+  const auto acc = x.options().dtype(acc_dtype(x));
+  const at::Tensor dy = grad_out.to(x.scalar_type()).contiguous();
+  const at::Tensor mean = mean_in.to(acc.dtype()).contiguous(), rstd = rstd_in.to(acc.dtype()).contiguous();
+  at::Tensor gamma = acc_param(weight, nparams, 1.0, x), beta = acc_param(bias, nparams, 0.0, x);
+  at::Tensor dx = mask[0] ? at::empty_like(x) : empty_result(x);
+  at::Tensor dgamma = at::zeros({nparams}, acc), dbeta = at::zeros({nparams}, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rows_backward", [&] {
+    using scalar = scalar_t;
+    using A = typename Acc<scalar>::type;
+    if (mask[0])
+      row_backward<scalar>(x.data_ptr<scalar>(), dy.data_ptr<scalar>(), dx.data_ptr<scalar>(), sh,
+                           row_params<A>(gamma, beta, act, slope), aptr<A>(mean), aptr<A>(rstd), FN_STREAM());
+    if ((mask[1] || mask[2]) && x.numel() > 0) {
+      GradSumsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), stat_outer, stat_div,
+                       act, A(slope), aptr<A>(dgamma), aptr<A>(dbeta), nullptr, nullptr, nullptr, false, A(0)};
+      run_channel_reduce<scalar>(plan, op, x, &dy);
+    }
+  });
+  return {dx, mask[1] && has(weight) ? dgamma.to(weight->scalar_type()) : empty_result(x),
+          mask[2] && has(bias) ? dbeta.to(bias->scalar_type()) : empty_result(x)};
+}
+
+inline TensorList3 layer_norm_fwd(const at::Tensor& input, at::IntArrayRef shape,
+                                  const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias, double eps, int64_t act,
+                                  double slope) {
+  const int64_t L = check_layer_norm(input, shape, weight, bias);
+  FN_DEVICE_GUARD(input);
+  const at::Tensor x = input.contiguous();
+  const int64_t R = L == 0 ? 0 : x.numel() / L;
+  const auto acc = x.options().dtype(acc_dtype(x));
+  at::Tensor y = at::empty_like(x), mean = at::empty({R}, acc), rstd = at::empty({R}, acc);
+  if (L > 0)
+    rows_forward(x, y, RowShape{R, L, 1, L, 1}, acc_param(weight, L, 1.0, x).view(-1),
+                 acc_param(bias, L, 0.0, x).view(-1), eps, act, slope, mean, rstd, nullptr);
+  return {y, mean, rstd};
+}
+
+inline TensorList3 layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                  at::IntArrayRef shape, const at::Tensor& mean,
+                                  const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias, int64_t act, double slope,
+                                  std::array<bool, 3> mask) {
+  const int64_t L = check_layer_norm(input, shape, weight, bias);
+  FN_DEVICE_GUARD(input);
+  const at::Tensor x = input.contiguous();
+  const int64_t R = L == 0 ? 0 : x.numel() / L;
+  auto [dx, dw, db] = rows_backward(grad_out, x, RowShape{R, L, 1, L, 1}, mean, rstd,
+                                    weight.has_value() ? c10::optional<at::Tensor>(weight->view(-1)) : weight,
+                                    bias.has_value() ? c10::optional<at::Tensor>(bias->view(-1)) : bias,
+                                    L, plan_channels(true, R, L, 1), 1, std::max<int64_t>(L, 1), act, slope, mask);
+  return {dx, dw.numel() ? dw.view(shape) : dw, db.numel() ? db.view(shape) : db};
+}
+
+inline bool channels_last_input(const at::Tensor& t) {
+  return !t.is_contiguous() && ((t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                                (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)));
+}
+
+// GroupNorm-shaped forward (GroupNorm, and InstanceNorm with G = C). channels_last input
+// is normalised as a contiguous copy; GroupNorm's output goes back to channels_last (as
+// torch's), InstanceNorm's stays contiguous (as torch's).
+inline TensorList3 groups_forward(const at::Tensor& input, const GnShape& s,
+                                  const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias, double eps, int64_t act,
+                                  double slope, bool keep_channels_last, at::Tensor* m2) {
+  const at::Tensor x = input.contiguous();
+  const auto acc = x.options().dtype(acc_dtype(x));
+  at::Tensor y = at::empty_like(x), mean = at::empty({s.N, s.G}, acc), rstd = at::empty({s.N, s.G}, acc);
+  if (m2) *m2 = at::empty({s.N, s.G}, acc);
+  if (x.numel() > 0)
+    rows_forward(x, y, RowShape{s.N * s.G, s.cg() * s.S, s.G, s.cg(), s.S}, acc_param(weight, s.C, 1.0, x),
+                 acc_param(bias, s.C, 0.0, x), eps, act, slope, mean, rstd, m2);
+  if (keep_channels_last && channels_last_input(input)) y = y.contiguous(input.suggest_memory_format());
+  return {y, mean, rstd};
+}
+
+inline TensorList3 group_norm_fwd(const at::Tensor& input, int64_t G,
+                                  const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias, double eps, int64_t act,
+                                  double slope) {
+  check_input_dtype(input, "group_norm");
+  const GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
+  FN_DEVICE_GUARD(input);
+  return groups_forward(input, s, weight, bias, eps, act, slope, true, nullptr);
+}
+
+inline TensorList3 instance_norm_fwd(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias,
+                                     const c10::optional<at::Tensor>& running_mean,
+                                     const c10::optional<at::Tensor>& running_var, double momentum,
+                                     double eps, int64_t act, double slope) {
+  check_input_dtype_not_implemented(input, "instance_norm");
+  TORCH_CHECK(input.dim() >= 2, "instance_norm: expected at least 2D input (got ", input.dim(), "D input)");
+  const int64_t C = input.size(1);
+  check_param(running_mean, input, "running_mean", C, "instance_norm");
+  check_param(running_var, input, "running_var", C, "instance_norm");
+  const GnShape s = check_group_norm(input, C, weight, bias, "instance_norm");
+  FN_DEVICE_GUARD(input);
+  at::Tensor m2;
+  auto out = groups_forward(input, s, weight, bias, eps, act, slope, false, &m2);
+  if ((has(running_mean) || has(running_var)) && s.N > 0 && s.S > 0) {
+    // Batch average of the per-instance statistics, variance unbiased per instance.
+    update_running(running_mean, std::get<1>(out).mean(0), momentum);
+    update_running(running_var, (m2 / double(s.S - 1)).mean(0), momentum);
+  }
+  return out;
+}
+
+inline TensorList3 group_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input, int64_t G,
+                                  const at::Tensor& mean, const at::Tensor& rstd,
+                                  const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias, int64_t act, double slope,
+                                  std::array<bool, 3> mask) {
+  check_input_dtype(input, "group_norm");
+  const GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
+  FN_DEVICE_GUARD(input);
+  const at::Tensor x = input.contiguous();
+  auto out = rows_backward(grad_out, x, RowShape{s.N * G, s.cg() * s.S, G, s.cg(), s.S}, mean, rstd,
+                           weight, bias, s.C, plan_channels(false, s.N, s.C, s.S), G, s.cg(), act, slope, mask);
+  if (mask[0] && channels_last_input(input))  // same layout as the CPU kernels return
+    std::get<0>(out) = std::get<0>(out).contiguous(input.suggest_memory_format());
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace fusednorm
+
+// Registers the ops above for a dispatch key of a library namespace.
+#define FN_REGISTER_GPU_OPS(ns, key)                          \
+  TORCH_LIBRARY_IMPL(ns, key, m) {                            \
+    m.impl("batch_norm_fwd", &fusednorm::cuda::batch_norm_fwd); \
+    m.impl("batch_norm_bwd", &fusednorm::cuda::batch_norm_bwd); \
+    m.impl("layer_norm_fwd", &fusednorm::cuda::layer_norm_fwd); \
+    m.impl("layer_norm_bwd", &fusednorm::cuda::layer_norm_bwd); \
+    m.impl("group_norm_fwd", &fusednorm::cuda::group_norm_fwd); \
+    m.impl("group_norm_bwd", &fusednorm::cuda::group_norm_bwd); \
+    m.impl("instance_norm_fwd", &fusednorm::cuda::instance_norm_fwd); \
+  }

@@ -1,0 +1,216 @@
+"""The CUDA kernels' logic, run on the CPU: csrc/cuda (bindings, launch code, kernels)
+compiled for the host under csrc/cuda/emulation.h and registered as
+torch.ops.fusednorm_emu.*, compared with torch.nn on shapes small enough for the emulator
+but chosen (with lowered limits) to reach every row tier, both BatchNorm layouts, the
+vectorised and scalar elementwise paths, and the multi-block (grid-level) reductions."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import SLOPE, activate, assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACTS = {0: None, 1: "relu", 2: "leaky_relu"}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils.cpp_extension import load
+    build = os.path.join(ROOT, "build", "emulation")
+    os.makedirs(build, exist_ok=True)
+    mod = load(name="fusednorm_emu", sources=[os.path.join(ROOT, "tests", "emulation", "emulated_ops.cpp")],
+               extra_cflags=["-O1"], build_directory=build, verbose=False)
+    yield mod
+    mod.set_limits(16, 48 * 1024, 16384, 256, 65535, 256)
+
+
+def limits(emu, warp_cols=16, smem=48 * 1024, per_split=16384, max_splits=256, max_blocks=65535, threads=64):
+    emu.set_limits(warp_cols, smem, per_split, max_splits, max_blocks, threads)
+
+
+def ops():
+    return torch.ops.fusednorm_emu
+
+
+def tol_dtype(dtype):
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def data(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
+
+
+def reference_grads(fn, x, params, g):
+    """Output and gradients of fn (a torch.nn.functional composition) in float64."""
+    x64 = x.detach().double().requires_grad_()
+    p64 = [p.detach().double().requires_grad_() if p is not None else None for p in params]
+    y = fn(x64, *p64)
+    grads = torch.autograd.grad(y, [x64] + [p for p in p64 if p is not None], g.double())
+    return y, grads
+
+
+# ---- BatchNorm -----------------------------------------------------------------------------
+
+BN_CASES = [
+    # shape, layout, description
+    ((3, 4, 5, 5), "nchw", "scalar path (S=25 not a multiple of the pack)"),
+    ((3, 4, 4, 8), "nchw", "vectorised path"),
+    ((4, 5, 3, 3), "nhwc", "NHWC, C=5 columns in one 32-column group"),
+    ((2, 40, 3, 2), "nhwc", "NHWC, two column groups"),
+    ((6, 3), "nchw", "2-D input (S = 1, read as NHWC)"),
+]
+
+
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
+@pytest.mark.parametrize("shape,layout,what", BN_CASES, ids=[c[2] for c in BN_CASES])
+@pytest.mark.parametrize("splits", ["one-block", "grid-reduction"])
+def test_batch_norm_train(emu, shape, layout, what, dtype, act, splits):
+    limits(emu, per_split=16384 if splits == "one-block" else 7)
+    N, C = shape[0], shape[1]
+    S = 1
+    for d in shape[2:]:
+        S *= d
+    if splits == "grid-reduction":
+        assert emu.splits(layout == "nhwc" or S == 1, N, C, S) > 1
+    x = data(shape, dtype)
+    if layout == "nhwc" and x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = data((C,), torch.float32, 1) + 1, data((C,), torch.float32, 2)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm, rv, True, 0.1, 1e-5, act, SLOPE)
+    ref = lambda x, w, b: activate(F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5), ACTS[act])
+    g = data(shape, dtype, 3)
+    yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
+    assert_close(y, yr.to(tol_dtype(dtype)) if dtype != torch.float64 else yr, dtype, "output")
+    xr64 = x.double()
+    rm_ref = 0.9 * 0 + 0.1 * xr64.transpose(0, 1).reshape(C, -1).mean(1)
+    rv_ref = 0.9 * 1 + 0.1 * xr64.transpose(0, 1).reshape(C, -1).var(1, unbiased=True)
+    assert_close(rm, rm_ref.float(), torch.float32, "running_mean")
+    assert_close(rv, rv_ref.float(), torch.float32, "running_var")
+    dx, dw, db = ops().batch_norm_bwd(g, x, w, b, mean, rstd, True, act, SLOPE, [True, True, True])
+    assert_close(dx, dxr.to(dx.dtype) if dtype == torch.float64 else dxr.float(), dtype, "dx")
+    assert_close(dw, dwr.float(), torch.float32 if dtype != torch.float64 else torch.float32, "dweight")
+    assert_close(db, dbr.float(), torch.float32, "dbias")
+    if x.dim() == 4:
+        assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "nhwc")
+
+
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_batch_norm_eval(emu, act, layout):
+    limits(emu, per_split=5)
+    x = data((3, 4, 4, 4), torch.float32)
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    w, b = data((4,), torch.float32, 1) + 1, data((4,), torch.float32, 2)
+    rm, rv = data((4,), torch.float32, 4), data((4,), torch.float32, 5).abs() + 0.5
+    y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm, rv, False, 0.1, 1e-5, act, SLOPE)
+    g = data(x.shape, torch.float32, 3)
+    ref = lambda x, w, b: activate(F.batch_norm(x, rm.double(), rv.double(), w, b, False, 0.1, 1e-5), ACTS[act])
+    yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
+    assert_close(y, yr.float(), torch.float32, "output")
+    dx, dw, db = ops().batch_norm_bwd(g, x, w, b, mean, rstd, False, act, SLOPE, [True, True, True])
+    for a, e, what in ((dx, dxr, "dx"), (dw, dwr, "dweight"), (db, dbr, "dbias")):
+        assert_close(a, e.float(), torch.float32, what)
+
+
+# ---- row norms ------------------------------------------------------------------------------
+
+# (L, limits) -> the tier it must select (checked through emu.row_tier).
+LN_TIERS = [
+    (40, {}, "warp4"),
+    (300, {}, "warp16"),
+    (700, {}, "block"),
+    (700, {"smem": 1024}, "long"),
+    (300, {"warp_cols": 4, "smem": 1024}, "long"),
+]
+
+
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("L,lim,tier", LN_TIERS, ids=[f"L={c[0]}-{c[2]}" for c in LN_TIERS])
+def test_layer_norm_tiers(emu, L, lim, tier, dtype, act):
+    limits(emu, per_split=50, max_blocks=3, **lim)
+    assert emu.row_tier(L, False, dtype == torch.float64) == tier or tier.startswith("warp")
+    R = 6
+    x = data((2, 3, L), dtype)
+    w, b = data((L,), torch.float32, 1) + 1, data((L,), torch.float32, 2)
+    if dtype == torch.float64:
+        w, b = w.double(), b.double()
+    y, mean, rstd = ops().layer_norm_fwd(x, [L], w, b, 1e-5, act, SLOPE)
+    ref = lambda x, w, b: activate(F.layer_norm(x, (L,), w, b, 1e-5), ACTS[act])
+    g = data(x.shape, dtype, 3)
+    yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
+    td = tol_dtype(dtype)
+    assert_close(y, yr.to(td), dtype, "output")
+    assert mean.shape == (R,) and rstd.shape == (R,)
+    dx, dw, db = ops().layer_norm_bwd(g, x, [L], mean, rstd, w, b, act, SLOPE, [True, True, True])
+    assert_close(dx, dxr.to(td), dtype, "dx")
+    assert_close(dw, dwr.to(w.dtype), w.dtype, "dweight")
+    assert_close(db, dbr.to(w.dtype), w.dtype, "dbias")
+
+
+GN_CASES = [
+    # (N, C, spatial, groups, limits)
+    (2, 4, (3, 3), 2, {}),                       # rows of 18: warp4
+    (2, 6, (7, 7), 3, {}),                       # rows of 98: warp4
+    (3, 4, (10, 10), 2, {}),                     # rows of 200: warp16
+    (2, 4, (10, 10), 1, {"warp_cols": 4}),       # rows of 400: block
+    (2, 4, (10, 10), 2, {"warp_cols": 4, "smem": 256}),  # long
+]
+
+
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("case", GN_CASES, ids=[f"C{c[1]}-G{c[3]}-{c[2][0]}x{c[2][1]}-{c[4]}" for c in GN_CASES])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm(emu, case, act, layout):
+    N, C, sp, G, lim = case
+    limits(emu, per_split=20, max_blocks=3, **lim)
+    x = data((N, C) + sp, torch.float32)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w, b = data((C,), torch.float32, 1) + 1, data((C,), torch.float32, 2)
+    y, mean, rstd = ops().group_norm_fwd(x, G, w, b, 1e-5, act, SLOPE)
+    ref = lambda x, w, b: activate(F.group_norm(x, G, w, b, 1e-5), ACTS[act])
+    g = data(x.shape, torch.float32, 3)
+    yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
+    assert_close(y, yr.float(), torch.float32, "output")
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    dx, dw, db = ops().group_norm_bwd(g, x, G, mean, rstd, w, b, act, SLOPE, [True, True, True])
+    for a, e, what in ((dx, dxr, "dx"), (dw, dwr, "dweight"), (db, dbr, "dbias")):
+        assert_close(a, e.float(), torch.float32, what)
+
+
+@pytest.mark.parametrize("act", [0, 1, 2])
+def test_instance_norm_with_running_stats(emu, act):
+    limits(emu, per_split=10)
+    x = data((3, 4, 5, 6), torch.float32)
+    w, b = data((4,), torch.float32, 1) + 1, data((4,), torch.float32, 2)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y, mean, rstd = ops().instance_norm_fwd(x, w, b, rm, rv, 0.1, 1e-5, act, SLOPE)
+    F.instance_norm(x, rm_ref, rv_ref, None, None, True, 0.1, 1e-5)
+    ref = lambda x, w, b: activate(F.instance_norm(x, None, None, w, b, True, 0.1, 1e-5), ACTS[act])
+    g = data(x.shape, torch.float32, 3)
+    yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
+    assert_close(y, yr.float(), torch.float32, "output")
+    assert_close(rm, rm_ref, torch.float32, "running_mean")
+    assert_close(rv, rv_ref, torch.float32, "running_var")
+    dx, dw, db = ops().group_norm_bwd(g, x, 4, mean, rstd, w, b, act, SLOPE, [True, True, True])
+    for a, e, what in ((dx, dxr, "dx"), (dw, dwr, "dweight"), (db, dbr, "dbias")):
+        assert_close(a, e.float(), torch.float32, what)
+
+
+def test_shared_statistics_maths_agree_with_cpu_backend(emu):
+    """The same inputs through the CPU kernels and the emulated CUDA kernels."""
+    limits(emu, per_split=9)
+    x = data((4, 3, 6, 5), torch.float32)
+    cpu = torch.ops.fusednorm.batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, 1, 0.0)
+    gpu = ops().batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, 1, 0.0)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
