@@ -172,10 +172,10 @@ __global__ void channel_reduce_nchw(Op op, const T* __restrict__ x, const T* __r
   const int split = blockIdx.y, splits = gridDim.y;
   const int64_t stride = int64_t(splits) * blockDim.y;
   typename Op::State s = Op::identity();
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t base = (n * C + c) * S;
-    for (int64_t i = int64_t(split) * blockDim.y + threadIdx.y; i < S; i += stride)
-      op.add(s, to_acc(x[base + i]), dy ? to_acc(dy[base + i]) : A(0), n, c);
+  // Over the flattened (n, s) index, so every split has work even when S is small.
+  for (int64_t j = int64_t(split) * blockDim.y + threadIdx.y; j < N * S; j += stride) {
+    const int64_t n = j / S, i = (n * C + c) * S + (j - n * S);
+    op.add(s, to_acc(x[i]), dy ? to_acc(dy[i]) : A(0), n, c);
   }
   s = reduce_over_y<typename Op::State, Op>(s);
   finish_columns(op, s, c, 1, C, splits, split, partials, tickets, c);
@@ -191,8 +191,10 @@ __global__ void channel_reduce_nhwc(Op op, const T* __restrict__ x, const T* __r
   const int split = blockIdx.y, splits = gridDim.y;
   const int64_t stride = int64_t(splits) * blockDim.y;
   typename Op::State s = Op::identity();
+  // Rows interleaved over splits (coalescing is along the columns), so every split has
+  // rows whenever M >= splits.
   if (c < C)
-    for (int64_t m = int64_t(split) * blockDim.y + threadIdx.y; m < M; m += stride)
+    for (int64_t m = split + int64_t(splits) * threadIdx.y; m < M; m += stride)
       op.add(s, to_acc(x[m * C + c]), dy ? to_acc(dy[m * C + c]) : A(0), m, c);
   s = reduce_over_y<typename Op::State, Op>(s);
   finish_columns(op, s, col0, blockDim.x, C, splits, split, partials, tickets, blockIdx.x);
