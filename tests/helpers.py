@@ -5,7 +5,14 @@ import torch.nn.functional as F
 
 import fusednorm
 
+import pytest
+
 ACTIVATIONS = [None, "relu", "leaky_relu"]
+
+NO_GPU = ("no CUDA GPU on this machine: the CUDA kernels' logic is checked on the CPU by "
+          "tests/test_cuda_emulation.py; run this suite (or python -m fusednorm.selftest) on a GPU")
+# Parity, gradcheck and opcheck suites run on each device; CUDA cases skip (visibly) without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU))]
 SLOPE = 0.2  # a leaky slope far from 0 and 1, so a wrong derivative shows
 
 
@@ -58,7 +65,7 @@ KIND_KWARGS = {k: ({"affine": True, "track_running_stats": True} if k.startswith
                for k in KINDS}
 
 
-def make_pair(kind, activation, param_dtype=torch.float32, seed=0, **kwargs):
+def make_pair(kind, activation, param_dtype=torch.float32, seed=0, device="cpu", **kwargs):
     """A fusednorm module and a torch.nn module with the same random parameters/buffers."""
     ours_cls, ref_cls, args, _ = KINDS[kind]
     kw = dict(KIND_KWARGS[kind], **kwargs)
@@ -74,18 +81,18 @@ def make_pair(kind, activation, param_dtype=torch.float32, seed=0, **kwargs):
             elif name == "running_var":
                 b.copy_((torch.rand(b.shape, generator=g, dtype=torch.float64) + 0.5).to(b.dtype))
     ref.load_state_dict(ours.state_dict())
-    return ours, ref
+    return ours.to(device), ref.to(device)
 
 
-def make_input(shape, dtype, layout, seed=1):
+def make_input(shape, dtype, layout, seed=1, device="cpu"):
     """A random input in `layout`: contiguous, channels_last or non-contiguous."""
     g = torch.Generator().manual_seed(seed)
     if layout == "noncontiguous":  # every other element of a wider tensor
         wide = list(shape[:-1]) + [shape[-1] * 2]
-        x = (torch.randn(wide, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)[..., ::2]
+        x = (torch.randn(wide, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype).to(device)[..., ::2]
         assert not x.is_contiguous()
         return x
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype).to(device)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return x

@@ -5,12 +5,24 @@ import torch
 
 import fusednorm.functional as FF
 from fusednorm import ops
-from helpers import ACTIVATIONS, SLOPE
+from helpers import ACTIVATIONS, DEVICES, SLOPE
+
+
+DEVICE = "cpu"
+
+
+@pytest.fixture(params=DEVICES, autouse=True)
+def device(request):
+    """Every test here runs once per device; rand() makes its tensors there."""
+    global DEVICE
+    DEVICE = request.param
+    yield request.param
+    DEVICE = "cpu"
 
 
 def rand(*shape, seed=0, requires_grad=True):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) + 0.3).requires_grad_(requires_grad)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) + 0.3).to(DEVICE).requires_grad_(requires_grad)
 
 
 def affine_params(c, affine):
@@ -33,7 +45,8 @@ def test_batch_norm(activation, affine, training, layout):
     if layout == "channels_last":
         x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     w, b = affine_params(shape[1], affine)
-    rm, rv = torch.zeros(shape[1], dtype=torch.float64) + 0.1, torch.ones(shape[1], dtype=torch.float64) * 0.7
+    rm = torch.zeros(shape[1], dtype=torch.float64, device=DEVICE) + 0.1
+    rv = torch.ones(shape[1], dtype=torch.float64, device=DEVICE) * 0.7
 
     def fn(x, w, b):
         return FF.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
@@ -47,7 +60,8 @@ def test_batch_norm(activation, affine, training, layout):
 def test_instance_norm(activation, affine, use_input_stats):
     x = rand(2, 3, 4)
     w, b = affine_params(3, affine)
-    rm, rv = torch.zeros(3, dtype=torch.float64) + 0.1, torch.ones(3, dtype=torch.float64) * 0.7
+    rm = torch.zeros(3, dtype=torch.float64, device=DEVICE) + 0.1
+    rv = torch.ones(3, dtype=torch.float64, device=DEVICE) * 0.7
 
     def fn(x, w, b):
         return FF.instance_norm(x, rm.clone(), rv.clone(), w, b, use_input_stats, 0.1, 1e-5,
@@ -103,6 +117,10 @@ def opcheck_cases():
         yield "in_fwd_nostats", ops.instance_norm_fwd, (xg, None, None, None, None, 0.1, 1e-5, act, 0.2)
 
 
+def _to(args, device):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
 @pytest.mark.parametrize("name,op,args", list(opcheck_cases()), ids=lambda v: v if isinstance(v, str) else "")
-def test_opcheck(name, op, args):
-    torch.library.opcheck(op, args)
+def test_opcheck(name, op, args, device):
+    torch.library.opcheck(op, _to(args, device))

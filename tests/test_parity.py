@@ -3,7 +3,7 @@ Outputs, input and parameter gradients, and running buffers after several steps.
 import pytest
 import torch
 
-from helpers import ACTIVATIONS, KINDS, activate, assert_close, layouts_for, make_input, make_pair
+from helpers import ACTIVATIONS, DEVICES, KINDS, activate, assert_close, layouts_for, make_input, make_pair
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 STEPS = 3
@@ -28,7 +28,7 @@ def run_steps(ours, ref, x, activation, dtype, train):
         yr = activate(ref(xr), ours.activation)
         assert y.dtype == x.dtype and y.shape == yr.shape
         assert_close(y, yr, dtype, f"output, step {step}")
-        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64).to(dtype)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64).to(dtype).to(x.device)
         params = [p for p in ours.parameters()]
         grads = torch.autograd.grad(y, [xi] + params, g)
         grads_ref = torch.autograd.grad(yr, [xr] + list(ref.parameters()), g.to(ref_dtype))
@@ -47,10 +47,11 @@ def run_steps(ours, ref, x, activation, dtype, train):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kind,layout", list(cases()))
-def test_module_parity(kind, layout, train, dtype, activation):
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_parity(device, kind, layout, train, dtype, activation):
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    ours, ref = make_pair(kind, activation, param_dtype)
-    x = make_input(KINDS[kind][3], dtype, layout)
+    ours, ref = make_pair(kind, activation, param_dtype, device=device)
+    x = make_input(KINDS[kind][3], dtype, layout, device=device)
     run_steps(ours, ref, x, activation, dtype, train)
 
 
@@ -70,10 +71,11 @@ def test_channels_last_output_format_matches_torch(kind, layout):
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: str(a))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_half_parameters_match_torch_half_module(kind, dtype, activation):
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_parameters_match_torch_half_module(device, kind, dtype, activation):
     """The whole module in a half type (params and buffers too) against torch.nn's in
     float32 on the same values."""
-    ours, ref = make_pair(kind, activation, dtype)
+    ours, ref = make_pair(kind, activation, dtype, device=device)
     ref = ref.float()
-    x = make_input(KINDS[kind][3], dtype, "contiguous")
+    x = make_input(KINDS[kind][3], dtype, "contiguous", device=device)
     run_steps(ours, ref, x, activation, dtype, True)

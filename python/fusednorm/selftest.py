@@ -1,0 +1,136 @@
+"""fusednorm's self-test: parity of every op with torch.nn on every available device, then
+a short speed comparison. Run it first on a new machine (especially a GPU one: this
+project's CI has no GPU and checks the CUDA kernels only under CPU emulation):
+
+    python -m fusednorm.selftest            # exits non-zero on any mismatch
+"""
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusednorm
+
+ACTS = {None: lambda y: y, "relu": F.relu, "leaky_relu": lambda y: F.leaky_relu(y, 0.1)}
+
+
+def cases():
+    """(name, fusednorm module, torch.nn module, input shape, channels_last)."""
+    yield "BatchNorm2d", lambda a: fusednorm.BatchNorm2d(16, activation=a, negative_slope=0.1), lambda: nn.BatchNorm2d(16), (8, 16, 12, 12), False
+    yield "BatchNorm2d NHWC", lambda a: fusednorm.BatchNorm2d(16, activation=a, negative_slope=0.1), lambda: nn.BatchNorm2d(16), (8, 16, 12, 12), True
+    yield "BatchNorm1d", lambda a: fusednorm.BatchNorm1d(16, activation=a, negative_slope=0.1), lambda: nn.BatchNorm1d(16), (64, 16), False
+    yield "InstanceNorm2d", lambda a: fusednorm.InstanceNorm2d(16, affine=True, activation=a, negative_slope=0.1), lambda: nn.InstanceNorm2d(16, affine=True), (8, 16, 12, 12), False
+    yield "LayerNorm(96)", lambda a: fusednorm.LayerNorm(96, activation=a, negative_slope=0.1), lambda: nn.LayerNorm(96), (64, 96), False
+    yield "LayerNorm(3000)", lambda a: fusednorm.LayerNorm(3000, activation=a, negative_slope=0.1), lambda: nn.LayerNorm(3000), (8, 3000), False
+    yield "GroupNorm(4)", lambda a: fusednorm.GroupNorm(4, 16, activation=a, negative_slope=0.1), lambda: nn.GroupNorm(4, 16), (8, 16, 12, 12), False
+    yield "GroupNorm(4) NHWC", lambda a: fusednorm.GroupNorm(4, 16, activation=a, negative_slope=0.1), lambda: nn.GroupNorm(4, 16), (8, 16, 12, 12), True
+
+
+def tolerance(dtype):
+    if dtype in (torch.float16, torch.bfloat16):
+        eps = torch.finfo(dtype).eps
+        return eps, eps
+    return 1e-4, 1e-5
+
+
+def check(name, make, make_ref, shape, cl, device, dtype, act, train):
+    torch.manual_seed(0)
+    ours = make(act).to(device).train(train)
+    ref = make_ref().to(device).train(train)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.uniform_(0.5, 1.5)
+        for n, b in ours.named_buffers():
+            if n == "running_var":
+                b.uniform_(0.5, 1.5)
+            elif n == "running_mean":
+                b.normal_(0, 0.3)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(shape, device=device) * 2 + 0.5
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    xh = x.to(dtype).requires_grad_()
+    xr = xh.detach().float().requires_grad_()
+    y = ours(xh)
+    yr = ACTS[act](ref(xr))
+    g = torch.randn_like(yr)
+    gx, *gp = torch.autograd.grad(y, [xh] + list(ours.parameters()), g.to(dtype))
+    grx, *grp = torch.autograd.grad(yr, [xr] + list(ref.parameters()), g)
+    rtol, atol = tolerance(dtype)
+    worst = 0.0
+    for a, b in [(y, yr), (gx, grx)] + list(zip(gp, grp)):
+        b = b.to(a.dtype).float()
+        scale = max(1.0, b.abs().max().item())
+        err = ((a.float() - b).abs() - rtol * b.abs()).max().item() / (atol * scale)
+        worst = max(worst, err)
+    return worst <= 1.0, worst
+
+
+def speed(device, rounds=15):
+    """fwd+bwd time of BatchNorm2d+ReLU and LayerNorm: fusednorm and torch.nn alternate
+    call by call (allocator and cache states hit both alike); medians. Indicative only:
+    bench/bench.py is the measurement."""
+    out = []
+    for name, ours, ref, shape in [
+        ("BatchNorm2d+ReLU 16x64x56x56", fusednorm.BatchNorm2d(64, activation="relu"),
+         nn.Sequential(nn.BatchNorm2d(64), nn.ReLU()), (16, 64, 56, 56)),
+        ("LayerNorm(1024) 4096 rows", fusednorm.LayerNorm(1024), nn.LayerNorm(1024), (4096, 1024)),
+    ]:
+        x = torch.randn(shape, device=device, requires_grad=True)
+        g = torch.randn(shape, device=device)
+        mods = (ours.to(device), ref.to(device))
+        times = ([], [])
+        for i in range(rounds + 3):
+            for k, m in enumerate(mods):
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                torch.autograd.grad(m(x), x, g)
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                if i >= 3:  # warm-up
+                    times[k].append(time.perf_counter() - t)
+        med = [sorted(t)[len(t) // 2] for t in times]
+        out.append((name, med[0], med[1]))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
+    args = p.parse_args(argv)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"fusednorm {fusednorm.__version__}, torch {torch.__version__}, CPU kernels: {fusednorm.cpu_isa()}, "
+          f"CUDA kernels built: {fusednorm._C.with_cuda}, GPU: "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'}")
+    print(f"{'device':6} {'case':18} {'dtype':9} {'activation':11} {'mode':5} result")
+    failures = 0
+    for device in devices:
+        dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+        for name, make, make_ref, shape, cl in cases():
+            for dtype in dtypes:
+                for act in ACTS:
+                    for train in (True, False):
+                        try:
+                            ok, worst = check(name, make, make_ref, shape, cl, device, dtype, act, train)
+                            result = "pass" if ok else f"FAIL (error {worst:.1f}x the tolerance)"
+                        except Exception as e:  # noqa: BLE001 - reported, counted as a failure
+                            ok, result = False, f"FAIL ({type(e).__name__}: {e})"
+                        failures += not ok
+                        print(f"{device:6} {name:18} {str(dtype)[6:]:9} {str(act):11} "
+                              f"{'train' if train else 'eval':5} {result}")
+    if not args.no_speed:
+        print("\nspeed (fwd+bwd, medians of a short interleaved run; indicative, see bench/bench.py):")
+        for device in devices:
+            for name, t_ours, t_ref in speed(device):
+                print(f"  {device:5} {name:30} fusednorm {t_ours * 1e3:7.2f} ms  torch.nn {t_ref * 1e3:7.2f} ms  "
+                      f"{t_ref / t_ours:5.2f}x")
+    print(f"\n{failures} mismatches" if failures else "\nall cases match torch.nn")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
