@@ -104,6 +104,7 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     # The extension is built against one torch ABI: pin the runtime torch to it.
     install_requires=[f"torch=={TORCH_VERSION}"],
-    extras_require={"test": ["pytest", "numpy"]},
+    # ninja: the CUDA-emulation tests compile a test-only extension.
+    extras_require={"test": ["pytest", "numpy", "ninja"]},
     python_requires=">=3.9",
 )
