@@ -104,7 +104,9 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     # The extension is built against one torch ABI: pin the runtime torch to it.
     install_requires=[f"torch=={TORCH_VERSION}"],
-    # ninja: the CUDA-emulation tests compile a test-only extension.
-    extras_require={"test": ["pytest", "numpy", "ninja"]},
+    # ninja: the CUDA-emulation tests compile a test-only extension; scikit-learn: the
+    # training example's bundled digits data set (its test runs a short version).
+    extras_require={"test": ["pytest", "numpy", "ninja", "scikit-learn"],
+                    "examples": ["scikit-learn", "matplotlib"]},
     python_requires=">=3.9",
 )

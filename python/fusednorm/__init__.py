@@ -5,6 +5,7 @@ the ops underneath (torch.ops.fusednorm.*)."""
 from . import functional
 from ._C import cpu_isa
 from ._ops import ops
+from .convert import convert
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "GroupNorm", "functional", "ops", "cpu_isa",
+    "LayerNorm", "GroupNorm", "functional", "ops", "cpu_isa", "convert",
 ]

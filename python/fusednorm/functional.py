@@ -23,6 +23,16 @@ def _verify_spatial_size(size):
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
 
 
+def _autocast_float32(input, weight, bias):
+    """Under CUDA autocast torch computes layer_norm and group_norm in float32 (they are on
+    autocast's float32 list) and returns float32: do the same. CPU autocast leaves norms in
+    the input's dtype, as these kernels already do."""
+    if input.is_cuda and torch.is_autocast_enabled("cuda"):
+        cast = lambda t: t.float() if t is not None else None  # noqa: E731
+        return cast(input), cast(weight), cast(bias)
+    return input, weight, bias
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01):
     """torch.nn.functional.batch_norm followed by the activation, in one fused kernel."""
@@ -51,6 +61,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, act
                negative_slope=0.01):
     """torch.nn.functional.layer_norm followed by the activation, in one fused kernel."""
     act = activation_code(activation)
+    input, weight, bias = _autocast_float32(input, weight, bias)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     return LayerNormFunction.apply(input, weight, bias, [int(s) for s in normalized_shape],
@@ -64,5 +75,6 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
+    input, weight, bias = _autocast_float32(input, weight, bias)
     return GroupNormFunction.apply(input, weight, bias, int(num_groups), float(eps), act,
                                    float(negative_slope))

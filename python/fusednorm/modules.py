@@ -49,6 +49,8 @@ class _BatchNorm(_FusedActivation):
                 exponential_average_factor = self.momentum
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
+        if self.momentum is None and self.training and self.track_running_stats:
+            return self._cumulative_average_forward(input)
         return F.batch_norm(
             input,
             self.running_mean if use_running else None,
@@ -56,6 +58,22 @@ class _BatchNorm(_FusedActivation):
             self.weight, self.bias, bn_training, exponential_average_factor, self.eps,
             activation=self.activation, negative_slope=self.negative_slope,
         )
+
+
+    def _cumulative_average_forward(self, input):
+        """momentum=None: running = running + (batch - running) / num_batches_tracked. The
+        factor stays a tensor (torch.nn's float(num_batches_tracked) is a host sync, and a
+        data-dependent value torch.compile cannot pass to an op): the kernel writes the batch
+        statistics into zeroed buffers (momentum 1) and the blend is done here."""
+        fresh_mean = torch.zeros_like(self.running_mean)
+        fresh_var = torch.zeros_like(self.running_var)
+        y = F.batch_norm(input, fresh_mean, fresh_var, self.weight, self.bias, True, 1.0, self.eps,
+                         activation=self.activation, negative_slope=self.negative_slope)
+        with torch.no_grad():
+            factor = (1.0 / self.num_batches_tracked.double())
+            self.running_mean.copy_(self.running_mean + (fresh_mean - self.running_mean) * factor)
+            self.running_var.copy_(self.running_var + (fresh_var - self.running_var) * factor)
+        return y
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):

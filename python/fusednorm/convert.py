@@ -1,0 +1,141 @@
+"""fusednorm.convert: swap a model's torch.nn normalisation layers for fusednorm's, and fuse
+a following ReLU / LeakyReLU into them.
+
+Swapping keeps every parameter and buffer object (state_dict keys and values unchanged,
+optimisers that hold the parameters keep working) and each module's training mode. Only
+modules of exactly a torch.nn norm type are swapped: SyncBatchNorm and user subclasses are
+left alone. Fusing needs the dataflow, so the model is traced with torch.fx; a norm whose
+only use is a ReLU or LeakyReLU (module, functional, torch.* or tensor method) gets that
+activation, and the activation disappears from the graph. Models that torch.fx cannot
+trace are swapped without fusing, with a warning."""
+import warnings
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import modules as fm
+
+__all__ = ["convert"]
+
+# torch.nn type -> fusednorm type (exact types only).
+SWAPS = {
+    nn.BatchNorm1d: fm.BatchNorm1d, nn.BatchNorm2d: fm.BatchNorm2d, nn.BatchNorm3d: fm.BatchNorm3d,
+    nn.InstanceNorm1d: fm.InstanceNorm1d, nn.InstanceNorm2d: fm.InstanceNorm2d,
+    nn.InstanceNorm3d: fm.InstanceNorm3d, nn.LayerNorm: fm.LayerNorm, nn.GroupNorm: fm.GroupNorm,
+}
+FUSEDNORM_TYPES = tuple(SWAPS.values())
+# Every norm (subclasses and SyncBatchNorm too) is a leaf when tracing: never traced into.
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def convert(model, *, fuse_activations=True):
+    """Return `model` with its torch.nn norms replaced by fusednorm's (in place where the
+    model is not traced; a torch.fx.GraphModule when activations were fused)."""
+    if fuse_activations and not isinstance(model, NORM_TYPES):
+        try:
+            traced = _trace(model)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means: swap only
+            warnings.warn(f"fusednorm.convert: torch.fx could not trace {type(model).__name__} "
+                          f"({type(e).__name__}: {e}); norms are swapped without fusing activations")
+        else:
+            if _fuse(traced):
+                model = traced
+    return _swap(model)
+
+
+def _swap(model):
+    """Replace every exact torch.nn norm module (including `model` itself)."""
+    if type(model) in SWAPS:
+        return _swapped(model)
+    for name, child in list(model.named_children()):
+        new = _swap(child)
+        if new is not child:
+            setattr(model, name, new)
+    return model
+
+
+def _swapped(m, activation=None, negative_slope=0.01):
+    """The fusednorm module with m's state: same parameter/buffer objects, flags and hooks."""
+    new = SWAPS[type(m)].__new__(SWAPS[type(m)])
+    state = dict(m.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        state[key] = dict(state[key])
+    new.__dict__.update(state)
+    new.activation, new.negative_slope = activation, negative_slope
+    return new
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, NORM_TYPES) or super().is_leaf_module(m, qualname)
+
+
+def _trace(model):
+    graph = _Tracer().trace(model)
+    gm = torch.fx.GraphModule(model, graph, model.__class__.__name__)
+    gm.training = model.training  # submodules keep their own modes
+    return gm
+
+
+def _activation_of(node, gm):
+    """("relu"|"leaky_relu", negative_slope) if node applies one to its first input, else None."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if type(m) is nn.ReLU:
+            return "relu", 0.01
+        if type(m) is nn.LeakyReLU:
+            return "leaky_relu", m.negative_slope
+    elif node.op == "call_function":
+        if node.target in (F.relu, torch.relu, torch.relu_, F.relu_):
+            return "relu", 0.01
+        if node.target in (F.leaky_relu, F.leaky_relu_):
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+            return ("leaky_relu", slope) if isinstance(slope, (int, float)) else None
+    elif node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "relu", 0.01
+    return None
+
+
+def _fuse(gm):
+    """Fuse activations into norm modules of gm's graph; True if any was fused."""
+    calls = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    fused = False
+    for target, nodes in calls.items():
+        norm = gm.get_submodule(target)
+        if type(norm) not in SWAPS and not isinstance(norm, FUSEDNORM_TYPES):
+            continue
+        if getattr(norm, "activation", None) is not None:
+            continue
+        # Every call of this module must feed only the same activation (a module called
+        # twice, once before a ReLU and once not, cannot take the ReLU in).
+        acts = []
+        for node in nodes:
+            users = list(node.users)
+            act = _activation_of(users[0], gm) if len(users) == 1 else None
+            if act is None or users[0].args[0] is not node:
+                break
+            acts.append((node, users[0], act))
+        if len(acts) != len(nodes) or len({a for _, _, a in acts}) != 1:
+            continue
+        activation, slope = acts[0][2]
+        new = _swapped(norm, activation, slope) if type(norm) in SWAPS else norm
+        new.activation, new.negative_slope = activation, slope
+        _set_submodule(gm, target, new)
+        for node, act_node, _ in acts:
+            act_node.replace_all_uses_with(node)
+            gm.graph.erase_node(act_node)
+        fused = True
+    if fused:
+        gm.graph.lint()
+        gm.recompile()
+    return fused
+
+
+def _set_submodule(root, target, module):
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)

@@ -1,0 +1,91 @@
+"""torch.compile (fullgraph, no graph breaks) and autocast with fusednorm modules: the
+same outputs and gradients as eager / as torch.nn under autocast."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusednorm
+from helpers import NO_GPU, assert_close
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = fusednorm.BatchNorm2d(8, activation="relu")
+        self.gn = fusednorm.GroupNorm(2, 8, activation="leaky_relu", negative_slope=0.2)
+        self.inorm = fusednorm.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.ln = fusednorm.LayerNorm(8, activation="relu")
+        self.bn1d = fusednorm.BatchNorm1d(8, momentum=None)
+
+    def forward(self, x):
+        x = self.gn(self.bn(self.conv(x)))
+        x = self.inorm(self.ln(x))  # LayerNorm over the last dim (W = 8)
+        return self.bn1d(x.flatten(2))  # (N, C, H*W)
+
+
+def step(model, x):
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    names = [n.replace("_orig_mod.", "") for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(y.square().sum(), [x] + [p for _, p in model.named_parameters()])
+    return y, dict(zip(["input"] + names, grads))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_matches_eager(train):
+    torch.manual_seed(0)
+    eager = Net().train(train)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for i in range(2):
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i))
+        y, g = step(eager, x)
+        yc, gc = step(compiled, x)
+        torch.testing.assert_close(yc, y, rtol=1e-4, atol=1e-5)
+        for name in g:
+            torch.testing.assert_close(gc[name], g[name], rtol=1e-4, atol=1e-4 * max(1.0, g[name].abs().max().item()), msg=name)
+    for (name, b), (_, bc) in zip(eager.named_buffers(), compiled_model.named_buffers()):
+        torch.testing.assert_close(bc, b, msg=name)
+
+
+def pairs():
+    """(name, fusednorm module, torch.nn norm, activation applied after the torch.nn norm)."""
+    yield "bn", fusednorm.BatchNorm2d(8, activation="relu"), nn.BatchNorm2d(8), F.relu
+    yield "in", fusednorm.InstanceNorm2d(8, affine=True), nn.InstanceNorm2d(8, affine=True), None
+    yield "ln", fusednorm.LayerNorm(6, activation="relu"), nn.LayerNorm(6), F.relu
+    yield "gn", fusednorm.GroupNorm(2, 8), nn.GroupNorm(2, 8), None
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["f32-in", "bf16-in"])
+@pytest.mark.parametrize("name,ours,ref,act", list(pairs()), ids=[p[0] for p in pairs()])
+def test_cpu_autocast_bfloat16_like_torch(name, ours, ref, act, input_dtype):
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 8, 6, 6).to(input_dtype)
+    # A conv before the norm, as in a real network: autocast makes its output bfloat16.
+    conv = nn.Conv2d(8, 8, 1)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = ours(conv(x))
+        yr = ref(conv(x))
+        yr = act(yr) if act else yr
+    assert y.dtype == yr.dtype
+    assert_close(y.float(), yr.float(), y.dtype, "output under autocast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("name,ours,ref,act", list(pairs()), ids=[p[0] for p in pairs()])
+def test_cuda_autocast_like_torch(name, ours, ref, act, dtype):
+    ours, ref = ours.cuda(), ref.cuda()
+    ref.load_state_dict(ours.state_dict())
+    conv = nn.Conv2d(8, 8, 1).cuda()
+    x = torch.randn(4, 8, 6, 6, device="cuda")
+    with torch.autocast("cuda", dtype):
+        y = ours(conv(x))
+        yr = ref(conv(x))
+        yr = act(yr) if act else yr
+    assert y.dtype == yr.dtype  # float32 for LayerNorm/GroupNorm (autocast's float32 list)
+    assert_close(y.float(), yr.float(), dtype, "output under autocast")

@@ -1,0 +1,180 @@
+"""fusednorm.convert on models written the usual ways: torch.nn norms swapped (same
+parameters and buffers, state_dict unchanged, training modes kept), a norm feeding only a
+ReLU/LeakyReLU fused with it, residual additions and shared uses left alone, untraceable
+models swapped with a warning; the converted model computes what the original did."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusednorm
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, written out (no torchvision dependency)."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)  # reused twice, as torchvision does
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.LeakyReLU(0.2))
+        self.inorm = nn.InstanceNorm2d(8, affine=True)
+        self.ln = nn.LayerNorm(8)
+        self.bn1d = nn.BatchNorm1d(8)
+        self.shared = nn.BatchNorm2d(8)  # feeds a ReLU and something else: not fusible
+
+    def forward(self, x):
+        x = self.seq(x)
+        x = F.relu(self.inorm(x))
+        s = self.shared(x)
+        x = torch.relu(s) + s
+        v = x.mean((2, 3))
+        v = self.ln(v).relu()
+        return F.leaky_relu(self.bn1d(v), negative_slope=0.3)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return self.relu(self.bn(x))
+        return self.bn(x)
+
+
+def run(model, x, train):
+    model.train(train)
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    names = sorted(n for n, _ in model.named_parameters())
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(y, [x] + [params[n] for n in names], g)
+    return y, dict(zip(["input"] + names, grads))
+
+
+def assert_same_function(original, converted, x):
+    for train in (True, False):
+        y, g = run(original, x, train)
+        yc, gc = run(converted, x, train)
+        torch.testing.assert_close(yc, y, rtol=1e-4, atol=1e-5)
+        assert g.keys() == gc.keys()
+        # Whole-model gradients sum thousands of float32 products: float32's 1e-4 relative
+        # to each gradient's magnitude.
+        for name in g:
+            a, b = gc[name], g[name]
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()), msg=name)
+    sd, sdc = original.state_dict(), converted.state_dict()
+    assert sorted(sd) == sorted(sdc)
+    for k in sd:
+        torch.testing.assert_close(sdc[k], sd[k])
+
+
+def norms(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))}
+
+
+def test_resnet_basic_block():
+    torch.manual_seed(0)
+    block = nn.Sequential(BasicBlock(4, 8, stride=2), BasicBlock(8, 8))
+    original = copy.deepcopy(block)
+    keys = list(block.state_dict())
+    converted = fusednorm.convert(block)
+    assert list(converted.state_dict()) == keys
+    found = norms(converted)
+    assert all(type(m).__module__ == "fusednorm.modules" for m in found.values())
+    assert found["0.bn1"].activation == "relu" and found["1.bn1"].activation == "relu"
+    # bn2 feeds the residual addition; the downsample BN feeds it too: not fused.
+    assert found["0.bn2"].activation is None and found["1.bn2"].activation is None
+    assert found["0.downsample.1"].activation is None
+    assert_same_function(original, converted, torch.randn(2, 4, 8, 8))
+
+
+def test_mixed_functional_and_method_activations():
+    torch.manual_seed(0)
+    model = Mixed()
+    original = copy.deepcopy(model)
+    converted = fusednorm.convert(model)
+    found = norms(converted)
+    assert found["seq.1"].activation == "leaky_relu" and found["seq.1"].negative_slope == 0.2
+    assert found["inorm"].activation == "relu"
+    assert found["ln"].activation == "relu"
+    assert found["bn1d"].activation == "leaky_relu" and found["bn1d"].negative_slope == 0.3
+    assert found["shared"].activation is None
+    assert_same_function(original, converted, torch.randn(4, 3, 10, 10))
+
+
+def test_parameters_are_the_same_objects_and_modes_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    model[1].eval()  # a frozen BN inside a training model
+    weight, running_mean = model[1].weight, model[1].running_mean
+    converted = fusednorm.convert(model)
+    bn = norms(converted)["1"]
+    assert bn.weight is weight and bn.running_mean is running_mean
+    assert not bn.training and converted.training
+
+
+def test_swap_only_without_fusing():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    converted = fusednorm.convert(model, fuse_activations=False)
+    assert converted is model and isinstance(model[1], fusednorm.BatchNorm2d)
+    assert model[1].activation is None and isinstance(model[2], nn.ReLU)
+
+
+def test_sync_batchnorm_and_subclasses_left_alone():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(nn.SyncBatchNorm(4), nn.ReLU(), MyBN(4), nn.ReLU())
+    converted = fusednorm.convert(model)
+    kinds = [type(m) for m in converted.modules()]
+    assert nn.SyncBatchNorm in kinds and MyBN in kinds
+    assert not any(isinstance(m, fusednorm.BatchNorm2d) for m in converted.modules())
+
+
+def test_untraceable_model_is_swapped_with_a_warning():
+    model = Untraceable()
+    original = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="could not trace"):
+        converted = fusednorm.convert(model)
+    assert isinstance(converted.bn, fusednorm.BatchNorm2d) and converted.bn.activation is None
+    x = torch.rand(2, 4, 3, 3) + 0.1
+    assert_same_function(original, converted, x)
+
+
+def test_a_norm_module_alone():
+    bn = nn.BatchNorm2d(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = fusednorm.convert(bn)
+    assert isinstance(converted, fusednorm.BatchNorm2d)
