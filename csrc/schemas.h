@@ -12,6 +12,9 @@ inline void define_schemas(torch::Library& m) {
       "batch_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps, int activation, "
       "float negative_slope) -> (Tensor, Tensor, Tensor)");
+  // Per-channel batch statistics only: mean and M2 = sum((x - mean)^2) (SyncBatchNorm
+  // merges them across processes).
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
   m.def(
       "batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
       "Tensor rstd, bool training, int activation, float negative_slope, bool[3] output_mask) "

@@ -140,6 +140,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
   return {y, mean_t, rstd_t};
 }
 
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
+  check_bn_args(input, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt);
+  const BnLayout l = bn_layout(input);
+  at::Tensor mean_t = at::zeros({l.C}, input.options().dtype(acc_dtype(input)));
+  at::Tensor m2_t = at::zeros({l.C}, input.options().dtype(acc_dtype(input)));
+  if (l.N * l.S == 0) return {mean_t, m2_t};
+  dispatch_storage(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    std::vector<A> mean(l.C), m2(l.C);
+    channel_moments<T, A>(l, mean, m2);
+    std::copy(mean.begin(), mean.end(), mean_t.data_ptr<A>());
+    std::copy(m2.begin(), m2.end(), m2_t.data_ptr<A>());
+  });
+  return {mean_t, m2_t};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean_t, const at::Tensor& rstd_t,
@@ -245,6 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
 TORCH_LIBRARY_IMPL(fusednorm, CPU, m) {
   m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
   m.impl("batch_norm_bwd", &batch_norm_bwd_cpu);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
 }
 
 }  // namespace cpu

@@ -61,6 +61,30 @@ void run_channel_reduce(const ChannelPlan& plan, const Op& op, const at::Tensor&
 }
 
 // ---- BatchNorm ----------------------------------------------------------------------------
+// Per-channel (mean, M2, rstd) of a non-empty batch, with a grid-level reduction.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_moments(const BnLayout& l, double eps) {
+  const auto acc = l.x.options().dtype(acc_dtype(l.x));
+  at::Tensor mean = at::empty({l.C}, acc), m2 = at::empty({l.C}, acc), rstd = at::empty({l.C}, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.x.scalar_type(), "channel_moments", [&] {
+    using A = typename Acc<scalar_t>::type;
+    MomentsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(m2), A(eps)};
+    run_channel_reduce<scalar_t>(plan_channels(l.cols, l.N, l.C, l.S), op, l.x, nullptr);
+  });
+  return {mean, m2, rstd};
+}
+
+inline std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
+  check_bn_args(input, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt);
+  FN_DEVICE_GUARD(input);
+  const BnLayout l = bn_layout(input);
+  if (l.N * l.S == 0) {
+    const auto acc = input.options().dtype(acc_dtype(input));
+    return {at::zeros({l.C}, acc), at::zeros({l.C}, acc)};
+  }
+  auto [mean, m2, rstd] = channel_moments(l, 0.0);
+  return {mean, m2};
+}
+
 inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                                   const c10::optional<at::Tensor>& bias,
                                   const c10::optional<at::Tensor>& running_mean,
@@ -83,16 +107,10 @@ inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<a
     mean = at::zeros({C}, acc);
     rstd = at::full({C}, 1.0 / std::sqrt(eps), acc);
   } else {
-    mean = at::empty({C}, acc);
-    rstd = at::empty({C}, acc);
-    at::Tensor var_unbiased = at::empty({C}, acc);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_fwd", [&] {
-      using A = typename Acc<scalar_t>::type;
-      MomentsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(var_unbiased), A(eps)};
-      run_channel_reduce<scalar_t>(plan_channels(l.cols, l.N, C, l.S), op, l.x, nullptr);
-    });
+    at::Tensor m2;
+    std::tie(mean, m2, rstd) = channel_moments(l, eps);
     update_running(running_mean, mean, momentum);
-    update_running(running_var, var_unbiased, momentum);
+    update_running(running_var, m2 / double(M - 1), momentum);
   }
   if (M > 0) {
     const at::Tensor alpha = rstd * gamma, shift = beta - mean * alpha;
@@ -304,6 +322,7 @@ inline TensorList3 group_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_LIBRARY_IMPL(ns, key, m) {                            \
     m.impl("batch_norm_fwd", &fusednorm::cuda::batch_norm_fwd); \
     m.impl("batch_norm_bwd", &fusednorm::cuda::batch_norm_bwd); \
+    m.impl("batch_norm_stats", &fusednorm::cuda::batch_norm_stats); \
     m.impl("layer_norm_fwd", &fusednorm::cuda::layer_norm_fwd); \
     m.impl("layer_norm_bwd", &fusednorm::cuda::layer_norm_bwd); \
     m.impl("group_norm_fwd", &fusednorm::cuda::group_norm_fwd); \

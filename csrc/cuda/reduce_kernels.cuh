@@ -33,7 +33,7 @@ struct MomentsOp {
   using State = Vec<A, 3>;
   A* mean;            // [C] out
   A* rstd;            // [C] out
-  A* var_unbiased;    // [C] out, for the running variance
+  A* m2;              // [C] out: sum((x - mean)^2)
   A eps;
   __device__ __forceinline__ static State identity() { return {{A(0), A(0), A(0)}}; }
   __device__ __forceinline__ void add(State& s, A x, A, int64_t, int64_t) const {
@@ -49,7 +49,7 @@ struct MomentsOp {
   __device__ __forceinline__ void finalize(int64_t c, State s) const {
     mean[c] = s.v[1];
     rstd[c] = rstd_from_m2<A>(s.v[2], s.v[0], eps);
-    var_unbiased[c] = s.v[0] > A(1) ? s.v[2] / (s.v[0] - A(1)) : A(NAN);
+    m2[c] = s.v[2];
   }
 };
 

@@ -6,6 +6,7 @@ from . import functional
 from ._C import cpu_isa
 from ._ops import ops
 from .convert import convert
+from .sync_batchnorm import SyncBatchNorm
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "GroupNorm", "functional", "ops", "cpu_isa", "convert",
+    "LayerNorm", "GroupNorm", "SyncBatchNorm", "functional", "ops", "cpu_isa", "convert",
 ]

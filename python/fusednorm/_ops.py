@@ -32,6 +32,12 @@ def _(x, weight, bias, running_mean, running_var, training, momentum, eps, act, 
     return _like_keeping_channels_last(x), x.new_empty((c,), dtype=_stat_dtype(x)), x.new_empty((c,), dtype=_stat_dtype(x))
 
 
+@torch.library.register_fake("fusednorm::batch_norm_stats")
+def _(x):
+    c = x.shape[1]
+    return x.new_empty((c,), dtype=_stat_dtype(x)), x.new_empty((c,), dtype=_stat_dtype(x))
+
+
 @torch.library.register_fake("fusednorm::batch_norm_bwd")
 def _(dy, x, weight, bias, mean, rstd, training, act, slope, mask):
     dx = _like_keeping_channels_last(x) if mask[0] else x.new_empty((0,))

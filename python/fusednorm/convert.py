@@ -30,9 +30,13 @@ FUSEDNORM_TYPES = tuple(SWAPS.values())
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
-def convert(model, *, fuse_activations=True):
+def convert(model, *, fuse_activations=True, sync=False):
     """Return `model` with its torch.nn norms replaced by fusednorm's (in place where the
-    model is not traced; a torch.fx.GraphModule when activations were fused)."""
+    model is not traced; a torch.fx.GraphModule when activations were fused). sync=True
+    also turns torch.nn.SyncBatchNorm into fusednorm.SyncBatchNorm."""
+    if sync:
+        from .sync_batchnorm import SyncBatchNorm
+        model = _swap(model, {nn.SyncBatchNorm: SyncBatchNorm})
     if fuse_activations and not isinstance(model, NORM_TYPES):
         try:
             traced = _trace(model)
@@ -45,20 +49,22 @@ def convert(model, *, fuse_activations=True):
     return _swap(model)
 
 
-def _swap(model):
-    """Replace every exact torch.nn norm module (including `model` itself)."""
-    if type(model) in SWAPS:
-        return _swapped(model)
+def _swap(model, swaps=None):
+    """Replace every module of exactly a type in `swaps` (default SWAPS), `model` included."""
+    swaps = SWAPS if swaps is None else swaps
+    if type(model) in swaps:
+        return _swapped(model, cls=swaps[type(model)])
     for name, child in list(model.named_children()):
-        new = _swap(child)
+        new = _swap(child, swaps)
         if new is not child:
             setattr(model, name, new)
     return model
 
 
-def _swapped(m, activation=None, negative_slope=0.01):
+def _swapped(m, activation=None, negative_slope=0.01, cls=None):
     """The fusednorm module with m's state: same parameter/buffer objects, flags and hooks."""
-    new = SWAPS[type(m)].__new__(SWAPS[type(m)])
+    cls = cls or SWAPS[type(m)]
+    new = cls.__new__(cls)
     state = dict(m.__dict__)
     for key in ("_parameters", "_buffers", "_modules"):
         state[key] = dict(state[key])
