@@ -240,6 +240,49 @@ def per_call_overhead(min_run_time):
     return out
 
 
+def _sync_rank(rank, world, port, shape, rounds, queue):
+    """One rank of the distributed case: fwd+bwd step time of SyncBatchNorm (statistics
+    synchronised over gloo) and of local BatchNorm on the same local batch."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    x = torch.randn(shape, requires_grad=True)
+    g = torch.randn(shape)
+    mods = {"fusednorm.SyncBatchNorm+relu": fusednorm.SyncBatchNorm(shape[1], activation="relu"),
+            "fusednorm.BatchNorm2d+relu (local)": fusednorm.BatchNorm2d(shape[1], activation="relu"),
+            "torch.nn.BatchNorm2d+ReLU (local)": nn.Sequential(nn.BatchNorm2d(shape[1]), nn.ReLU())}
+    times = {k: [] for k in mods}
+    for i in range(rounds + 3):
+        for k, m in mods.items():
+            dist.barrier()
+            t = time.perf_counter()
+            torch.autograd.grad(m(x), [x] + list(m.parameters()), g)
+            if i >= 3:
+                times[k].append(time.perf_counter() - t)
+    if rank == 0:
+        queue.put({k: sorted(v)[len(v) // 2] for k, v in times.items()})
+    dist.destroy_process_group()
+
+
+def sync_case(shape=(16, 64, 28, 28), world=2, rounds=20):
+    """Median step times on rank 0 of `world` gloo processes (one thread each)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_sync_rank, args=(r, world, port, shape, rounds, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    result = queue.get(timeout=300)
+    for p in procs:
+        p.join(timeout=60)
+    return result
+
+
 def fmt_ratio(v):
     return "—" if v is None else f"{v:.2f}×"
 
@@ -295,6 +338,7 @@ def main(argv=None):
     p.add_argument("--filter", default="", help="only cases whose name contains this")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
+    p.add_argument("--no-sync", action="store_true", help="skip the distributed (2 gloo ranks) case")
     p.add_argument("--steady-malloc", action="store_true",
                    help="keep freed memory (no page faults on new tensors): kernel-only timings")
     p.add_argument("--json", help="write the results as JSON")
@@ -330,12 +374,21 @@ def main(argv=None):
     if args.full:
         print()
         print(crossover_report(rows))
+    sync = None
+    if not args.no_sync and not args.filter:
+        sync = sync_case()
+        base = sync["torch.nn.BatchNorm2d+ReLU (local)"]
+        print("\nDistributed: 2 gloo processes on this CPU (1 thread each), local batch 16x64x28x28, "
+              "fwd+bwd step (median on rank 0):")
+        print("| implementation | step | vs torch.nn local |\n|---|---:|---:|")
+        for k, v in sync.items():
+            print(f"| {k} | {v * 1e3:.2f} ms | {base / v:.2f}× |")
     slower = [r["case"] for r in rows if r["speedup_vs_eager"] < 1 or (r["speedup_vs_compile"] or 2) < 1]
     print(f"\n{len(rows)} cases in {time.time() - start:.0f} s; slower than eager or compile: "
           f"{', '.join(slower) if slower else 'none'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "overhead": overhead, "rows": rows}, f, indent=1)
+            json.dump({"header": header, "overhead": overhead, "rows": rows, "sync": sync}, f, indent=1)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
