@@ -215,3 +215,16 @@ def test_shared_statistics_maths_agree_with_cpu_backend(emu):
     gpu = ops().batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, 1, 0.0)
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_batch_norm_stats(emu, layout):
+    """SyncBatchNorm's local statistics: mean and M2 per channel, multi-block reduction."""
+    limits(emu, per_split=3)
+    x = data((5, 3, 4, 3), torch.float32)
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    mean, m2 = ops().batch_norm_stats(x)
+    flat = x.double().transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(mean.double(), flat.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m2.double(), flat.var(1, unbiased=False) * flat.shape[1], rtol=1e-5, atol=1e-5)

@@ -197,3 +197,14 @@ def test_threads_give_consistent_results():
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_stats_op(layout):
+    x = make_input((6, 4, 5, 3), torch.float32, layout)
+    mean, m2 = fusednorm.ops.batch_norm_stats(x)
+    flat = x.double().transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(mean.double(), flat.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m2.double(), flat.var(1, unbiased=False) * flat.shape[1], rtol=1e-5, atol=1e-5)
+    empty_mean, empty_m2 = fusednorm.ops.batch_norm_stats(torch.randn(0, 4, 2, 2))
+    assert torch.equal(empty_mean, torch.zeros(4)) and torch.equal(empty_m2, torch.zeros(4))

@@ -100,6 +100,7 @@ def opcheck_cases():
     xcl = x.to(memory_format=torch.channels_last)
     for act in (0, 1, 2):
         for xi in (x, xcl):
+            yield "bn_stats", ops.batch_norm_stats, (xi,)
             yield "bn_fwd_train", ops.batch_norm_fwd, (xi, w, b, torch.zeros(c), torch.ones(c), True, 0.1, 1e-5, act, 0.2)
             yield "bn_fwd_eval", ops.batch_norm_fwd, (xi, w, b, torch.zeros(c), torch.ones(c), False, 0.1, 1e-5, act, 0.2)
             mean, rstd = torch.randn(c), torch.rand(c) + 0.5
