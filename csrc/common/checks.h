@@ -124,4 +124,18 @@ inline GnShape check_group_norm(const at::Tensor& input, int64_t G,
   return s;
 }
 
+// InstanceNorm (GroupNorm with one group per channel, plus running statistics).
+inline GnShape check_instance_norm(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                   const c10::optional<at::Tensor>& bias,
+                                   const c10::optional<at::Tensor>& running_mean,
+                                   const c10::optional<at::Tensor>& running_var) {
+  check_input_dtype_not_implemented(input, "instance_norm");
+  TORCH_CHECK(input.dim() >= 2, "instance_norm: expected at least 2D input (got ", input.dim(),
+              "D input)");
+  const int64_t C = input.size(1);
+  check_param(running_mean, input, "running_mean", C, "instance_norm");
+  check_param(running_var, input, "running_var", C, "instance_norm");
+  return check_group_norm(input, C, weight, bias, "instance_norm");
+}
+
 }  // namespace fusednorm

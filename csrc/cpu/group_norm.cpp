@@ -192,13 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_fwd_cpu(
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, double momentum, double eps, int64_t act,
     double slope) {
-  check_input_dtype_not_implemented(input, "instance_norm");
-  TORCH_CHECK(input.dim() >= 2, "instance_norm: expected at least 2D input (got ", input.dim(),
-              "D input)");
-  const int64_t C = input.size(1);
-  check_param(running_mean, input, "running_mean", C, "instance_norm");
-  check_param(running_var, input, "running_var", C, "instance_norm");
-  const GnShape s = check_group_norm(input, C, weight, bias, "instance_norm");
+  const GnShape s = check_instance_norm(input, weight, bias, running_mean, running_var);
+  const int64_t C = s.C;
   const bool update = has(running_mean) || has(running_var);
   std::vector<double> m2;
   // torch.nn.InstanceNorm returns a contiguous output whatever the input's layout.
