@@ -80,10 +80,10 @@ def data(sizes, C=3, spatial=(4, 5), seed=0, channels_last=False):
     return full, grad
 
 
-def _sync_step(rank, world, sizes, activation, channels_last):
+def _sync_step(rank, world, sizes, activation, channels_last, dtype=torch.float32):
     full, grad = data(sizes)
     lo = sum(sizes[:rank])
-    x = full[lo:lo + sizes[rank]].clone()
+    x = full[lo:lo + sizes[rank]].clone().to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -96,7 +96,7 @@ def _sync_step(rank, world, sizes, activation, channels_last):
     ys = []
     for _ in range(2):
         y = m(x)
-        (gx, gw, gb) = torch.autograd.grad(y, [x, m.weight, m.bias], grad[lo:lo + sizes[rank]])
+        (gx, gw, gb) = torch.autograd.grad(y, [x, m.weight, m.bias], grad[lo:lo + sizes[rank]].to(dtype))
         ys.append(y.detach())
     restore()
     gw_sum, gb_sum = gw.clone(), gb.clone()
@@ -134,6 +134,33 @@ def test_sync_matches_full_batch(world, sizes, activation):
         assert r["nbt"].item() == 2
         # 2 steps: one all_gather per forward, one all_reduce per backward.
         assert r["counts"] == {"all_gather": 2, "all_reduce": 2}
+        lo = hi
+
+
+def test_bfloat16_input_float32_statistics():
+    """bfloat16 activations, float32 parameters and statistics: against float32 BatchNorm on
+    the same (rounded) values, to bfloat16's precision."""
+    sizes = [3, 4]
+    results = run_ranks(_sync_step, 2, sizes, "relu", False, torch.bfloat16)
+    full, grad = data(sizes)
+    full, grad = full.bfloat16().float(), grad.bfloat16().float()
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    xr = full.clone().requires_grad_()
+    for _ in range(2):
+        yr = F.relu(ref(xr))
+        (gxr,) = torch.autograd.grad(yr, [xr], grad)
+    eps = torch.finfo(torch.bfloat16).eps
+    lo = 0
+    for rank, r in enumerate(results):
+        hi = lo + sizes[rank]
+        assert r["y"].dtype == torch.bfloat16 and r["rm"].dtype == torch.float32
+        torch.testing.assert_close(r["y"].float(), yr[lo:hi].detach(), rtol=eps, atol=eps)
+        torch.testing.assert_close(r["gx"].float(), gxr[lo:hi], rtol=eps, atol=eps * gxr.abs().max().item())
+        torch.testing.assert_close(r["rm"], ref.running_mean, rtol=1e-5, atol=1e-6)
         lo = hi
 
 
