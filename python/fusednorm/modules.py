@@ -40,17 +40,13 @@ class _BatchNorm(_FusedActivation):
     def forward(self, input):
         self._check_input_dim(input)
         # As torch.nn.modules.batchnorm._BatchNorm.forward.
-        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-            else:
-                exponential_average_factor = self.momentum
+                return self._cumulative_average_forward(input)
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        if self.momentum is None and self.training and self.track_running_stats:
-            return self._cumulative_average_forward(input)
         return F.batch_norm(
             input,
             self.running_mean if use_running else None,
@@ -58,7 +54,6 @@ class _BatchNorm(_FusedActivation):
             self.weight, self.bias, bn_training, exponential_average_factor, self.eps,
             activation=self.activation, negative_slope=self.negative_slope,
         )
-
 
     def _cumulative_average_forward(self, input):
         """momentum=None: running = running + (batch - running) / num_batches_tracked. The
