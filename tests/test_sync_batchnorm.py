@@ -80,6 +80,25 @@ def data(sizes, C=3, spatial=(4, 5), seed=0, channels_last=False):
     return full, grad
 
 
+def seeded_affine(m):
+    """The same weight and bias in every process and in the single-process reference."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.5, 0.5)
+    return m
+
+
+def reference(full, grad, act, steps=2):
+    """BatchNorm2d(+act) on the full batch for `steps` steps: y, dx, dweight, dbias, module."""
+    ref = seeded_affine(nn.BatchNorm2d(3))
+    xr = full.clone().requires_grad_()
+    for _ in range(steps):
+        yr = act(ref(xr))
+        gxr, gwr, gbr = torch.autograd.grad(yr, [xr, ref.weight, ref.bias], grad)
+    return yr.detach(), gxr, gwr, gbr, ref
+
+
 def _sync_step(rank, world, sizes, activation, channels_last, dtype=torch.float32):
     full, grad = data(sizes)
     lo = sum(sizes[:rank])
@@ -87,11 +106,7 @@ def _sync_step(rank, world, sizes, activation, channels_last, dtype=torch.float3
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
-    torch.manual_seed(0)
-    m = fusednorm.SyncBatchNorm(3, activation=activation, negative_slope=0.2)
-    with torch.no_grad():
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.uniform_(-0.5, 0.5)
+    m = seeded_affine(fusednorm.SyncBatchNorm(3, activation=activation, negative_slope=0.2))
     counts, restore = count_collectives()
     ys = []
     for _ in range(2):
@@ -112,20 +127,12 @@ def _sync_step(rank, world, sizes, activation, channels_last, dtype=torch.float3
 def test_sync_matches_full_batch(world, sizes, activation):
     results = run_ranks(_sync_step, world, sizes, activation, False)
     full, grad = data(sizes)
-    torch.manual_seed(0)
-    ref = nn.BatchNorm2d(3)
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 1.5)
-        ref.bias.uniform_(-0.5, 0.5)
-    xr = full.clone().requires_grad_()
     act = {None: lambda t: t, "relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, 0.2)}[activation]
-    for _ in range(2):
-        yr = act(ref(xr))
-        gxr, gwr, gbr = torch.autograd.grad(yr, [xr, ref.weight, ref.bias], grad)
+    yr, gxr, gwr, gbr, ref = reference(full, grad, act)
     lo = 0
     for rank, r in enumerate(results):
         hi = lo + sizes[rank]
-        torch.testing.assert_close(r["y"], yr[lo:hi].detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r["y"], yr[lo:hi], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(r["gx"], gxr[lo:hi], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(r["gw"], gwr, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(r["gb"], gbr, rtol=1e-4, atol=1e-4)
@@ -144,21 +151,13 @@ def test_bfloat16_input_float32_statistics():
     results = run_ranks(_sync_step, 2, sizes, "relu", False, torch.bfloat16)
     full, grad = data(sizes)
     full, grad = full.bfloat16().float(), grad.bfloat16().float()
-    torch.manual_seed(0)
-    ref = nn.BatchNorm2d(3)
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 1.5)
-        ref.bias.uniform_(-0.5, 0.5)
-    xr = full.clone().requires_grad_()
-    for _ in range(2):
-        yr = F.relu(ref(xr))
-        (gxr,) = torch.autograd.grad(yr, [xr], grad)
+    yr, gxr, _, _, ref = reference(full, grad, F.relu)
     eps = torch.finfo(torch.bfloat16).eps
     lo = 0
     for rank, r in enumerate(results):
         hi = lo + sizes[rank]
         assert r["y"].dtype == torch.bfloat16 and r["rm"].dtype == torch.float32
-        torch.testing.assert_close(r["y"].float(), yr[lo:hi].detach(), rtol=eps, atol=eps)
+        torch.testing.assert_close(r["y"].float(), yr[lo:hi], rtol=eps, atol=eps)
         torch.testing.assert_close(r["gx"].float(), gxr[lo:hi], rtol=eps, atol=eps * gxr.abs().max().item())
         torch.testing.assert_close(r["rm"], ref.running_mean, rtol=1e-5, atol=1e-6)
         lo = hi
