@@ -1,6 +1,8 @@
 """Edge cases against torch.nn: N=1, spatial size 1, empty batches, C=1, groups=1 and
 groups=C, momentum=None, track_running_stats=False, affine=False, unbatched input, NaN and
 inf, meta tensors, large rows that span several kernel chunks."""
+import copy
+
 import pytest
 import torch
 
@@ -208,3 +210,22 @@ def test_batch_norm_stats_op(layout):
     torch.testing.assert_close(m2.double(), flat.var(1, unbiased=False) * flat.shape[1], rtol=1e-5, atol=1e-5)
     empty_mean, empty_m2 = fusednorm.ops.batch_norm_stats(torch.randn(0, 4, 2, 2))
     assert torch.equal(empty_mean, torch.zeros(4)) and torch.equal(empty_m2, torch.zeros(4))
+
+
+@pytest.mark.parametrize("kind", ["bn", "ln", "in"])
+def test_float32_accuracy_no_worse_than_torch(kind):
+    """Against a float64 reference, on long rows whose mean is far larger than their spread
+    (where the error of the mean matters most): fusednorm's float32 error stays within
+    twice torch.nn's float32 error. A one-pass lane-Welford variant of the row statistics
+    measured 2.8x here for InstanceNorm and was not kept."""
+    g = torch.Generator().manual_seed(0)
+    x64 = 30 + 0.05 * torch.randn(4, 8, 128, 128, generator=g, dtype=torch.float64)
+    ours, ref = {
+        "bn": lambda: (fusednorm.BatchNorm2d(8), torch.nn.BatchNorm2d(8)),
+        "ln": lambda: (fusednorm.LayerNorm(128), torch.nn.LayerNorm(128)),
+        "in": lambda: (fusednorm.InstanceNorm2d(8), torch.nn.InstanceNorm2d(8)),
+    }[kind]()
+    exact = copy.deepcopy(ref).double()(x64)
+    err_ours = (ours(x64.float()).double() - exact).abs().max().item()
+    err_torch = (ref(x64.float()).double() - exact).abs().max().item()
+    assert err_ours <= 2 * err_torch, (err_ours, err_torch)
