@@ -32,11 +32,11 @@ void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2
       cnt[ch] = A(e - b);
     });
     for (int64_t c = 0; c < C; ++c) {
-      Moments<A> acc{0, 0, 0};
+      Moments<double> acc{0, 0, 0};  // merged in double, as the kernels merge their chunks
       for (int64_t ch = 0; ch < chunks; ++ch)
-        acc = merge(acc, Moments<A>{cnt[ch], pm[ch * C + c], pq[ch * C + c]});
-      mean[c] = acc.mean;
-      m2[c] = acc.m2;
+        acc = merge(acc, Moments<double>{double(cnt[ch]), double(pm[ch * C + c]), double(pq[ch * C + c])});
+      mean[c] = A(acc.mean);
+      m2[c] = A(acc.m2);
     }
   } else {
     const int64_t R = l.N * C, S = l.S;
@@ -46,11 +46,11 @@ void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2
                       k.moments_rows(x + b * S, e - b, S, &rm[b], &rq[b]);
                     });
     for (int64_t c = 0; c < C; ++c) {
-      Moments<A> acc{0, 0, 0};
+      Moments<double> acc{0, 0, 0};  // merged in double, as the kernels merge their chunks
       for (int64_t n = 0; n < l.N; ++n)
-        acc = merge(acc, Moments<A>{A(S), rm[n * C + c], rq[n * C + c]});
-      mean[c] = acc.mean;
-      m2[c] = acc.m2;
+        acc = merge(acc, Moments<double>{double(S), double(rm[n * C + c]), double(rq[n * C + c])});
+      mean[c] = A(acc.mean);
+      m2[c] = A(acc.m2);
     }
   }
 }
