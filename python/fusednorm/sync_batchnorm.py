@@ -10,7 +10,6 @@ local, as torch.nn.SyncBatchNorm's: DistributedDataParallel's all-reduce combine
 import torch
 import torch.distributed as dist
 
-from . import functional as F
 from ._activation import activation_code
 from ._ops import ops
 from .modules import _BatchNorm
