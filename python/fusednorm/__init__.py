@@ -1,10 +1,12 @@
 """fusednorm: fused normalisation (+ activation) kernels for PyTorch.
 
 Drop-in modules (fusednorm.BatchNorm2d, ...), a functional API (fusednorm.functional) and
-the ops underneath (torch.ops.fusednorm.*)."""
+the ops underneath (torch.ops.fusednorm.*; torch.ops.fusednorm_triton.* for the Triton
+backend, chosen with fusednorm.set_backend / fusednorm.use_backend)."""
 from . import functional
 from ._C import cpu_isa
 from ._ops import ops
+from .backend import get_backend, set_backend, use_backend
 from .convert import convert
 from .sync_batchnorm import SyncBatchNorm
 from .modules import (
@@ -24,4 +26,5 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "GroupNorm", "SyncBatchNorm", "functional", "ops", "cpu_isa", "convert",
+    "set_backend", "use_backend", "get_backend",
 ]

@@ -1,10 +1,11 @@
 """torch.autograd.Function wrappers over the fusednorm ops: forward calls the *_fwd op and
-saves what its backward op needs; backward calls the *_bwd op. No torch normalisation
-kernel is called on this path."""
+saves what its backward op needs; backward calls the *_bwd op of the same backend
+(backend.ops_for picks torch.ops.fusednorm or torch.ops.fusednorm_triton). No torch
+normalisation kernel is called on this path."""
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._ops import ops
+from .backend import ops_for
 
 
 def _grad_mask(ctx, weight, bias):
@@ -23,7 +24,8 @@ def _grads(mask, dx, dw, db, n_other):
 class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
-        y, mean, rstd = ops.batch_norm_fwd(
+        ctx.ops = ops_for(x)
+        y, mean, rstd = ctx.ops.batch_norm_fwd(
             x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope
         )
         ctx.save_for_backward(x, weight, bias, mean, rstd)
@@ -35,7 +37,7 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
-        dx, dw, db = ops.batch_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.training, ctx.act, ctx.slope, mask)
+        dx, dw, db = ctx.ops.batch_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.training, ctx.act, ctx.slope, mask)
         return _grads(mask, dx, dw, db, 7)
 
 
@@ -44,7 +46,8 @@ class InstanceNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
-        y, mean, rstd = ops.instance_norm_fwd(
+        ctx.ops = ops_for(x)
+        y, mean, rstd = ctx.ops.instance_norm_fwd(
             x, weight, bias, running_mean, running_var, momentum, eps, act, slope
         )
         ctx.save_for_backward(x, weight, bias, mean, rstd)
@@ -56,14 +59,15 @@ class InstanceNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
-        dx, dw, db = ops.group_norm_bwd(dy, x, x.shape[1], mean, rstd, weight, bias, ctx.act, ctx.slope, mask)
+        dx, dw, db = ctx.ops.group_norm_bwd(dy, x, x.shape[1], mean, rstd, weight, bias, ctx.act, ctx.slope, mask)
         return _grads(mask, dx, dw, db, 6)
 
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, normalized_shape, eps, act, slope):
-        y, mean, rstd = ops.layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope)
+        ctx.ops = ops_for(x)
+        y, mean, rstd = ctx.ops.layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.normalized_shape, ctx.act, ctx.slope = normalized_shape, act, slope
         return y
@@ -73,7 +77,7 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
-        dx, dw, db = ops.layer_norm_bwd(
+        dx, dw, db = ctx.ops.layer_norm_bwd(
             dy, x, ctx.normalized_shape, mean, rstd, weight, bias, ctx.act, ctx.slope, mask
         )
         return _grads(mask, dx, dw, db, 4)
@@ -82,7 +86,8 @@ class LayerNormFunction(torch.autograd.Function):
 class GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, act, slope):
-        y, mean, rstd = ops.group_norm_fwd(x, num_groups, weight, bias, eps, act, slope)
+        ctx.ops = ops_for(x)
+        y, mean, rstd = ctx.ops.group_norm_fwd(x, num_groups, weight, bias, eps, act, slope)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.act, ctx.slope = num_groups, act, slope
         return y
@@ -92,5 +97,5 @@ class GroupNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
-        dx, dw, db = ops.group_norm_bwd(dy, x, ctx.num_groups, mean, rstd, weight, bias, ctx.act, ctx.slope, mask)
+        dx, dw, db = ctx.ops.group_norm_bwd(dy, x, ctx.num_groups, mean, rstd, weight, bias, ctx.act, ctx.slope, mask)
         return _grads(mask, dx, dw, db, 4)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ._activation import activation_code
-from ._ops import ops
+from .backend import ops_for
 from .modules import _BatchNorm
 
 __all__ = ["SyncBatchNorm"]
@@ -43,7 +43,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, slope, group):
         C = x.shape[1]
-        mean_l, m2_l = ops.batch_norm_stats(x)
+        ctx.ops = ops_for(x)
+        mean_l, m2_l = ctx.ops.batch_norm_stats(x)
         count_l = torch.full_like(mean_l, x.numel() // C if C else 0)
         local = torch.stack([count_l, mean_l, m2_l])
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
@@ -59,7 +60,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             if running_var is not None:
                 running_var.mul_(1 - momentum).add_((m2 / (count - 1)).to(running_var.dtype), alpha=momentum)
         # Normalise with the global statistics: the kernel's eval path takes them as given.
-        y, _, rstd = ops.batch_norm_fwd(x, weight, bias, mean, var, False, 0.0, eps, act, slope)
+        y, _, rstd = ctx.ops.batch_norm_fwd(x, weight, bias, mean, var, False, 0.0, eps, act, slope)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.act, ctx.slope, ctx.group, ctx.total = act, slope, group, total
         return y
@@ -70,7 +71,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         C = x.shape[1]
         w = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
         b = bias.to(mean.dtype) if bias is not None else torch.zeros_like(mean)
-        _, sum_dy_xhat, sum_dy = ops.batch_norm_bwd(dy, x, w, b, mean, rstd, False, ctx.act, ctx.slope,
+        _, sum_dy_xhat, sum_dy = ctx.ops.batch_norm_bwd(dy, x, w, b, mean, rstd, False, ctx.act, ctx.slope,
                                                     [False, True, True])
         sums = torch.stack([sum_dy, sum_dy_xhat])
         grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None

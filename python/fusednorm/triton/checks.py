@@ -1,0 +1,84 @@
+"""Argument checks of the Triton ops: csrc/common/checks.h's, with the same exception types
+and messages (torch.nn's), for inputs that reach the ops without the C++ checks."""
+import math
+
+import torch
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _input_dtype(x, op, not_implemented):
+    if x.dtype not in _FLOATS:
+        if not_implemented:
+            raise NotImplementedError(f'"{op}" not implemented for \'{x.dtype}\'')
+        raise RuntimeError(f"{op}: expected a floating-point input (float32, float64, bfloat16 "
+                           f"or float16), got {x.dtype}")
+
+
+def _param(p, x, what, numel, op):
+    if p is None:
+        return
+    if p.device != x.device:
+        raise RuntimeError(f"{op}: {what} is on {p.device} but the input is on {x.device}")
+    reduced = x.dtype in (torch.bfloat16, torch.float16)
+    if not (p.dtype == x.dtype or (reduced and p.dtype == torch.float32)):
+        raise RuntimeError(f"mixed dtype ({op}): {what} has dtype {p.dtype} but the input has "
+                           f"dtype {x.dtype}; all inputs must share the same dtype (float32 "
+                           "parameters are allowed with bfloat16/float16 inputs)")
+    if p.numel() != numel:
+        raise RuntimeError(f"{op}: {what} should contain {numel} elements not {p.numel()}")
+
+
+def check_bn(x, weight, bias, running_mean, running_var):
+    _input_dtype(x, "batch_norm", True)
+    if x.dim() < 2:
+        raise RuntimeError(f"batch_norm: expected at least 2D input (got {x.dim()}D input)")
+    c = x.shape[1]
+    for p, what in ((running_mean, "running_mean"), (running_var, "running_var"),
+                    (weight, "weight"), (bias, "bias")):
+        _param(p, x, what, c, "batch_norm")
+
+
+def check_layer_norm(x, shape, weight, bias):
+    """Returns the normalised size L."""
+    _input_dtype(x, "layer_norm", False)
+    shape = list(shape)
+    if not shape:
+        raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., "
+                           f"containing at least one element, but got normalized_shape = {shape}")
+    if x.dim() < len(shape) or list(x.shape[x.dim() - len(shape):]) != shape:
+        raise RuntimeError(f"Given normalized_shape={shape}, expected input with shape "
+                           f"[*, {', '.join(map(str, shape))}], but got input of size{list(x.shape)}")
+    for p, what in ((weight, "weight"), (bias, "bias")):
+        if p is not None and list(p.shape) != shape:
+            raise RuntimeError(f"Expected {what} to be of same shape as normalized_shape, but got "
+                               f"{what} of shape {list(p.shape)} and normalized_shape = {shape}")
+        _param(p, x, what, math.prod(shape), "layer_norm")
+    return math.prod(shape)
+
+
+def check_group_norm(x, groups, weight, bias, op="group_norm"):
+    if x.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {x.dim()}")
+    if op == "group_norm":
+        _input_dtype(x, op, False)
+    c = x.shape[1]
+    if groups <= 0 or c % groups:
+        raise RuntimeError("Expected number of channels in input to be divisible by num_groups, "
+                           f"but got input of shape {list(x.shape)} and num_groups={groups}")
+    for p, what in ((weight, "weight"), (bias, "bias")):
+        if p is not None and (p.dim() != 1 or p.numel() != c):
+            raise RuntimeError(f"Expected {what} to be a vector of size equal to the number of "
+                               f"channels in input, but got {what} of shape {list(p.shape)} and "
+                               f"input of shape {list(x.shape)}")
+        _param(p, x, what, c, op)
+
+
+def check_instance_norm(x, weight, bias, running_mean, running_var):
+    _input_dtype(x, "instance_norm", True)
+    if x.dim() < 2:
+        raise RuntimeError(f"instance_norm: expected at least 2D input (got {x.dim()}D input)")
+    c = x.shape[1]
+    _param(running_mean, x, "running_mean", c, "instance_norm")
+    _param(running_var, x, "running_var", c, "instance_norm")
+    check_group_norm(x, c, weight, bias, "instance_norm")

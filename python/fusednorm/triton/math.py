@@ -1,0 +1,80 @@
+"""The maths every fusednorm Triton kernel shares, the Triton twin of csrc/common/norm_math.h
+(same formulas, same names): Chan's merge of partial statistics, the fused activation and
+its derivative, the alpha/beta fold and the training-mode input-gradient coefficients.
+Activation codes are norm_math.h's: 0 none, 1 relu, 2 leaky_relu."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def activate(z, act: tl.constexpr, slope):
+    """y = act(z); NaN propagates like torch.relu / leaky_relu."""
+    if act == 1:
+        z = tl.where(z < 0, 0.0, z)
+    elif act == 2:
+        z = tl.where(z > 0, z, z * slope)
+    return z
+
+
+@triton.jit
+def activation_grad(z, act: tl.constexpr, slope):
+    """d act(z)/dz with torch's conventions at z == 0 (relu 0, leaky_relu slope)."""
+    if act == 1:
+        d = tl.where(z <= 0, 0.0, 1.0)
+    elif act == 2:
+        d = tl.where(z > 0, 1.0, slope)
+    else:
+        d = tl.full(z.shape, 1.0, z.dtype)
+    return d.to(z.dtype)
+
+
+@triton.jit
+def merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s parallel merge of (count, mean, M2 = sum((x - mean)^2)); stable."""
+    n = n_a + n_b
+    w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b
+
+
+@triton.jit
+def block_moments(x, mask, axis: tl.constexpr):
+    """(count, mean, M2) of the masked values of a block along `axis`, two-pass in registers."""
+    x = tl.where(mask, x, 0.0)
+    count = tl.sum(mask.to(x.dtype), axis=axis)
+    mean = tl.sum(x, axis=axis) / tl.maximum(count, 1.0)
+    if axis == 0:
+        d = tl.where(mask, x - mean[None, :], 0.0)
+    else:
+        d = tl.where(mask, x - mean, 0.0)
+    return count, mean, tl.sum(d * d, axis=axis)
+
+
+@triton.jit
+def rstd_from_m2(m2, count, eps):
+    var = tl.where(count > 0, m2 / tl.maximum(count, 1.0), 0.0)
+    return 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def input_grad_coefficients(mean, rstd, gamma, sum_dy, sum_dyxhat, count):
+    """dx = A*dyhat + B*x + C over a normalised set of `count` values whose sums (gamma
+    folded in) are sum_dy = sum(dyhat*gamma), sum_dyxhat = sum(dyhat*gamma*xhat)."""
+    inv_m = tl.where(count > 0, 1.0 / tl.maximum(count, 1.0), 0.0)
+    a = rstd * gamma
+    b = -rstd * rstd * sum_dyxhat * inv_m
+    c = -rstd * sum_dy * inv_m - b * mean
+    return a, b, c
+
+
+@triton.jit
+def round_for(value, ptr):
+    """The value to store through ptr. For a bfloat16 destination it is rounded to nearest
+    even here: Triton's interpreter truncates float32 -> bfloat16, the GPU rounds; a value
+    already representable converts exactly either way."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        v = value.to(tl.float32)
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+    return value

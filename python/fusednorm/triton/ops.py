@@ -1,0 +1,383 @@
+"""The fusednorm ops on the Triton kernels: torch.ops.fusednorm_triton.*, with the same
+signatures, results and fake kernels as torch.ops.fusednorm.* (csrc/schemas.h), so the
+autograd wrappers call either namespace unchanged (fusednorm/backend.py picks one).
+
+Each op checks its arguments, lays the input out for the kernels, launches them through
+_launch (which counts launches: the tests use the count to prove Triton ran) and returns
+torch's shapes. Opaque custom ops (torch.library.custom_op): torch.compile traces them
+through the fakes and calls them as they are."""
+import collections
+import contextlib
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._ops import register_fakes
+from . import channel_kernels as ck
+from . import row_kernels as rk
+from .checks import check_bn, check_group_norm, check_instance_norm, check_layer_norm
+
+Tensor = torch.Tensor
+_NS = "fusednorm_triton"
+
+# Launch shapes. Tests shrink them (limits()) so that small inputs take the multi-block
+# and multi-split paths.
+_LIMITS = {"max_block": 4096, "block_j": 64, "elementwise_block": 1024, "max_programs": 1024}
+
+launches = collections.Counter()  # kernel name -> number of launches
+
+
+@contextlib.contextmanager
+def limits(**overrides):
+    """Temporarily change the launch limits (tests: force row loops and split reductions)."""
+    old = dict(_LIMITS)
+    _LIMITS.update(overrides)
+    try:
+        yield
+    finally:
+        _LIMITS.clear()
+        _LIMITS.update(old)
+
+
+def kernels_interpreted():
+    """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU
+    tensors, in numpy)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(rk.row_fwd_kernel, InterpretedFunction)
+
+
+def _launch(kernel, grid, *args, **meta):
+    launches[kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__] += 1
+    kernel[grid](*args, **meta)
+
+
+def _acc(x):
+    """(torch dtype, Triton dtype) of the statistics: float64 for float64 input, else float32."""
+    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _num_warps(block):
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+# ---- per-channel (BatchNorm) -----------------------------------------------------------
+
+def _channel_view(x):
+    """(dense input, N, C, S, (sn, sc, ss), chan_div): the input as (N, C, S) with strides.
+    NCHW-contiguous and channels_last stay as they are; anything else is made contiguous."""
+    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if not x.is_contiguous() and fmt is not None and x.is_contiguous(memory_format=fmt):
+        return x, n, c, s, (s * c, 1, c), 1
+    x = x.contiguous()
+    return x, n, c, s, (c * s, s, 1), s
+
+
+def _like_view(t, x):
+    """t in x's (dense) memory layout."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return t.contiguous(memory_format=fmt)
+    return t.contiguous()
+
+
+def _reduce_tiles(m, c, strides):
+    """(BLOCK_J, BLOCK_C, rows_per_split, splits) for an (m rows x c channels) reduction:
+    channel tiles of 32 where channels are adjacent in memory (channels_last, LayerNorm's
+    columns), single channels otherwise; enough splits to fill about max_programs programs."""
+    block_c = min(32, triton.next_power_of_2(c)) if strides[1] == 1 else 1
+    block_j = _LIMITS["block_j"] if block_c > 1 else 4 * _LIMITS["block_j"]
+    channel_blocks = triton.cdiv(c, block_c)
+    want = max(1, _LIMITS["max_programs"] // channel_blocks)
+    rows = max(block_j, triton.cdiv(triton.cdiv(m, want), block_j) * block_j)
+    return block_j, block_c, rows, triton.cdiv(m, rows)
+
+
+def _channel_stats(x, n, c, s, strides, stat_dtype, acc):
+    """Launches the partial moments; returns (partial means, partial M2s, rows_per_split, splits)."""
+    m = n * s
+    block_j, block_c, rows, splits = _reduce_tiles(m, c, strides)
+    part_mean = torch.empty((splits, c), dtype=stat_dtype, device=x.device)
+    part_m2 = torch.empty((splits, c), dtype=stat_dtype, device=x.device)
+    _launch(ck.channel_moments_kernel, (triton.cdiv(c, block_c), splits), x, part_mean, part_m2,
+            m, c, s, *strides, rows, ACC=acc, BLOCK_J=block_j, BLOCK_C=block_c)
+    return part_mean, part_m2, rows, splits
+
+
+def _channel_finish(x, c, parts, m, weight, bias, rm, rv, training, momentum, eps, stat_dtype, acc):
+    """(mean, rstd, M2, alpha, shift) per channel; updates the running statistics in training."""
+    out = [torch.empty(c, dtype=stat_dtype, device=x.device) for _ in range(5)]
+    mean, rstd, m2, alpha, shift = out
+    part_mean, part_m2, rows, splits = parts if parts is not None else (mean, mean, 1, 0)
+    dummy = mean
+    block_c = min(256, triton.next_power_of_2(max(c, 1)))
+    _launch(ck.channel_finish_kernel, (triton.cdiv(c, block_c),), part_mean, part_m2, splits, rows,
+            m, c, _or(weight, dummy), _or(bias, dummy), _or(rm, dummy), _or(rv, dummy), mean,
+            rstd, m2, alpha, shift, float(momentum), float(eps), TRAINING=training,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_RM=rm is not None,
+            HAS_RV=rv is not None, ACC=acc, BLOCK_C=block_c)
+    return mean, rstd, m2, alpha, shift
+
+
+def _or(t, dummy):
+    """A pointer argument for an optional tensor: the kernel's HAS_* flag keeps it unread."""
+    return t.contiguous() if t is not None else dummy
+
+
+def _dense(t):
+    return t.contiguous() if t is not None else None
+
+
+@torch.library.custom_op(f"{_NS}::batch_norm_fwd", mutates_args={"running_mean", "running_var"})
+def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                   momentum: float, eps: float, activation: int,
+                   negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+    check_bn(input, weight, bias, running_mean, running_var)
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    x, n, c, s, strides, chan_div = _channel_view(input)
+    stat_dtype, acc = _acc(x)
+    y = torch.empty_like(x)
+    m = n * s
+    if training and m == 0:  # empty batch: running statistics untouched, as the C++ kernels
+        return y, x.new_zeros(c, dtype=stat_dtype), x.new_full((c,), eps ** -0.5, dtype=stat_dtype)
+    parts = _channel_stats(x, n, c, s, strides, stat_dtype, acc) if training else None
+    mean, rstd, _, alpha, shift = _channel_finish(x, c, parts, m, weight, bias, running_mean,
+                                                  running_var, training, momentum, eps,
+                                                  stat_dtype, acc)
+    if x.numel():
+        block = _LIMITS["elementwise_block"]
+        _launch(ck.channel_apply_kernel, (triton.cdiv(x.numel(), block),), x, y, alpha, shift,
+                x.numel(), c, chan_div, float(negative_slope), ACT=activation, ACC=acc, BLOCK=block)
+    return y, mean, rstd
+
+
+@torch.library.custom_op(f"{_NS}::batch_norm_stats", mutates_args=())
+def batch_norm_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
+    check_bn(input, None, None, None, None)
+    x, n, c, s, strides, _ = _channel_view(input)
+    stat_dtype, acc = _acc(x)
+    if n * s == 0:
+        return x.new_zeros(c, dtype=stat_dtype), x.new_zeros(c, dtype=stat_dtype)
+    parts = _channel_stats(x, n, c, s, strides, stat_dtype, acc)
+    mean, _, m2, _, _ = _channel_finish(x, c, parts, n * s, None, None, None, None, True, 0.0,
+                                        0.0, stat_dtype, acc)
+    return mean, m2
+
+
+def _grad_sums(dy, x, mean, rstd, weight, bias, view, stat_index, act, slope, acc):
+    """Per-channel sum(dyhat) and sum(dyhat * xhat) (see channel_grad_sums_kernel); view is
+    (N, C, S, strides), stat_index (stat_sn, cpg)."""
+    n, c, s, strides = view
+    m = n * s
+    block_j, block_c, rows, splits = _reduce_tiles(m, c, strides)
+    part_g = torch.empty((splits, c), dtype=mean.dtype, device=x.device)
+    part_gx = torch.empty((splits, c), dtype=mean.dtype, device=x.device)
+    _launch(ck.channel_grad_sums_kernel, (triton.cdiv(c, block_c), splits), dy, x, mean, rstd,
+            _or(weight, mean), _or(bias, mean), part_g, part_gx, m, c, s, *strides, *stat_index,
+            rows, float(slope), ACT=act, HAS_W=weight is not None, HAS_B=bias is not None,
+            ACC=acc, BLOCK_J=block_j, BLOCK_C=block_c)
+    return part_g.sum(0), part_gx.sum(0)
+
+
+def _param_grads(mask, weight, bias, sum_g, sum_gx, shape):
+    dw = sum_gx.to(weight.dtype).reshape(shape) if mask[1] and weight is not None else None
+    db = sum_g.to(bias.dtype).reshape(shape) if mask[2] and bias is not None else None
+    return dw, db
+
+
+def _empty_unless(t, like):
+    return t if t is not None else like.new_empty((0,))
+
+
+@torch.library.custom_op(f"{_NS}::batch_norm_bwd", mutates_args=())
+def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
+                   bias: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
+                   activation: int, negative_slope: float,
+                   output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    check_bn(input, weight, bias, None, None)
+    if grad_out.shape != input.shape:
+        raise RuntimeError(f"batch_norm_bwd: grad_out has shape {list(grad_out.shape)} but the "
+                           f"input has shape {list(input.shape)}")
+    x, n, c, s, strides, chan_div = _channel_view(input)
+    stat_dtype, acc = _acc(x)
+    dy = _like_view(grad_out.to(x.dtype), x)
+    mean, rstd = mean.to(stat_dtype).contiguous(), rstd.to(stat_dtype).contiguous()
+    need_sums = output_mask[1] or output_mask[2] or (training and output_mask[0])
+    if need_sums and n * s > 0:
+        sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, weight, bias, (n, c, s, strides), (0, 1),
+                                   activation, negative_slope, acc)
+    else:
+        sum_g = sum_gx = torch.zeros(c, dtype=stat_dtype, device=x.device)
+    dx = None
+    if output_mask[0]:
+        dx = torch.empty_like(x)
+        if x.numel():
+            block = _LIMITS["elementwise_block"]
+            _launch(ck.channel_input_grad_kernel, (triton.cdiv(x.numel(), block),), dy, x, dx,
+                    mean, rstd, _or(weight, mean), _or(bias, mean), sum_g, sum_gx, x.numel(), c,
+                    chan_div, float(n * s), float(negative_slope), ACT=activation,
+                    TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc,
+                    BLOCK=block)
+    dw, db = _param_grads(output_mask, weight, bias, sum_g, sum_gx, (c,))
+    return _empty_unless(dx, x), _empty_unless(dw, x), _empty_unless(db, x)
+
+
+# ---- per-row (LayerNorm, GroupNorm, InstanceNorm) ---------------------------------------
+
+def _row_block(length):
+    return min(_LIMITS["max_block"], triton.next_power_of_2(max(length, 1)))
+
+
+def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, slope, store_m2=False):
+    """Launches row_fwd_kernel over a contiguous x: (y, mean, rstd, m2 or None)."""
+    stat_dtype, acc = _acc(x)
+    y = torch.empty_like(x)
+    mean = torch.empty(rows, dtype=stat_dtype, device=x.device)
+    rstd = torch.empty(rows, dtype=stat_dtype, device=x.device)
+    m2 = torch.empty(rows, dtype=stat_dtype, device=x.device) if store_m2 else None
+    if rows and length:
+        block = _row_block(length)
+        _launch(rk.row_fwd_kernel, (rows,), x, y, _or(weight, mean), _or(bias, mean), mean, rstd,
+                _or(m2, mean), length, groups, per_group, s, float(eps), float(slope), ACT=act,
+                HAS_W=weight is not None, HAS_B=bias is not None, STORE_M2=store_m2, ACC=acc,
+                BLOCK=block, num_warps=_num_warps(block))
+    elif rows:  # empty rows: the statistics of nothing, as the C++ kernels give
+        mean.zero_()
+        rstd.fill_(eps ** -0.5)
+        if m2 is not None:
+            m2.zero_()
+    return y, mean, rstd, m2
+
+
+def _rows_bwd(dy, x, mean, rstd, rows, length, groups, per_group, s, weight, bias, act, slope):
+    dx = torch.empty_like(x)
+    if rows and length:
+        _, acc = _acc(x)
+        block = _row_block(length)
+        _launch(rk.row_bwd_kernel, (rows,), dy, x, dx, _or(weight, mean), _or(bias, mean), mean,
+                rstd, length, groups, per_group, s, float(slope), ACT=act,
+                HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc, BLOCK=block,
+                num_warps=_num_warps(block))
+    return dx
+
+
+@torch.library.custom_op(f"{_NS}::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(input: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float, activation: int,
+                   negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+    length = check_layer_norm(input, normalized_shape, weight, bias)
+    x = input.contiguous()
+    rows = math.prod(x.shape[: x.dim() - len(normalized_shape)])
+    y, mean, rstd, _ = _rows_fwd(x, rows, length, 1, length, 1, _dense(weight), _dense(bias), eps,
+                                 activation, negative_slope)
+    return y, mean, rstd
+
+
+@torch.library.custom_op(f"{_NS}::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(grad_out: Tensor, input: Tensor, normalized_shape: List[int], mean: Tensor,
+                   rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
+                   negative_slope: float, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    length = check_layer_norm(input, normalized_shape, weight, bias)
+    x = input.contiguous()
+    stat_dtype, acc = _acc(x)
+    rows = math.prod(x.shape[: x.dim() - len(normalized_shape)])
+    dy = grad_out.to(x.dtype).contiguous()
+    mean, rstd = mean.to(stat_dtype).contiguous(), rstd.to(stat_dtype).contiguous()
+    w, b = _dense(weight), _dense(bias)
+    dx = _rows_bwd(dy, x, mean, rstd, rows, length, 1, length, 1, w, b, activation,
+                   negative_slope) if output_mask[0] else None
+    dw = db = None
+    if output_mask[1] or output_mask[2]:
+        # Parameter gradients: LayerNorm seen as (rows, L, 1); the statistics are per row.
+        if rows:
+            sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, w, b, (rows, length, 1, (length, 1, 0)),
+                                       (1, length), activation, negative_slope, acc)
+        else:
+            sum_g = sum_gx = torch.zeros(length, dtype=stat_dtype, device=x.device)
+        dw, db = _param_grads(output_mask, weight, bias, sum_g, sum_gx, tuple(normalized_shape))
+    return _empty_unless(dx, x), _empty_unless(dw, x), _empty_unless(db, x)
+
+
+def _group_layout(input):
+    """(contiguous input, channels-last memory format or None): the row kernels read NCHW;
+    a channels_last GroupNorm input is normalised from a contiguous copy and its results
+    returned channels_last again, as torch.nn.GroupNorm does."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
+    cl = fmt if (fmt is not None and not input.is_contiguous()
+                 and input.is_contiguous(memory_format=fmt)) else None
+    return input.contiguous(), cl
+
+
+def _spatial(x):
+    return math.prod(x.shape[2:])
+
+
+@torch.library.custom_op(f"{_NS}::group_norm_fwd", mutates_args=())
+def group_norm_fwd(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float, activation: int, negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+    check_group_norm(input, num_groups, weight, bias)
+    x, cl = _group_layout(input)
+    n, c, s = x.shape[0], x.shape[1], _spatial(x)
+    per_group = c // num_groups
+    y, mean, rstd, _ = _rows_fwd(x, n * num_groups, per_group * s, num_groups, per_group, s,
+                                 weight, bias, eps, activation, negative_slope)
+    if cl is not None:
+        y = y.contiguous(memory_format=cl)
+    return y, mean.view(n, num_groups), rstd.view(n, num_groups)
+
+
+@torch.library.custom_op(f"{_NS}::group_norm_bwd", mutates_args=())
+def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, mean: Tensor, rstd: Tensor,
+                   weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
+                   negative_slope: float, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    check_group_norm(input, num_groups, weight, bias)
+    x, cl = _group_layout(input)
+    stat_dtype, acc = _acc(x)
+    n, c, s = x.shape[0], x.shape[1], _spatial(x)
+    per_group = c // num_groups
+    dy = grad_out.to(x.dtype).contiguous()
+    mean, rstd = mean.to(stat_dtype).contiguous(), rstd.to(stat_dtype).contiguous()
+    dx = None
+    if output_mask[0]:
+        dx = _rows_bwd(dy, x, mean, rstd, n * num_groups, per_group * s, num_groups, per_group, s,
+                       weight, bias, activation, negative_slope)
+        if cl is not None:
+            dx = dx.contiguous(memory_format=cl)
+    dw = db = None
+    if output_mask[1] or output_mask[2]:
+        if n * s:
+            sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, weight, bias, (n, c, s, (c * s, s, 1)),
+                                       (num_groups, per_group), activation, negative_slope, acc)
+        else:
+            sum_g = sum_gx = torch.zeros(c, dtype=stat_dtype, device=x.device)
+        dw, db = _param_grads(output_mask, weight, bias, sum_g, sum_gx, (c,))
+    return _empty_unless(dx, x), _empty_unless(dw, x), _empty_unless(db, x)
+
+
+@torch.library.custom_op(f"{_NS}::instance_norm_fwd", mutates_args={"running_mean", "running_var"})
+def instance_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      momentum: float, eps: float, activation: int,
+                      negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+    check_instance_norm(input, weight, bias, running_mean, running_var)
+    x = input.contiguous()  # torch.nn.InstanceNorm returns a contiguous output
+    n, c, s = x.shape[0], x.shape[1], _spatial(x)
+    update = running_mean is not None or running_var is not None
+    y, mean, rstd, m2 = _rows_fwd(x, n * c, s, c, 1, s, weight, bias, eps, activation,
+                                  negative_slope, store_m2=update)
+    if update and n * s:
+        _, acc = _acc(x)
+        block_c = min(256, triton.next_power_of_2(c))
+        _launch(rk.instance_running_kernel, (triton.cdiv(c, block_c),), mean, m2,
+                _or(running_mean, mean), _or(running_var, mean), n, c, s, float(momentum),
+                HAS_RM=running_mean is not None, HAS_RV=running_var is not None, ACC=acc,
+                BLOCK_C=block_c)
+    return y, mean.view(n, c), rstd.view(n, c)
+
+
+register_fakes(_NS)

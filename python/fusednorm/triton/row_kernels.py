@@ -1,0 +1,110 @@
+"""Triton kernels for per-row normalisation: LayerNorm, GroupNorm and InstanceNorm.
+
+The contiguous input is R rows of L elements; one program per row, looping over the row in
+blocks of BLOCK (a row longer than one block is never a problem). The parameter of element
+i of row r is (r % G) * P + i // S:
+  LayerNorm     G = 1,          P = L,    S = 1   (parameter = column)
+  GroupNorm     G = num_groups, P = C/G,  S = spatial size
+  InstanceNorm  G = C,          P = 1,    S = spatial size
+Statistics: block moments (two-pass in registers) merged by Chan; the output pass re-reads
+the row. Backward: one pass for the row's two gradient sums, one to write dx. The
+parameter gradients are channel_grad_sums_kernel's (channel_kernels.py)."""
+import triton
+import triton.language as tl
+
+from .math import activate, activation_grad, block_moments, input_grad_coefficients, merge, \
+    round_for, rstd_from_m2
+
+
+@triton.jit
+def _params(w_ptr, b_ptr, p, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    gamma = tl.load(w_ptr + p, mask=mask, other=1.0).to(ACC) if HAS_W else 1.0
+    beta = tl.load(b_ptr + p, mask=mask, other=0.0).to(ACC) if HAS_B else 0.0
+    return gamma, beta
+
+
+@triton.jit
+def row_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G, P, S, eps, slope,
+                   ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   STORE_M2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    row = r * L
+    count = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
+    mean = count
+    m2 = count
+    for i0 in range(0, L, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        mask = i < L
+        x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
+        b_count, b_mean, b_m2 = block_moments(x, mask, 0)
+        count, mean, m2 = merge(count, mean, m2, b_count, b_mean, b_m2)
+    rstd = rstd_from_m2(m2, count, eps)
+    tl.store(mean_ptr + r, mean)
+    tl.store(rstd_ptr + r, rstd)
+    if STORE_M2:
+        tl.store(m2_ptr + r, m2)
+    first_param = (r % G) * P
+    for i0 in range(0, L, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        mask = i < L
+        x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
+        gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
+        alpha = rstd * gamma
+        y = activate(x * alpha + (beta - mean * alpha), ACT, slope)
+        tl.store(y_ptr + row + i, round_for(y, y_ptr), mask=mask)
+
+
+@triton.jit
+def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G, P, S, slope,
+                   ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    row = r * L
+    mean = tl.load(mean_ptr + r)
+    rstd = tl.load(rstd_ptr + r)
+    first_param = (r % G) * P
+    sum_dy = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
+    sum_dyxhat = sum_dy
+    for i0 in range(0, L, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        mask = i < L
+        x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + row + i, mask=mask, other=0.0).to(ACC)
+        gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
+        alpha = rstd * gamma
+        g = tl.where(mask, dy * activation_grad(x * alpha + (beta - mean * alpha), ACT, slope), 0.0)
+        sum_dy += tl.sum(g * gamma, axis=0)
+        sum_dyxhat += tl.sum(g * gamma * (x - mean) * rstd, axis=0)
+    for i0 in range(0, L, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        mask = i < L
+        x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + row + i, mask=mask, other=0.0).to(ACC)
+        gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
+        alpha = rstd * gamma
+        g = dy * activation_grad(x * alpha + (beta - mean * alpha), ACT, slope)
+        a, b, k = input_grad_coefficients(mean, rstd, gamma, sum_dy, sum_dyxhat, L)
+        tl.store(dx_ptr + row + i, round_for(a * g + b * x + k, dx_ptr), mask=mask)
+
+
+@triton.jit
+def instance_running_kernel(mean_ptr, m2_ptr, rm_ptr, rv_ptr, N, C, S, momentum,
+                            HAS_RM: tl.constexpr, HAS_RV: tl.constexpr, ACC: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
+    """InstanceNorm's running statistics: the batch average of the per-instance mean and
+    unbiased variance, blended in with momentum (what torch's instance_norm does)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    fresh_mean = tl.zeros([BLOCK_C], ACC)
+    fresh_var = tl.zeros([BLOCK_C], ACC)
+    for n in range(0, N):
+        fresh_mean += tl.load(mean_ptr + n * C + c, mask=cmask, other=0.0)
+        fresh_var += tl.load(m2_ptr + n * C + c, mask=cmask, other=0.0) / (S - 1.0)
+    fresh_mean = fresh_mean / N
+    fresh_var = fresh_var / N
+    if HAS_RM:
+        r = tl.load(rm_ptr + c, mask=cmask).to(ACC)
+        tl.store(rm_ptr + c, round_for((1.0 - momentum) * r + momentum * fresh_mean, rm_ptr), mask=cmask)
+    if HAS_RV:
+        r = tl.load(rv_ptr + c, mask=cmask).to(ACC)
+        tl.store(rv_ptr + c, round_for((1.0 - momentum) * r + momentum * fresh_var, rv_ptr), mask=cmask)
