@@ -13,6 +13,26 @@ NO_GPU = ("no CUDA GPU on this machine: the CUDA kernels' logic is checked on th
           "tests/test_cuda_emulation.py; run this suite (or python -m fusednorm.selftest) on a GPU")
 # Parity, gradcheck and opcheck suites run on each device; CUDA cases skip (visibly) without a GPU.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU))]
+
+
+def triton_runs_on_cpu():
+    from fusednorm.triton import kernels_interpreted
+    return kernels_interpreted()
+
+
+NO_INTERPRETER = ("the Triton kernels were compiled for the GPU (TRITON_INTERPRET is not 1), so they "
+                  "cannot run on CPU tensors; the triton-cuda cases cover them")
+# (device, backend) pairs: the compiled kernels on each device, and the Triton kernels in
+# the interpreter on CPU tensors (the CI's way) or on the GPU.
+TARGETS = [
+    pytest.param(("cpu", "auto"), id="cpu"),
+    pytest.param(("cuda", "auto"), id="cuda",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)),
+    pytest.param(("cpu", "triton"), id="triton-interpreter",
+                 marks=pytest.mark.skipif(not triton_runs_on_cpu(), reason=NO_INTERPRETER)),
+    pytest.param(("cuda", "triton"), id="triton-cuda",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)),
+]
 SLOPE = 0.2  # a leaky slope far from 0 and 1, so a wrong derivative shows
 
 

@@ -3,7 +3,8 @@ Outputs, input and parameter gradients, and running buffers after several steps.
 import pytest
 import torch
 
-from helpers import ACTIVATIONS, DEVICES, KINDS, activate, assert_close, layouts_for, make_input, make_pair
+import fusednorm
+from helpers import ACTIVATIONS, KINDS, TARGETS, activate, assert_close, layouts_for, make_input, make_pair
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 STEPS = 3
@@ -47,19 +48,24 @@ def run_steps(ours, ref, x, activation, dtype, train):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kind,layout", list(cases()))
-@pytest.mark.parametrize("device", DEVICES)
-def test_module_parity(device, kind, layout, train, dtype, activation):
+@pytest.mark.parametrize("target", TARGETS)
+def test_module_parity(target, kind, layout, train, dtype, activation):
+    device, backend = target
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     ours, ref = make_pair(kind, activation, param_dtype, device=device)
     x = make_input(KINDS[kind][3], dtype, layout, device=device)
-    run_steps(ours, ref, x, activation, dtype, train)
+    with fusednorm.use_backend(backend):
+        run_steps(ours, ref, x, activation, dtype, train)
 
 
 @pytest.mark.parametrize("kind,layout", [c for c in cases() if c[1] == "channels_last"])
-def test_channels_last_output_format_matches_torch(kind, layout):
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=TARGETS[2].marks)])
+def test_channels_last_output_format_matches_torch(backend, kind, layout):
     ours, ref = make_pair(kind, None)
     x = make_input(KINDS[kind][3], torch.float32, layout)
-    y, yr = ours(x), ref(x)
+    with fusednorm.use_backend(backend):
+        y = ours(x)
+    yr = ref(x)
     for fmt in (torch.channels_last, torch.channels_last_3d, torch.contiguous_format):
         try:
             expected = yr.is_contiguous(memory_format=fmt)
@@ -71,11 +77,13 @@ def test_channels_last_output_format_matches_torch(kind, layout):
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: str(a))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("device", DEVICES)
-def test_half_parameters_match_torch_half_module(device, kind, dtype, activation):
+@pytest.mark.parametrize("target", TARGETS)
+def test_half_parameters_match_torch_half_module(target, kind, dtype, activation):
     """The whole module in a half type (params and buffers too) against torch.nn's in
     float32 on the same values."""
+    device, backend = target
     ours, ref = make_pair(kind, activation, dtype, device=device)
     ref = ref.float()
     x = make_input(KINDS[kind][3], dtype, "contiguous", device=device)
-    run_steps(ours, ref, x, activation, dtype, True)
+    with fusednorm.use_backend(backend):
+        run_steps(ours, ref, x, activation, dtype, True)

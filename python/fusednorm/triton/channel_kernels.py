@@ -10,8 +10,8 @@ dense tensors: channel = (e // chan_div) % C, chan_div = S for NCHW and 1 for ch
 import triton
 import triton.language as tl
 
-from .math import activate, activation_grad, block_moments, input_grad_coefficients, merge, \
-    round_for, rstd_from_m2
+from .math import activate, activation_grad, block_moments, input_grad_coefficients, \
+    load_scalars, merge, round_for, rstd_from_m2
 
 
 @triton.jit
@@ -51,11 +51,12 @@ def channel_moments_kernel(x_ptr, part_mean_ptr, part_m2_ptr, M, C, S, sn, sc, s
 @triton.jit
 def channel_finish_kernel(part_mean_ptr, part_m2_ptr, splits, rows_per_split, M, C,
                           w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr, rstd_ptr, m2_ptr, alpha_ptr,
-                          shift_ptr, momentum, eps, TRAINING: tl.constexpr, HAS_W: tl.constexpr,
+                          shift_ptr, scalars_ptr, TRAINING: tl.constexpr, HAS_W: tl.constexpr,
                           HAS_B: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
                           ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per channel: mean/rstd (merged partials in training, running statistics in eval),
     the running statistics' update (unbiased variance), M2, and the fold alpha/shift."""
+    eps, slope, momentum = load_scalars(scalars_ptr)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     if TRAINING:
@@ -89,9 +90,10 @@ def channel_finish_kernel(part_mean_ptr, part_m2_ptr, splits, rows_per_split, M,
 
 
 @triton.jit
-def channel_apply_kernel(x_ptr, y_ptr, alpha_ptr, shift_ptr, total, C, chan_div, slope,
+def channel_apply_kernel(x_ptr, y_ptr, alpha_ptr, shift_ptr, total, C, chan_div, scalars_ptr,
                          ACT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """y = act(x * alpha[c] + shift[c]) over the flat memory of a dense tensor."""
+    eps, slope, momentum = load_scalars(scalars_ptr)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
     c = (e // chan_div) % C
@@ -104,13 +106,14 @@ def channel_apply_kernel(x_ptr, y_ptr, alpha_ptr, shift_ptr, total, C, chan_div,
 
 @triton.jit
 def channel_grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, part_g_ptr,
-                             part_gx_ptr, M, C, S, sn, sc, ss, stat_sn, cpg, rows_per_split, slope,
+                             part_gx_ptr, M, C, S, sn, sc, ss, stat_sn, cpg, rows_per_split, scalars_ptr,
                              ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                              ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """Partial sum(dyhat) and sum(dyhat * xhat) per channel over this split's rows, where
     dyhat = dy * act'(z) is the gradient before the activation. The statistics of element
     (n, c) are at n * stat_sn + c // cpg: BatchNorm (0, 1), GroupNorm (G, C/G),
     InstanceNorm (C, 1), LayerNorm seen as (rows, L, 1): (1, L)."""
+    eps, slope, momentum = load_scalars(scalars_ptr)
     cb = tl.program_id(0)
     split = tl.program_id(1)
     start = split.to(tl.int64) * rows_per_split
@@ -138,11 +141,12 @@ def channel_grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pa
 
 @triton.jit
 def channel_input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sum_g_ptr,
-                              sum_gx_ptr, total, C, chan_div, count, slope, ACT: tl.constexpr,
+                              sum_gx_ptr, total, C, chan_div, count, scalars_ptr, ACT: tl.constexpr,
                               TRAINING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                               ACC: tl.constexpr, BLOCK: tl.constexpr):
     """BatchNorm's dx over the flat memory; training adds the batch statistics' terms
     from the per-channel sums (input_grad_coefficients), eval is dyhat * rstd * gamma."""
+    eps, slope, momentum = load_scalars(scalars_ptr)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
     c = (e // chan_div) % C
@@ -157,7 +161,7 @@ def channel_input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, 
     if TRAINING:
         sum_dy = tl.load(sum_g_ptr + c, mask=mask, other=0.0) * gamma
         sum_dyxhat = tl.load(sum_gx_ptr + c, mask=mask, other=0.0) * gamma
-        a, b, k = input_grad_coefficients(mean, rstd, gamma, sum_dy, sum_dyxhat, count)
+        a, b, k = input_grad_coefficients(mean, rstd, gamma, sum_dy, sum_dyxhat, count.to(ACC))
         dx = a * g + b * x + k
     else:
         dx = alpha * g

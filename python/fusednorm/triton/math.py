@@ -78,3 +78,10 @@ def round_for(value, ptr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         value = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
     return value
+
+
+@triton.jit
+def load_scalars(scalars_ptr):
+    """(eps, negative_slope, momentum). They come as a tensor in the statistics' dtype
+    because Triton passes Python floats as float32, and float64 needs them exact."""
+    return tl.load(scalars_ptr), tl.load(scalars_ptr + 1), tl.load(scalars_ptr + 2)

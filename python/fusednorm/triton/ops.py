@@ -116,10 +116,15 @@ def _channel_finish(x, c, parts, m, weight, bias, rm, rv, training, momentum, ep
     block_c = min(256, triton.next_power_of_2(max(c, 1)))
     _launch(ck.channel_finish_kernel, (triton.cdiv(c, block_c),), part_mean, part_m2, splits, rows,
             m, c, _or(weight, dummy), _or(bias, dummy), _or(rm, dummy), _or(rv, dummy), mean,
-            rstd, m2, alpha, shift, float(momentum), float(eps), TRAINING=training,
+            rstd, m2, alpha, shift, _scalars(x, stat_dtype, eps=eps, momentum=momentum), TRAINING=training,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_RM=rm is not None,
             HAS_RV=rv is not None, ACC=acc, BLOCK_C=block_c)
     return mean, rstd, m2, alpha, shift
+
+
+def _scalars(x, stat_dtype, eps=0.0, slope=0.0, momentum=0.0):
+    """The kernels' float arguments as one tensor in the statistics' dtype (math.load_scalars)."""
+    return torch.tensor([eps, slope, momentum], dtype=stat_dtype, device=x.device)
 
 
 def _or(t, dummy):
@@ -152,7 +157,7 @@ def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     if x.numel():
         block = _LIMITS["elementwise_block"]
         _launch(ck.channel_apply_kernel, (triton.cdiv(x.numel(), block),), x, y, alpha, shift,
-                x.numel(), c, chan_div, float(negative_slope), ACT=activation, ACC=acc, BLOCK=block)
+                x.numel(), c, chan_div, _scalars(x, stat_dtype, slope=negative_slope), ACT=activation, ACC=acc, BLOCK=block)
     return y, mean, rstd
 
 
@@ -179,7 +184,7 @@ def _grad_sums(dy, x, mean, rstd, weight, bias, view, stat_index, act, slope, ac
     part_gx = torch.empty((splits, c), dtype=mean.dtype, device=x.device)
     _launch(ck.channel_grad_sums_kernel, (triton.cdiv(c, block_c), splits), dy, x, mean, rstd,
             _or(weight, mean), _or(bias, mean), part_g, part_gx, m, c, s, *strides, *stat_index,
-            rows, float(slope), ACT=act, HAS_W=weight is not None, HAS_B=bias is not None,
+            rows, _scalars(x, mean.dtype, slope=slope), ACT=act, HAS_W=weight is not None, HAS_B=bias is not None,
             ACC=acc, BLOCK_J=block_j, BLOCK_C=block_c)
     return part_g.sum(0), part_gx.sum(0)
 
@@ -220,7 +225,7 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
             block = _LIMITS["elementwise_block"]
             _launch(ck.channel_input_grad_kernel, (triton.cdiv(x.numel(), block),), dy, x, dx,
                     mean, rstd, _or(weight, mean), _or(bias, mean), sum_g, sum_gx, x.numel(), c,
-                    chan_div, float(n * s), float(negative_slope), ACT=activation,
+                    chan_div, n * s, _scalars(x, stat_dtype, slope=negative_slope), ACT=activation,
                     TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc,
                     BLOCK=block)
     dw, db = _param_grads(output_mask, weight, bias, sum_g, sum_gx, (c,))
@@ -243,7 +248,7 @@ def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, slo
     if rows and length:
         block = _row_block(length)
         _launch(rk.row_fwd_kernel, (rows,), x, y, _or(weight, mean), _or(bias, mean), mean, rstd,
-                _or(m2, mean), length, groups, per_group, s, float(eps), float(slope), ACT=act,
+                _or(m2, mean), length, groups, per_group, s, _scalars(x, stat_dtype, eps=eps, slope=slope), ACT=act,
                 HAS_W=weight is not None, HAS_B=bias is not None, STORE_M2=store_m2, ACC=acc,
                 BLOCK=block, num_warps=_num_warps(block))
     elif rows:  # empty rows: the statistics of nothing, as the C++ kernels give
@@ -260,7 +265,7 @@ def _rows_bwd(dy, x, mean, rstd, rows, length, groups, per_group, s, weight, bia
         _, acc = _acc(x)
         block = _row_block(length)
         _launch(rk.row_bwd_kernel, (rows,), dy, x, dx, _or(weight, mean), _or(bias, mean), mean,
-                rstd, length, groups, per_group, s, float(slope), ACT=act,
+                rstd, length, groups, per_group, s, _scalars(x, mean.dtype, slope=slope), ACT=act,
                 HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc, BLOCK=block,
                 num_warps=_num_warps(block))
     return dx
@@ -374,7 +379,7 @@ def instance_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
         _, acc = _acc(x)
         block_c = min(256, triton.next_power_of_2(c))
         _launch(rk.instance_running_kernel, (triton.cdiv(c, block_c),), mean, m2,
-                _or(running_mean, mean), _or(running_var, mean), n, c, s, float(momentum),
+                _or(running_mean, mean), _or(running_var, mean), n, c, s, _scalars(x, mean.dtype, momentum=momentum),
                 HAS_RM=running_mean is not None, HAS_RV=running_var is not None, ACC=acc,
                 BLOCK_C=block_c)
     return y, mean.view(n, c), rstd.view(n, c)

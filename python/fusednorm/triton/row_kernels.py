@@ -12,8 +12,8 @@ parameter gradients are channel_grad_sums_kernel's (channel_kernels.py)."""
 import triton
 import triton.language as tl
 
-from .math import activate, activation_grad, block_moments, input_grad_coefficients, merge, \
-    round_for, rstd_from_m2
+from .math import activate, activation_grad, block_moments, input_grad_coefficients, \
+    load_scalars, merge, round_for, rstd_from_m2
 
 
 @triton.jit
@@ -24,9 +24,10 @@ def _params(w_ptr, b_ptr, p, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC
 
 
 @triton.jit
-def row_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G, P, S, eps, slope,
+def row_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G, P, S, scalars_ptr,
                    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    STORE_M2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    eps, slope, momentum = load_scalars(scalars_ptr)
     r = tl.program_id(0).to(tl.int64)
     row = r * L
     count = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
@@ -55,9 +56,10 @@ def row_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G,
 
 
 @triton.jit
-def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G, P, S, slope,
+def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G, P, S, scalars_ptr,
                    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    ACC: tl.constexpr, BLOCK: tl.constexpr):
+    eps, slope, momentum = load_scalars(scalars_ptr)
     r = tl.program_id(0).to(tl.int64)
     row = r * L
     mean = tl.load(mean_ptr + r)
@@ -83,25 +85,26 @@ def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G
         gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
         alpha = rstd * gamma
         g = dy * activation_grad(x * alpha + (beta - mean * alpha), ACT, slope)
-        a, b, k = input_grad_coefficients(mean, rstd, gamma, sum_dy, sum_dyxhat, L)
+        a, b, k = input_grad_coefficients(mean, rstd, gamma, sum_dy, sum_dyxhat, L.to(ACC))
         tl.store(dx_ptr + row + i, round_for(a * g + b * x + k, dx_ptr), mask=mask)
 
 
 @triton.jit
-def instance_running_kernel(mean_ptr, m2_ptr, rm_ptr, rv_ptr, N, C, S, momentum,
+def instance_running_kernel(mean_ptr, m2_ptr, rm_ptr, rv_ptr, N, C, S, scalars_ptr,
                             HAS_RM: tl.constexpr, HAS_RV: tl.constexpr, ACC: tl.constexpr,
                             BLOCK_C: tl.constexpr):
     """InstanceNorm's running statistics: the batch average of the per-instance mean and
     unbiased variance, blended in with momentum (what torch's instance_norm does)."""
+    eps, slope, momentum = load_scalars(scalars_ptr)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     fresh_mean = tl.zeros([BLOCK_C], ACC)
     fresh_var = tl.zeros([BLOCK_C], ACC)
     for n in range(0, N):
         fresh_mean += tl.load(mean_ptr + n * C + c, mask=cmask, other=0.0)
-        fresh_var += tl.load(m2_ptr + n * C + c, mask=cmask, other=0.0) / (S - 1.0)
-    fresh_mean = fresh_mean / N
-    fresh_var = fresh_var / N
+        fresh_var += tl.load(m2_ptr + n * C + c, mask=cmask, other=0.0) / (S - 1).to(ACC)
+    fresh_mean = fresh_mean / N.to(ACC)
+    fresh_var = fresh_var / N.to(ACC)
     if HAS_RM:
         r = tl.load(rm_ptr + c, mask=cmask).to(ACC)
         tl.store(rm_ptr + c, round_for((1.0 - momentum) * r + momentum * fresh_mean, rm_ptr), mask=cmask)
