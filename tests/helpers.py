@@ -22,14 +22,14 @@ def triton_runs_on_cpu():
 
 NO_INTERPRETER = ("the Triton kernels were compiled for the GPU (TRITON_INTERPRET is not 1), so they "
                   "cannot run on CPU tensors; the triton-cuda cases cover them")
+TRITON_CPU = pytest.mark.skipif(not triton_runs_on_cpu(), reason=NO_INTERPRETER)
 # (device, backend) pairs: the compiled kernels on each device, and the Triton kernels in
 # the interpreter on CPU tensors (the CI's way) or on the GPU.
 TARGETS = [
     pytest.param(("cpu", "auto"), id="cpu"),
     pytest.param(("cuda", "auto"), id="cuda",
                  marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)),
-    pytest.param(("cpu", "triton"), id="triton-interpreter",
-                 marks=pytest.mark.skipif(not triton_runs_on_cpu(), reason=NO_INTERPRETER)),
+    pytest.param(("cpu", "triton"), id="triton-interpreter", marks=TRITON_CPU),
     pytest.param(("cuda", "triton"), id="triton-cuda",
                  marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)),
 ]

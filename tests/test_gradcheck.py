@@ -3,21 +3,26 @@ training mode, and torch.library.opcheck on every op."""
 import pytest
 import torch
 
+import fusednorm
 import fusednorm.functional as FF
-from fusednorm import ops
-from helpers import ACTIVATIONS, DEVICES, SLOPE
+from helpers import ACTIVATIONS, SLOPE, TARGETS
 
 
 DEVICE = "cpu"
+FAST = False
 
 
-@pytest.fixture(params=DEVICES, autouse=True)
+@pytest.fixture(params=TARGETS, autouse=True)
 def device(request):
-    """Every test here runs once per device; rand() makes its tensors there."""
-    global DEVICE
-    DEVICE = request.param
-    yield request.param
-    DEVICE = "cpu"
+    """Every test here runs once per (device, backend); rand() makes its tensors on the
+    device and the backend is selected for the test's duration. The Triton interpreter is
+    slow: there gradcheck uses fast mode (random projections of the same Jacobians)."""
+    global DEVICE, FAST
+    DEVICE, backend = request.param
+    FAST = backend == "triton" and DEVICE == "cpu"
+    with fusednorm.use_backend(backend):
+        yield DEVICE
+    DEVICE, FAST = "cpu", False
 
 
 def rand(*shape, seed=0, requires_grad=True):
@@ -32,7 +37,7 @@ def affine_params(c, affine):
 
 
 def check(fn, inputs):
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=FAST)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
@@ -94,34 +99,36 @@ def _x(*shape, dtype=torch.float32):
 
 
 def opcheck_cases():
+    """(name, op name, arguments) for torch.ops.<backend namespace>.<op name>."""
     c = 3
     w, b = torch.rand(c) + 0.5, torch.randn(c)
     x = _x(4, c, 5, 2)
     xcl = x.to(memory_format=torch.channels_last)
     for act in (0, 1, 2):
         for xi in (x, xcl):
-            yield "bn_stats", ops.batch_norm_stats, (xi,)
-            yield "bn_fwd_train", ops.batch_norm_fwd, (xi, w, b, torch.zeros(c), torch.ones(c), True, 0.1, 1e-5, act, 0.2)
-            yield "bn_fwd_eval", ops.batch_norm_fwd, (xi, w, b, torch.zeros(c), torch.ones(c), False, 0.1, 1e-5, act, 0.2)
+            yield "bn_stats", "batch_norm_stats", (xi,)
+            yield "bn_fwd_train", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), True, 0.1, 1e-5, act, 0.2)
+            yield "bn_fwd_eval", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), False, 0.1, 1e-5, act, 0.2)
             mean, rstd = torch.randn(c), torch.rand(c) + 0.5
-            yield "bn_bwd", ops.batch_norm_bwd, (torch.randn_like(xi), xi, w, b, mean, rstd, True, act, 0.2, [True, True, True])
-        yield "bn_bwd_partial", ops.batch_norm_bwd, (torch.randn_like(x), x, w, None, torch.randn(c), torch.rand(c) + 0.5, False, act, 0.2, [False, True, False])
+            yield "bn_bwd", "batch_norm_bwd", (torch.randn_like(xi), xi, w, b, mean, rstd, True, act, 0.2, [True, True, True])
+        yield "bn_bwd_partial", "batch_norm_bwd", (torch.randn_like(x), x, w, None, torch.randn(c), torch.rand(c) + 0.5, False, act, 0.2, [False, True, False])
         lw, lb = torch.rand(5, 2) + 0.5, torch.randn(5, 2)
-        yield "ln_fwd", ops.layer_norm_fwd, (x, [5, 2], lw, lb, 1e-5, act, 0.2)
-        yield "ln_bwd", ops.layer_norm_bwd, (torch.randn_like(x), x, [5, 2], torch.randn(12), torch.rand(12) + 0.5, lw, lb, act, 0.2, [True, True, True])
+        yield "ln_fwd", "layer_norm_fwd", (x, [5, 2], lw, lb, 1e-5, act, 0.2)
+        yield "ln_bwd", "layer_norm_bwd", (torch.randn_like(x), x, [5, 2], torch.randn(12), torch.rand(12) + 0.5, lw, lb, act, 0.2, [True, True, True])
         xg = _x(4, 6, 5)
         gw, gb = torch.rand(6) + 0.5, torch.randn(6)
-        yield "gn_fwd", ops.group_norm_fwd, (xg, 3, gw, gb, 1e-5, act, 0.2)
-        yield "gn_fwd_cl", ops.group_norm_fwd, (_x(2, 6, 3, 3).to(memory_format=torch.channels_last), 3, gw, gb, 1e-5, act, 0.2)
-        yield "gn_bwd", ops.group_norm_bwd, (torch.randn_like(xg), xg, 3, torch.randn(4, 3), torch.rand(4, 3) + 0.5, gw, gb, act, 0.2, [True, True, True])
-        yield "in_fwd", ops.instance_norm_fwd, (xg, gw, gb, torch.zeros(6), torch.ones(6), 0.1, 1e-5, act, 0.2)
-        yield "in_fwd_nostats", ops.instance_norm_fwd, (xg, None, None, None, None, 0.1, 1e-5, act, 0.2)
+        yield "gn_fwd", "group_norm_fwd", (xg, 3, gw, gb, 1e-5, act, 0.2)
+        yield "gn_fwd_cl", "group_norm_fwd", (_x(2, 6, 3, 3).to(memory_format=torch.channels_last), 3, gw, gb, 1e-5, act, 0.2)
+        yield "gn_bwd", "group_norm_bwd", (torch.randn_like(xg), xg, 3, torch.randn(4, 3), torch.rand(4, 3) + 0.5, gw, gb, act, 0.2, [True, True, True])
+        yield "in_fwd", "instance_norm_fwd", (xg, gw, gb, torch.zeros(6), torch.ones(6), 0.1, 1e-5, act, 0.2)
+        yield "in_fwd_nostats", "instance_norm_fwd", (xg, None, None, None, None, 0.1, 1e-5, act, 0.2)
 
 
 def _to(args, device):
     return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-@pytest.mark.parametrize("name,op,args", list(opcheck_cases()), ids=lambda v: v if isinstance(v, str) else "")
-def test_opcheck(name, op, args, device):
-    torch.library.opcheck(op, _to(args, device))
+@pytest.mark.parametrize("op,args", [pytest.param(op, args, id=name) for name, op, args in opcheck_cases()])
+def test_opcheck(op, args, device):
+    args = _to(args, device)
+    torch.library.opcheck(getattr(fusednorm.backend.ops_for(args[0]), op), args)

@@ -169,8 +169,9 @@ def batch_norm_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
     if n * s == 0:
         return x.new_zeros(c, dtype=stat_dtype), x.new_zeros(c, dtype=stat_dtype)
     parts = _channel_stats(x, n, c, s, strides, stat_dtype, acc)
+    # rstd is not returned; eps = 1 keeps it finite for constant channels.
     mean, _, m2, _, _ = _channel_finish(x, c, parts, n * s, None, None, None, None, True, 0.0,
-                                        0.0, stat_dtype, acc)
+                                        1.0, stat_dtype, acc)
     return mean, m2
 
 
