@@ -48,6 +48,7 @@ class Case:
     layout: str = "nchw"  # nchw | channels_last
     device: str = "cpu"
     groups: int = 32
+    backend: str = "auto"  # fusednorm's kernels: "auto" (C++/CUDA) or "triton" (GPU)
 
     @property
     def name(self):
@@ -56,7 +57,8 @@ class Case:
         step = "fwd+bwd" if self.backward else "fwd"
         shape = "x".join(map(str, self.shape))
         norm = f"GroupNorm({self.groups})" if self.norm == "GroupNorm" else self.norm
-        return f"{norm}{act} {shape} {self.layout} {self.dtype} {mode} {step} [{self.device}]"
+        where = self.device if self.backend == "auto" else f"{self.device}, {self.backend}"
+        return f"{norm}{act} {shape} {self.layout} {self.dtype} {mode} {step} [{where}]"
 
 
 def build(case):
@@ -86,18 +88,19 @@ def build(case):
     return ours, ref, x, torch.randn_like(x)
 
 
-def step_fn(module, x, g, backward):
+def step_fn(module, x, g, backward, backend="auto"):
     if not backward:
         def fwd():
-            with torch.no_grad():
+            with torch.no_grad(), fusednorm.use_backend(backend):
                 return module(x)
         return fwd
     xg = x.detach().requires_grad_()
     params = [p for p in module.parameters() if p.requires_grad]
 
     def fwd_bwd():
-        y = module(xg)
-        return torch.autograd.grad(y, [xg] + params, g)
+        with fusednorm.use_backend(backend):
+            y = module(xg)
+            return torch.autograd.grad(y, [xg] + params, g)
     return fwd_bwd
 
 
@@ -165,7 +168,8 @@ def run_case(case, compile_ref, min_run_time):
     if compile_ref:
         torch._dynamo.reset()
         impls["compile"] = torch.compile(ref)
-    fns = {k: step_fn(m, x, g, case.backward) for k, m in impls.items()}
+    fns = {k: step_fn(m, x, g, case.backward, case.backend if k == "fusednorm" else "auto")
+           for k, m in impls.items()}
     # Interleaved rounds, median of the rounds' medians: slow drifts hit every column alike.
     times = {k: [] for k in fns}
     for _ in range(ROUNDS):
@@ -181,36 +185,38 @@ def run_case(case, compile_ref, min_run_time):
     row["peak_mem_MiB_fusednorm"] = row["peak_mem_MiB_eager"] = None
     if case.backward:
         for impl, m in (("fusednorm", ours), ("eager", ref)):
-            pm = peak_memory(step_fn(m, x, g, True), case.device)
+            pm = peak_memory(step_fn(m, x, g, True, case.backend if impl == "fusednorm" else "auto"), case.device)
             row[f"peak_mem_MiB_{impl}"] = pm / 2**20 if pm is not None else None
     return row
 
 
 def devices():
-    out = ["cpu"]
+    """(device, fusednorm backend) pairs: the C++ kernels on the CPU; on a GPU the CUDA
+    kernels and the Triton ones."""
+    out = [("cpu", "auto")]
     if torch.cuda.is_available():
-        out.append("cuda")
+        out += [("cuda", "auto"), ("cuda", "triton")]
     return out
 
 
 def default_cases():
     cases = []
-    for dev in devices():
+    for dev, backend in devices():
         big = (32, 64, 56, 56)
         for dtype in ("float32", "bfloat16"):
             cases += [
-                Case("BatchNorm2d", big, "relu", True, True, dtype, device=dev),
-                Case("BatchNorm2d", big, None, True, False, dtype, device=dev),
-                Case("BatchNorm2d", big, "relu", False, False, dtype, device=dev),
-                Case("BatchNorm2d", big, "relu", True, True, dtype, "channels_last", device=dev),
-                Case("InstanceNorm2d", big, None, True, True, dtype, device=dev),
-                Case("GroupNorm", big, "relu", True, True, dtype, device=dev),
-                Case("LayerNorm", (8192, 1024), None, True, True, dtype, device=dev),
+                Case("BatchNorm2d", big, "relu", True, True, dtype, device=dev, backend=backend),
+                Case("BatchNorm2d", big, None, True, False, dtype, device=dev, backend=backend),
+                Case("BatchNorm2d", big, "relu", False, False, dtype, device=dev, backend=backend),
+                Case("BatchNorm2d", big, "relu", True, True, dtype, "channels_last", device=dev, backend=backend),
+                Case("InstanceNorm2d", big, None, True, True, dtype, device=dev, backend=backend),
+                Case("GroupNorm", big, "relu", True, True, dtype, device=dev, backend=backend),
+                Case("LayerNorm", (8192, 1024), None, True, True, dtype, device=dev, backend=backend),
             ]
         cases += [
-            Case("BatchNorm2d", big, "leaky_relu", True, False, "float32", "channels_last", device=dev),
-            Case("GroupNorm", big, "relu", True, False, "float32", "channels_last", device=dev),
-            Case("LayerNorm", (8192, 1024), "relu", True, False, "float32", device=dev),
+            Case("BatchNorm2d", big, "leaky_relu", True, False, "float32", "channels_last", device=dev, backend=backend),
+            Case("GroupNorm", big, "relu", True, False, "float32", "channels_last", device=dev, backend=backend),
+            Case("LayerNorm", (8192, 1024), "relu", True, False, "float32", device=dev, backend=backend),
         ]
     return cases
 
@@ -218,15 +224,15 @@ def default_cases():
 def full_cases():
     """Size sweeps, small to large, so cost growth and the overhead floor show."""
     cases = []
-    for dev in devices():
+    for dev, backend in devices():
         for n, c, hw in [(1, 8, 4), (2, 16, 8), (4, 32, 14), (8, 64, 28), (16, 64, 56), (32, 64, 56), (64, 128, 56)]:
             for backward in (False, True):
-                cases.append(Case("BatchNorm2d", (n, c, hw, hw), "relu", True, backward, device=dev))
-                cases.append(Case("GroupNorm", (n, c, hw, hw), "relu", True, backward, device=dev, groups=min(8, c)))
-                cases.append(Case("InstanceNorm2d", (n, c, hw, hw), None, True, backward, device=dev))
+                cases.append(Case("BatchNorm2d", (n, c, hw, hw), "relu", True, backward, device=dev, backend=backend))
+                cases.append(Case("GroupNorm", (n, c, hw, hw), "relu", True, backward, device=dev, backend=backend, groups=min(8, c)))
+                cases.append(Case("InstanceNorm2d", (n, c, hw, hw), None, True, backward, device=dev, backend=backend))
         for rows, cols in [(4, 64), (64, 256), (512, 512), (2048, 1024), (8192, 1024), (8192, 4096)]:
             for backward in (False, True):
-                cases.append(Case("LayerNorm", (rows, cols), None, True, backward, device=dev))
+                cases.append(Case("LayerNorm", (rows, cols), None, True, backward, device=dev, backend=backend))
     return cases
 
 

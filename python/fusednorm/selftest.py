@@ -3,6 +3,9 @@ a short speed comparison. Run it first on a new machine (especially a GPU one: t
 project's CI has no GPU and checks the CUDA kernels only under CPU emulation):
 
     python -m fusednorm.selftest            # exits non-zero on any mismatch
+
+Backends: the compiled kernels on each device, and the Triton kernels on the GPU (or on
+the CPU in Triton's interpreter when TRITON_INTERPRET=1 is set: slow, small cases only).
 """
 import argparse
 import sys
@@ -69,6 +72,21 @@ def check(name, make, make_ref, shape, cl, device, dtype, act, train):
     return worst <= 1.0, worst
 
 
+def targets():
+    """(device, backend) pairs this machine can run."""
+    out = [("cpu", "auto")]
+    if torch.cuda.is_available():
+        out += [("cuda", "auto"), ("cuda", "triton")]
+    try:
+        from fusednorm.triton import kernels_interpreted
+        if kernels_interpreted():
+            out.append(("cpu", "triton"))
+    except ImportError as e:
+        print(f"Triton backend unavailable: {e}")
+        out = [t for t in out if t[1] != "triton"]
+    return out
+
+
 def speed(device, rounds=15):
     """fwd+bwd time of BatchNorm2d+ReLU and LayerNorm: fusednorm and torch.nn alternate
     call by call (allocator and cache states hit both alike); medians. Indicative only:
@@ -102,31 +120,36 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
     args = p.parse_args(argv)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    runs = targets()
     print(f"fusednorm {fusednorm.__version__}, torch {torch.__version__}, CPU kernels: {fusednorm.cpu_isa()}, "
           f"CUDA kernels built: {fusednorm._C.with_cuda}, GPU: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'}")
-    print(f"{'device':6} {'case':18} {'dtype':9} {'activation':11} {'mode':5} result")
+    print(f"{'device':6} {'backend':7} {'case':18} {'dtype':9} {'activation':11} {'mode':5} result")
     failures = 0
-    for device in devices:
+    for device, backend in runs:
         dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
         for name, make, make_ref, shape, cl in cases():
             for dtype in dtypes:
                 for act in ACTS:
                     for train in (True, False):
                         try:
-                            ok, worst = check(name, make, make_ref, shape, cl, device, dtype, act, train)
+                            with fusednorm.use_backend(backend):
+                                ok, worst = check(name, make, make_ref, shape, cl, device, dtype, act, train)
                             result = "pass" if ok else f"FAIL (error {worst:.1f}x the tolerance)"
                         except Exception as e:  # noqa: BLE001 - reported, counted as a failure
                             ok, result = False, f"FAIL ({type(e).__name__}: {e})"
                         failures += not ok
-                        print(f"{device:6} {name:18} {str(dtype)[6:]:9} {str(act):11} "
+                        print(f"{device:6} {backend:7} {name:18} {str(dtype)[6:]:9} {str(act):11} "
                               f"{'train' if train else 'eval':5} {result}")
     if not args.no_speed:
         print("\nspeed (fwd+bwd, medians of a short interleaved run; indicative, see bench/bench.py):")
-        for device in devices:
-            for name, t_ours, t_ref in speed(device):
-                print(f"  {device:5} {name:30} fusednorm {t_ours * 1e3:7.2f} ms  torch.nn {t_ref * 1e3:7.2f} ms  "
+        for device, backend in runs:
+            if device == "cpu" and backend == "triton":
+                continue  # the interpreter's speed means nothing
+            with fusednorm.use_backend(backend):
+                results = speed(device)
+            for name, t_ours, t_ref in results:
+                print(f"  {device:5} {backend:7} {name:30} fusednorm {t_ours * 1e3:7.2f} ms  torch.nn {t_ref * 1e3:7.2f} ms  "
                       f"{t_ref / t_ours:5.2f}x")
     print(f"\n{failures} mismatches" if failures else "\nall cases match torch.nn")
     return 1 if failures else 0
