@@ -56,6 +56,21 @@ def row_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G,
 
 
 @triton.jit
+def _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S, mean, rstd, slope,
+                ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """One block of a row: (offsets, mask, x, dyhat = dy * act'(z) (0 where masked), gamma)."""
+    i = i0 + tl.arange(0, BLOCK)
+    mask = i < L
+    x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + row + i, mask=mask, other=0.0).to(ACC)
+    gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
+    alpha = rstd * gamma
+    g = tl.where(mask, dy * activation_grad(x * alpha + (beta - mean * alpha), ACT, slope), 0.0)
+    return i, mask, x, g, gamma
+
+
+@triton.jit
 def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G, P, S, scalars_ptr,
                    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -68,23 +83,13 @@ def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G
     sum_dy = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
     sum_dyxhat = sum_dy
     for i0 in range(0, L, BLOCK):
-        i = i0 + tl.arange(0, BLOCK)
-        mask = i < L
-        x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + row + i, mask=mask, other=0.0).to(ACC)
-        gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
-        alpha = rstd * gamma
-        g = tl.where(mask, dy * activation_grad(x * alpha + (beta - mean * alpha), ACT, slope), 0.0)
+        i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
+                                           mean, rstd, slope, ACT, HAS_W, HAS_B, ACC, BLOCK)
         sum_dy += tl.sum(g * gamma, axis=0)
         sum_dyxhat += tl.sum(g * gamma * (x - mean) * rstd, axis=0)
     for i0 in range(0, L, BLOCK):
-        i = i0 + tl.arange(0, BLOCK)
-        mask = i < L
-        x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + row + i, mask=mask, other=0.0).to(ACC)
-        gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
-        alpha = rstd * gamma
-        g = dy * activation_grad(x * alpha + (beta - mean * alpha), ACT, slope)
+        i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
+                                           mean, rstd, slope, ACT, HAS_W, HAS_B, ACC, BLOCK)
         a, b, k = input_grad_coefficients(mean, rstd, gamma, sum_dy, sum_dyxhat, L.to(ACC))
         tl.store(dx_ptr + row + i, round_for(a * g + b * x + k, dx_ptr), mask=mask)
 
