@@ -1,13 +1,17 @@
 // The Python module fusednorm._C: importing it registers the ops (TORCH_LIBRARY in
-// ops.cpp and the backend files). Only build information goes through pybind11.
+// ops.cpp and the backend files). Only build information and the CPU output cache's
+// release go through pybind11.
 #include <torch/extension.h>
 
+#include "cpu/cpu_utils.h"
 #include "cpu/kernels.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusednorm's compiled kernels; use them through torch.ops.fusednorm";
   m.def("cpu_isa", &fusednorm::cpu::isa_name,
         "Instruction set of the CPU kernels in use (default, avx2 or avx512)");
+  m.def("empty_cpu_cache", &fusednorm::cpu::empty_output_cache,
+        "Frees the CPU output blocks (2 MiB and larger) kept for reuse by later outputs");
 #ifdef FUSEDNORM_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

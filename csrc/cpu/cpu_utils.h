@@ -25,6 +25,12 @@ void dispatch_storage(at::ScalarType t, F&& f) {
   }
 }
 
+// An uninitialised output shaped and laid out like the dense tensor x (contiguous or
+// channels_last), allocated for a cheap first write (output_alloc.cpp).
+at::Tensor empty_output_like(const at::Tensor& x);
+// Frees the large output blocks output_alloc.cpp keeps for reuse.
+void empty_output_cache();
+
 template <typename T>
 T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());

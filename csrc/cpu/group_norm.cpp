@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_impl(
     bool allow_channels_last, std::vector<double>* m2_out) {
   s.channels_last = allow_channels_last && is_channels_last(input);
   const at::Tensor x = s.channels_last ? input : input.contiguous();
-  at::Tensor y = at::empty_like(x);  // keeps channels_last
+  at::Tensor y = empty_output_like(x);  // keeps channels_last
   at::Tensor mean_t = at::empty({s.N, s.G}, x.options().dtype(acc_dtype(x)));
   at::Tensor rstd_t = at::empty({s.N, s.G}, x.options().dtype(acc_dtype(x)));
   if (x.numel() == 0) return {y, mean_t, rstd_t};
@@ -234,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cpu(
                    : x.dim() == 4   ? at::MemoryFormat::ChannelsLast
                                     : at::MemoryFormat::ChannelsLast3d;
   const at::Tensor dy = grad_out.to(x.scalar_type()).contiguous(fmt);
-  at::Tensor dx = mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dx = mask[0] ? empty_output_like(x) : at::empty({0}, x.options());
   at::Tensor dweight, dbias;
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

@@ -8,4 +8,5 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 #define FN_ISA isa_avx2
+#define FN_VECTOR_BYTES 32  // one vector register
 #include "kernels_impl.h"

@@ -8,4 +8,5 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #endif
 #define FN_ISA isa_avx512
+#define FN_VECTOR_BYTES 64  // one vector register
 #include "kernels_impl.h"

@@ -8,4 +8,5 @@
 
 #endif
 #define FN_ISA isa_default
+#define FN_VECTOR_BYTES 16  // one vector register
 #include "kernels_impl.h"

@@ -7,8 +7,8 @@
 // Loops are written for the auto-vectoriser: the activation is a template parameter (no
 // branch inside the loop), reductions use `omp simd reduction`, and 16-bit types are
 // converted with plain bit operations or _Float16 casts.
-#ifndef FN_ISA
-#error "define FN_ISA before including kernels_impl.h"
+#if !defined(FN_ISA) || !defined(FN_VECTOR_BYTES)
+#error "define FN_ISA and FN_VECTOR_BYTES before including kernels_impl.h"
 #endif
 
 #include "../common/norm_math.h"
@@ -85,20 +85,51 @@ inline void with_activation(int64_t act, F&& f) {
 // Elements handled per two-pass chunk: small enough that the second read hits L1.
 constexpr int64_t kChunk = 2048;
 
+// Partial sums kept per lane: four vector registers' worth, so consecutive vector adds
+// go to different registers and pipeline instead of waiting on one accumulator's latency.
+// Each lane sums its elements in order, so the result is deterministic.
+template <typename A>
+constexpr int64_t kLanes = 4 * FN_VECTOR_BYTES / sizeof(A);
+
+// The sum of the W lane partials, halving pairwise (log-depth, vector adds while the
+// halves are wide) rather than one long scalar chain.
+template <typename A, int64_t W>
+inline A fold_lanes(A* lane) {
+  for (int64_t w = W / 2; w >= 1; w /= 2)
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) lane[j] += lane[j + w];
+  return lane[0];
+}
+
 // Corrected two-pass moments of a chunk that sits in cache.
 template <typename T, typename A>
 inline Moments<A> chunk_moments(const T* x, int64_t n) {
+  constexpr int64_t W = kLanes<A>;
+  const int64_t body = n - n % W;
+  A lane_s[W] = {};
+  for (int64_t i = 0; i < body; i += W)
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) lane_s[j] += A(load(x[i + j]));
   A s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += A(load(x[i]));
+  for (int64_t i = body; i < n; ++i) s += A(load(x[i]));
+  s += fold_lanes<A, W>(lane_s);
   const A m = s / A(n);
+  A lane_q[W] = {}, lane_d[W] = {};
+  for (int64_t i = 0; i < body; i += W)
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) {
+      const A v = A(load(x[i + j])) - m;
+      lane_q[j] += v * v;
+      lane_d[j] += v;
+    }
   A q = 0, d = 0;
-#pragma omp simd reduction(+ : q, d)
-  for (int64_t i = 0; i < n; ++i) {
-    A v = A(load(x[i])) - m;
+  for (int64_t i = body; i < n; ++i) {
+    const A v = A(load(x[i])) - m;
     q += v * v;
     d += v;
   }
+  q += fold_lanes<A, W>(lane_q);
+  d += fold_lanes<A, W>(lane_d);
   // d is the rounding error of m times n: correct the mean and M2 for it.
   return {A(n), m + d / A(n), q - d * d / A(n)};
 }

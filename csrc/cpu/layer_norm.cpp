@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   const int64_t L = check_layer_norm(input, shape, weight, bias);
   const at::Tensor x = input.contiguous();
   const int64_t R = L == 0 ? 0 : x.numel() / L;
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = empty_output_like(x);
   at::Tensor mean_t = at::empty({R}, x.options().dtype(acc_dtype(x)));
   at::Tensor rstd_t = at::empty({R}, x.options().dtype(acc_dtype(x)));
   if (R == 0 || L == 0) return {y, mean_t, rstd_t};
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   const at::Tensor x = input.contiguous();
   const at::Tensor dy = grad_out.to(x.scalar_type()).contiguous();
   const int64_t R = L == 0 ? 0 : x.numel() / L;
-  at::Tensor dx = mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  at::Tensor dx = mask[0] ? empty_output_like(x) : at::empty({0}, x.options());
   at::Tensor dweight, dbias;
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

@@ -4,7 +4,7 @@ Drop-in modules (fusednorm.BatchNorm2d, ...), a functional API (fusednorm.functi
 the ops underneath (torch.ops.fusednorm.*; torch.ops.fusednorm_triton.* for the Triton
 backend, chosen with fusednorm.set_backend / fusednorm.use_backend)."""
 from . import functional
-from ._C import cpu_isa
+from ._C import cpu_isa, empty_cpu_cache
 from ._ops import ops
 from .backend import get_backend, set_backend, use_backend
 from .convert import convert
@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "GroupNorm", "SyncBatchNorm", "functional", "ops", "cpu_isa", "convert",
+    "LayerNorm", "GroupNorm", "SyncBatchNorm", "functional", "ops", "cpu_isa", "empty_cpu_cache", "convert",
     "set_backend", "use_backend", "get_backend",
 ]
