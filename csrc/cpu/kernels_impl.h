@@ -5,7 +5,7 @@
 // flags could otherwise be picked by the linker for callers on older CPUs.
 //
 // Loops are written for the auto-vectoriser: the activation is a template parameter (no
-// branch inside the loop), reductions use `omp simd reduction`, and 16-bit types are
+// branch inside the loop), reductions keep per-lane partial sums (lane_sums), and 16-bit types are
 // converted with plain bit operations or _Float16 casts.
 #if !defined(FN_ISA) || !defined(FN_VECTOR_BYTES)
 #error "define FN_ISA and FN_VECTOR_BYTES before including kernels_impl.h"
@@ -85,51 +85,45 @@ inline void with_activation(int64_t act, F&& f) {
 // Elements handled per two-pass chunk: small enough that the second read hits L1.
 constexpr int64_t kChunk = 2048;
 
-// Partial sums kept per lane: four vector registers' worth, so consecutive vector adds
-// go to different registers and pipeline instead of waiting on one accumulator's latency.
-// Each lane sums its elements in order, so the result is deterministic.
+// Sums kept per lane: four vector registers' worth per sum, so consecutive vector adds go
+// to different registers and pipeline instead of waiting on one accumulator's latency
+// (an `omp simd reduction` keeps one register and is latency-bound). Each lane adds its
+// elements in order and the lanes are folded pairwise: deterministic.
 template <typename A>
 constexpr int64_t kLanes = 4 * FN_VECTOR_BYTES / sizeof(A);
 
-// The sum of the W lane partials, halving pairwise (log-depth, vector adds while the
-// halves are wide) rather than one long scalar chain.
-template <typename A, int64_t W>
-inline A fold_lanes(A* lane) {
-  for (int64_t w = W / 2; w >= 1; w /= 2)
+// The K sums over i in [0, n) of the terms that add(i, lanes, j) adds into lanes[k][j].
+template <int K, typename A, typename F>
+inline void lane_sums(int64_t n, F&& add, A (&out)[K]) {
+  constexpr int64_t W = kLanes<A>;
+  A lanes[K][W] = {};
+  const int64_t body = n - n % W;
+  for (int64_t i0 = 0; i0 < body; i0 += W)
 #pragma omp simd
-    for (int64_t j = 0; j < w; ++j) lane[j] += lane[j + w];
-  return lane[0];
+    for (int64_t j = 0; j < W; ++j) add(i0 + j, lanes, j);
+  for (int64_t i = body; i < n; ++i) add(i, lanes, i - body);
+  for (int k = 0; k < K; ++k) {
+    for (int64_t w = W / 2; w >= 1; w /= 2)
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) lanes[k][j] += lanes[k][j + w];
+    out[k] = lanes[k][0];
+  }
 }
 
 // Corrected two-pass moments of a chunk that sits in cache.
 template <typename T, typename A>
 inline Moments<A> chunk_moments(const T* x, int64_t n) {
   constexpr int64_t W = kLanes<A>;
-  const int64_t body = n - n % W;
-  A lane_s[W] = {};
-  for (int64_t i = 0; i < body; i += W)
-#pragma omp simd
-    for (int64_t j = 0; j < W; ++j) lane_s[j] += A(load(x[i + j]));
-  A s = 0;
-  for (int64_t i = body; i < n; ++i) s += A(load(x[i]));
-  s += fold_lanes<A, W>(lane_s);
-  const A m = s / A(n);
-  A lane_q[W] = {}, lane_d[W] = {};
-  for (int64_t i = 0; i < body; i += W)
-#pragma omp simd
-    for (int64_t j = 0; j < W; ++j) {
-      const A v = A(load(x[i + j])) - m;
-      lane_q[j] += v * v;
-      lane_d[j] += v;
-    }
-  A q = 0, d = 0;
-  for (int64_t i = body; i < n; ++i) {
+  A s[1];
+  lane_sums<1, A>(n, [&](int64_t i, A (&l)[1][W], int64_t j) { l[0][j] += A(load(x[i])); }, s);
+  const A m = s[0] / A(n);
+  A qd[2];
+  lane_sums<2, A>(n, [&](int64_t i, A (&l)[2][W], int64_t j) {
     const A v = A(load(x[i])) - m;
-    q += v * v;
-    d += v;
-  }
-  q += fold_lanes<A, W>(lane_q);
-  d += fold_lanes<A, W>(lane_d);
+    l[0][j] += v * v;
+    l[1][j] += v;
+  }, qd);
+  const A q = qd[0], d = qd[1];
   // d is the rounding error of m times n: correct the mean and M2 for it.
   return {A(n), m + d / A(n), q - d * d / A(n)};
 }
@@ -227,17 +221,16 @@ void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* a
       const A m = mean[r];
       const T* xr = x + r * S;
       const T* gr = dy + r * S;
-      A s = 0, sx = 0;
-#pragma omp simd reduction(+ : s, sx)
-      for (int64_t i = 0; i < S; ++i) {
+      A sums[2];
+      lane_sums<2, A>(S, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) {
         const A xv = A(load(xr[i]));
         A g = A(load(gr[i]));
         if (ACT != kNone) g *= activation_grad<A>(xv * a + b, ACT, slope);
-        s += g;
-        sx += g * (xv - m);
-      }
-      sum_dy[r] = s;
-      sum_dy_xmu[r] = sx;
+        l[0][j] += g;
+        l[1][j] += g * (xv - m);
+      }, sums);
+      sum_dy[r] = sums[0];
+      sum_dy_xmu[r] = sums[1];
     }
   });
 }
@@ -335,18 +328,18 @@ void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L
       const T* xr = x + r * L;
       const T* gr = dy + r * L;
       // Pass 1 (row in cache afterwards): parameter-gradient partials and the row's sums.
-      A s = 0, sx = 0;
-#pragma omp simd reduction(+ : s, sx)
-      for (int64_t i = 0; i < L; ++i) {
+      A sums[2];
+      lane_sums<2, A>(L, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) {
         const A xh = (A(load(xr[i])) - m) * rs;
         A g = A(load(gr[i]));
         if (ACT != kNone) g *= activation_grad<A>(xh * gamma[i] + beta[i], ACT, slope);
         dgamma[i] += g * xh;
         dbeta[i] += g;
         const A gg = g * gamma[i];
-        s += gg;
-        sx += gg * xh;
-      }
+        l[0][j] += gg;
+        l[1][j] += gg * xh;
+      }, sums);
+      const A s = sums[0], sx = sums[1];
       if (dx == nullptr) continue;
       // Pass 2: dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)).
       T* dr = dx + r * L;
