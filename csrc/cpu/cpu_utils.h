@@ -72,15 +72,27 @@ void for_row_blocks(int64_t rows, int64_t row_len, F&& f) {
                   });
 }
 
+// Contiguous float32/float64: the usual dtypes of parameters and running statistics,
+// which the helpers below read and update in place.
+inline bool plain_float_vector(const at::Tensor& t) {
+  return t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+}
+
 // A parameter vector (weight, bias, running statistic) in the accumulation type A, or
 // `fill` repeated n times when the tensor is absent.
 template <typename A>
 std::vector<A> to_acc_vector(const c10::optional<at::Tensor>& p, int64_t n, A fill) {
   std::vector<A> v(n, fill);
-  if (p.has_value() && p->defined()) {
-    at::Tensor c = p->detach().to(c10::CppTypeToScalarType<A>::value).contiguous();
-    std::copy(c.data_ptr<A>(), c.data_ptr<A>() + n, v.begin());
+  if (!p.has_value() || !p->defined()) return v;
+  if (plain_float_vector(*p)) {  // the usual case, without the per-call conversion ops
+    if (p->scalar_type() == at::kFloat)
+      std::copy(p->const_data_ptr<float>(), p->const_data_ptr<float>() + n, v.begin());
+    else
+      std::copy(p->const_data_ptr<double>(), p->const_data_ptr<double>() + n, v.begin());
+    return v;
   }
+  at::Tensor c = p->detach().to(c10::CppTypeToScalarType<A>::value).contiguous();
+  std::copy(c.data_ptr<A>(), c.data_ptr<A>() + n, v.begin());
   return v;
 }
 
@@ -94,10 +106,20 @@ at::Tensor from_acc_vector(const std::vector<A>& v, at::ScalarType dtype) {
 
 // running = (1 - momentum) * running + momentum * fresh, computed in float64 and stored
 // in the running statistic's own dtype.
+template <typename R>
+void blend_in_place(R* p, const std::vector<double>& fresh, double momentum) {
+  for (size_t c = 0; c < fresh.size(); ++c) p[c] = R((1.0 - momentum) * double(p[c]) + momentum * fresh[c]);
+}
 inline void update_running(at::Tensor& running, const std::vector<double>& fresh, double momentum) {
+  if (plain_float_vector(running)) {  // in place: no conversion ops per call
+    if (running.scalar_type() == at::kFloat)
+      blend_in_place(running.data_ptr<float>(), fresh, momentum);
+    else
+      blend_in_place(running.data_ptr<double>(), fresh, momentum);
+    return;
+  }
   at::Tensor cur = running.to(at::kDouble).cpu().contiguous();
-  double* p = cur.data_ptr<double>();
-  for (size_t c = 0; c < fresh.size(); ++c) p[c] = (1.0 - momentum) * p[c] + momentum * fresh[c];
+  blend_in_place(cur.data_ptr<double>(), fresh, momentum);
   running.copy_(cur);
 }
 
