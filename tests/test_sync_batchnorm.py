@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusednorm
+from helpers import TRITON_CPU
 
 TIMEOUT = datetime.timedelta(seconds=60)
 
@@ -99,7 +100,7 @@ def reference(full, grad, act, steps=2):
     return yr.detach(), gxr, gwr, gbr, ref
 
 
-def _sync_step(rank, world, sizes, activation, channels_last, dtype=torch.float32):
+def _sync_step(rank, world, sizes, activation, channels_last, dtype=torch.float32, backend="auto"):
     full, grad = data(sizes)
     lo = sum(sizes[:rank])
     x = full[lo:lo + sizes[rank]].clone().to(dtype)
@@ -109,10 +110,11 @@ def _sync_step(rank, world, sizes, activation, channels_last, dtype=torch.float3
     m = seeded_affine(fusednorm.SyncBatchNorm(3, activation=activation, negative_slope=0.2))
     counts, restore = count_collectives()
     ys = []
-    for _ in range(2):
-        y = m(x)
-        (gx, gw, gb) = torch.autograd.grad(y, [x, m.weight, m.bias], grad[lo:lo + sizes[rank]].to(dtype))
-        ys.append(y.detach())
+    with fusednorm.use_backend(backend):
+        for _ in range(2):
+            y = m(x)
+            (gx, gw, gb) = torch.autograd.grad(y, [x, m.weight, m.bias], grad[lo:lo + sizes[rank]].to(dtype))
+            ys.append(y.detach())
     restore()
     gw_sum, gb_sum = gw.clone(), gb.clone()
     dist.all_reduce(gw_sum)
@@ -121,11 +123,14 @@ def _sync_step(rank, world, sizes, activation, channels_last, dtype=torch.float3
             "nbt": m.num_batches_tracked, "counts": counts, "cl": y.is_contiguous(memory_format=torch.channels_last)}
 
 
-@pytest.mark.parametrize("world,sizes", [(2, [3, 5]), (3, [4, 1, 2]), (3, [3, 0, 4])],
-                         ids=["2-ranks-uneven", "3-ranks-uneven", "3-ranks-one-empty"])
+WORLDS = [(2, [3, 5]), (3, [4, 1, 2]), (3, [3, 0, 4])]
+WORLD_IDS = ["2-ranks-uneven", "3-ranks-uneven", "3-ranks-one-empty"]
+
+
+@pytest.mark.parametrize("world,sizes", WORLDS, ids=WORLD_IDS)
 @pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
-def test_sync_matches_full_batch(world, sizes, activation):
-    results = run_ranks(_sync_step, world, sizes, activation, False)
+def test_sync_matches_full_batch(world, sizes, activation, backend="auto"):
+    results = run_ranks(_sync_step, world, sizes, activation, False, torch.float32, backend)
     full, grad = data(sizes)
     act = {None: lambda t: t, "relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, 0.2)}[activation]
     yr, gxr, gwr, gbr, ref = reference(full, grad, act)
@@ -142,6 +147,14 @@ def test_sync_matches_full_batch(world, sizes, activation):
         # 2 steps: one all_gather per forward, one all_reduce per backward.
         assert r["counts"] == {"all_gather": 2, "all_reduce": 2}
         lo = hi
+
+
+@TRITON_CPU
+@pytest.mark.parametrize("world,sizes", [WORLDS[0], WORLDS[2]], ids=[WORLD_IDS[0], WORLD_IDS[2]])
+def test_sync_on_triton_backend(world, sizes):
+    """The same checks with the Triton kernels (statistics, normalise, backward sums) under
+    the interpreter; the spawned ranks inherit TRITON_INTERPRET=1 from conftest."""
+    test_sync_matches_full_batch(world, sizes, "relu", backend="triton")
 
 
 def test_bfloat16_input_float32_statistics():

@@ -190,6 +190,11 @@ def _grad_sums(dy, x, mean, rstd, weight, bias, view, stat_index, act, slope, ac
     return part_g.sum(0), part_gx.sum(0)
 
 
+def _zero_sums(n, dtype, device):
+    """The gradient sums of an empty input: two tensors (returned outputs must not alias)."""
+    return torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device)
+
+
 def _param_grads(mask, weight, bias, sum_g, sum_gx, shape):
     dw = sum_gx.to(weight.dtype).reshape(shape) if mask[1] and weight is not None else None
     db = sum_g.to(bias.dtype).reshape(shape) if mask[2] and bias is not None else None
@@ -218,7 +223,7 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
         sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, weight, bias, (n, c, s, strides), (0, 1),
                                    activation, negative_slope, acc)
     else:
-        sum_g = sum_gx = torch.zeros(c, dtype=stat_dtype, device=x.device)
+        sum_g, sum_gx = _zero_sums(c, stat_dtype, x.device)
     dx = None
     if output_mask[0]:
         dx = torch.empty_like(x)
@@ -304,7 +309,7 @@ def layer_norm_bwd(grad_out: Tensor, input: Tensor, normalized_shape: List[int],
             sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, w, b, (rows, length, 1, (length, 1, 0)),
                                        (1, length), activation, negative_slope, acc)
         else:
-            sum_g = sum_gx = torch.zeros(length, dtype=stat_dtype, device=x.device)
+            sum_g, sum_gx = _zero_sums(length, stat_dtype, x.device)
         dw, db = _param_grads(output_mask, weight, bias, sum_g, sum_gx, tuple(normalized_shape))
     return _empty_unless(dx, x), _empty_unless(dw, x), _empty_unless(db, x)
 
@@ -360,7 +365,7 @@ def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, mean: Tenso
             sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, weight, bias, (n, c, s, (c * s, s, 1)),
                                        (num_groups, per_group), activation, negative_slope, acc)
         else:
-            sum_g = sum_gx = torch.zeros(c, dtype=stat_dtype, device=x.device)
+            sum_g, sum_gx = _zero_sums(c, stat_dtype, x.device)
         dw, db = _param_grads(output_mask, weight, bias, sum_g, sum_gx, (c,))
     return _empty_unless(dx, x), _empty_unless(dw, x), _empty_unless(db, x)
 
