@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fusednorm
-from helpers import activate, assert_close, make_input
+from helpers import TRITON_CPU, activate, assert_close, make_input
 
 
 def compare(ours, ref, x, dtype=torch.float32, steps=2, train=True):
@@ -231,3 +231,23 @@ def test_float32_accuracy_no_worse_than_torch(kind):
     err_ours = (ours(x64.float()).double() - exact).abs().max().item()
     err_torch = (ref(x64.float()).double() - exact).abs().max().item()
     assert err_ours <= 2 * err_torch, (err_ours, err_torch)
+
+
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=TRITON_CPU)])
+def test_backward_ops_never_return_aliased_outputs(backend):
+    """Unrequested gradients come back as empty tensors, each its own (an op's outputs must
+    not alias: torch.compile and custom ops rely on it)."""
+    x = torch.randn(3, 4, 5)
+    w, b = torch.ones(4), torch.zeros(4)
+    mean, rstd = torch.zeros(4), torch.ones(4)
+    with fusednorm.use_backend(backend):
+        ops = fusednorm.backend.ops_for(x)
+        outs = [
+            ops.batch_norm_bwd(x, x, w, b, mean, rstd, True, 0, 0.0, [True, False, False]),
+            ops.batch_norm_bwd(x, x, w, b, mean, rstd, True, 0, 0.0, [False, False, False]),
+            ops.group_norm_bwd(x, x, 2, torch.zeros(3, 2), torch.ones(3, 2), w, b, 0, 0.0, [True, False, False]),
+            ops.layer_norm_bwd(x, x, [5], torch.zeros(12), torch.ones(12), torch.ones(5), torch.zeros(5), 0, 0.0,
+                               [True, False, False]),
+        ]
+    for dx, dw, db in outs:
+        assert dx is not dw and dw is not db and dx is not db

@@ -253,8 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
       });
     }
   });
-  auto empty = at::empty({0}, input.options());
-  return {dx, dweight.defined() ? dweight : empty, dbias.defined() ? dbias : empty};
+  return {dx, or_empty(dweight, input.options()), or_empty(dbias, input.options())};
 }
 
 }  // namespace

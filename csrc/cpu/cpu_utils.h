@@ -31,6 +31,11 @@ at::Tensor empty_output_like(const at::Tensor& x);
 // Frees the large output blocks output_alloc.cpp keeps for reuse.
 void empty_output_cache();
 
+// t, or an empty tensor of its own when t is undefined (an op's outputs must not alias).
+inline at::Tensor or_empty(const at::Tensor& t, const at::TensorOptions& options) {
+  return t.defined() ? t : at::empty({0}, options);
+}
+
 template <typename T>
 T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());

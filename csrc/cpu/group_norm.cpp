@@ -260,8 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cpu(
     if (mask[1] && has(weight)) dweight = from_acc_vector(dw, weight->scalar_type());
     if (mask[2] && has(bias)) dbias = from_acc_vector(db, bias->scalar_type());
   });
-  auto empty = at::empty({0}, x.options());
-  return {dx, dweight.defined() ? dweight : empty, dbias.defined() ? dbias : empty};
+  return {dx, or_empty(dweight, x.options()), or_empty(dbias, x.options())};
 }
 
 }  // namespace

@@ -84,8 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     if (mask[1] && has(weight)) dweight = from_acc_vector(pg, weight->scalar_type()).view(shape);
     if (mask[2] && has(bias)) dbias = from_acc_vector(pb, bias->scalar_type()).view(shape);
   });
-  auto empty = at::empty({0}, x.options());
-  return {dx, dweight.defined() ? dweight : empty, dbias.defined() ? dbias : empty};
+  return {dx, or_empty(dweight, x.options()), or_empty(dbias, x.options())};
 }
 
 }  // namespace
