@@ -33,12 +33,14 @@ def test_cuda_kernels_registered_for_every_op():
     (fusednorm.GroupNorm, nn.GroupNorm, (4, 8), (4, 8, 16, 16)),
     (fusednorm.InstanceNorm2d, nn.InstanceNorm2d, (8,), (4, 8, 16, 16)),
 ])
-def test_second_gpu(cls, ref_cls, args, shape):
-    """On cuda:1 while cuda:0 is current: the device guard and stream must follow the input."""
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_second_gpu(backend, cls, ref_cls, args, shape):
+    """On cuda:1 while cuda:0 is current: the device guard and stream must follow the input
+    (CUDA kernels and Triton launches alike)."""
     ours, ref = cls(*args, activation="relu").to("cuda:1"), ref_cls(*args).to("cuda:1")
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(shape, device="cuda:1", requires_grad=True)
-    with torch.cuda.device(0):
+    with torch.cuda.device(0), fusednorm.use_backend(backend):
         y = ours(x)
         yr = F.relu(ref(x))
         torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-5)

@@ -50,8 +50,14 @@ def kernels_interpreted():
 
 
 def _launch(kernel, grid, *args, **meta):
-    launches[kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__] += 1
-    kernel[grid](*args, **meta)
+    """Launches on the input's GPU and that GPU's current stream: Triton launches on the
+    current device, so without the guard a tensor on cuda:1 would be handed to a kernel
+    running on cuda:0."""
+    launches[kernel.__name__] += 1
+    device = args[0].device
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[grid](*args, **meta)
 
 
 def _acc(x):
