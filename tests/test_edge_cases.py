@@ -251,3 +251,19 @@ def test_backward_ops_never_return_aliased_outputs(backend):
         ]
     for dx, dw, db in outs:
         assert dx is not dw and dw is not db and dx is not db
+
+
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=TRITON_CPU)])
+def test_non_contiguous_running_statistics_are_updated(backend):
+    """Running buffers that are views with a stride (every other element of a wider buffer)
+    get the same update as torch.nn's, not an update of a temporary copy."""
+    x, xi = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 7)
+    ours = [torch.zeros(6)[::2], torch.ones(6)[::2], torch.zeros(6)[::2], torch.ones(6)[::2]]
+    ref = [torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3)]
+    with fusednorm.use_backend(backend):
+        fusednorm.functional.batch_norm(x, ours[0], ours[1], training=True)
+        fusednorm.functional.instance_norm(xi, ours[2], ours[3], use_input_stats=True)
+    torch.nn.functional.batch_norm(x, ref[0], ref[1], training=True)
+    torch.nn.functional.instance_norm(xi, ref[2], ref[3], use_input_stats=True)
+    for name, a, b in zip(["bn mean", "bn var", "in mean", "in var"], ours, ref):
+        assert_close(a, b, torch.float32, name)

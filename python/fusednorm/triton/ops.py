@@ -71,12 +71,24 @@ def _num_warps(block):
 
 # ---- per-channel (BatchNorm) -----------------------------------------------------------
 
+def _channels_last_format(x):
+    """x's channels_last memory format when it is laid out that way (and not also plainly
+    contiguous), else None."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return fmt
+    return None
+
+
+def _spatial(x):
+    return math.prod(x.shape[2:])
+
+
 def _channel_view(x):
     """(dense input, N, C, S, (sn, sc, ss), chan_div): the input as (N, C, S) with strides.
     NCHW-contiguous and channels_last stay as they are; anything else is made contiguous."""
-    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if not x.is_contiguous() and fmt is not None and x.is_contiguous(memory_format=fmt):
+    n, c, s = x.shape[0], x.shape[1], _spatial(x)
+    if _channels_last_format(x) is not None:
         return x, n, c, s, (s * c, 1, c), 1
     x = x.contiguous()
     return x, n, c, s, (c * s, s, 1), s
@@ -84,10 +96,8 @@ def _channel_view(x):
 
 def _like_view(t, x):
     """t in x's (dense) memory layout."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
-        return t.contiguous(memory_format=fmt)
-    return t.contiguous()
+    fmt = _channels_last_format(x)
+    return t.contiguous(memory_format=fmt) if fmt is not None else t.contiguous()
 
 
 def _reduce_tiles(m, c, strides):
@@ -122,8 +132,8 @@ def _channel_finish(x, c, parts, m, weight, bias, rm, rv, training, momentum, ep
     block_c = min(256, triton.next_power_of_2(max(c, 1)))
     _launch(ck.channel_finish_kernel, (triton.cdiv(c, block_c),), part_mean, part_m2, splits, rows,
             m, c, _or(weight, dummy), _or(bias, dummy), _or(rm, dummy), _or(rv, dummy), mean,
-            rstd, m2, alpha, shift, _scalars(x, stat_dtype, eps=eps, momentum=momentum), TRAINING=training,
-            HAS_W=weight is not None, HAS_B=bias is not None, HAS_RM=rm is not None,
+            rstd, m2, alpha, shift, _scalars(x, stat_dtype, eps=eps, momentum=momentum),
+            TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RM=rm is not None,
             HAS_RV=rv is not None, ACC=acc, BLOCK_C=block_c)
     return mean, rstd, m2, alpha, shift
 
@@ -131,6 +141,17 @@ def _channel_finish(x, c, parts, m, weight, bias, rm, rv, training, momentum, ep
 def _scalars(x, stat_dtype, eps=0.0, slope=0.0, momentum=0.0):
     """The kernels' float arguments as one tensor in the statistics' dtype (math.load_scalars)."""
     return torch.tensor([eps, slope, momentum], dtype=stat_dtype, device=x.device)
+
+
+def _running(t):
+    """A running statistic the kernels can update in place: itself, or a contiguous copy
+    that _write_back copies into it afterwards."""
+    return t.contiguous() if t is not None else None
+
+
+def _write_back(running, updated):
+    if running is not None and updated is not running:
+        running.copy_(updated)
 
 
 def _or(t, dummy):
@@ -157,13 +178,16 @@ def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     if training and m == 0:  # empty batch: running statistics untouched, as the C++ kernels
         return y, x.new_zeros(c, dtype=stat_dtype), x.new_full((c,), eps ** -0.5, dtype=stat_dtype)
     parts = _channel_stats(x, n, c, s, strides, stat_dtype, acc) if training else None
-    mean, rstd, _, alpha, shift = _channel_finish(x, c, parts, m, weight, bias, running_mean,
-                                                  running_var, training, momentum, eps,
-                                                  stat_dtype, acc)
+    rm, rv = _running(running_mean), _running(running_var)
+    mean, rstd, _, alpha, shift = _channel_finish(x, c, parts, m, weight, bias, rm, rv, training,
+                                                  momentum, eps, stat_dtype, acc)
+    _write_back(running_mean, rm)
+    _write_back(running_var, rv)
     if x.numel():
         block = _LIMITS["elementwise_block"]
         _launch(ck.channel_apply_kernel, (triton.cdiv(x.numel(), block),), x, y, alpha, shift,
-                x.numel(), c, chan_div, _scalars(x, stat_dtype, slope=negative_slope), ACT=activation, ACC=acc, BLOCK=block)
+                x.numel(), c, chan_div, _scalars(x, stat_dtype, slope=negative_slope),
+                ACT=activation, ACC=acc, BLOCK=block)
     return y, mean, rstd
 
 
@@ -191,8 +215,8 @@ def _grad_sums(dy, x, mean, rstd, weight, bias, view, stat_index, act, slope, ac
     part_gx = torch.empty((splits, c), dtype=mean.dtype, device=x.device)
     _launch(ck.channel_grad_sums_kernel, (triton.cdiv(c, block_c), splits), dy, x, mean, rstd,
             _or(weight, mean), _or(bias, mean), part_g, part_gx, m, c, s, *strides, *stat_index,
-            rows, _scalars(x, mean.dtype, slope=slope), ACT=act, HAS_W=weight is not None, HAS_B=bias is not None,
-            ACC=acc, BLOCK_J=block_j, BLOCK_C=block_c)
+            rows, _scalars(x, mean.dtype, slope=slope), ACT=act, HAS_W=weight is not None,
+            HAS_B=bias is not None, ACC=acc, BLOCK_J=block_j, BLOCK_C=block_c)
     return part_g.sum(0), part_gx.sum(0)
 
 
@@ -260,9 +284,10 @@ def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, slo
     if rows and length:
         block = _row_block(length)
         _launch(rk.row_fwd_kernel, (rows,), x, y, _or(weight, mean), _or(bias, mean), mean, rstd,
-                _or(m2, mean), length, groups, per_group, s, _scalars(x, stat_dtype, eps=eps, slope=slope), ACT=act,
-                HAS_W=weight is not None, HAS_B=bias is not None, STORE_M2=store_m2, ACC=acc,
-                BLOCK=block, num_warps=_num_warps(block))
+                _or(m2, mean), length, groups, per_group, s,
+                _scalars(x, stat_dtype, eps=eps, slope=slope), ACT=act, HAS_W=weight is not None,
+                HAS_B=bias is not None, STORE_M2=store_m2, ACC=acc, BLOCK=block,
+                num_warps=_num_warps(block))
     elif rows:  # empty rows: the statistics of nothing, as the C++ kernels give
         mean.zero_()
         rstd.fill_(eps ** -0.5)
@@ -324,14 +349,7 @@ def _group_layout(input):
     """(contiguous input, channels-last memory format or None): the row kernels read NCHW;
     a channels_last GroupNorm input is normalised from a contiguous copy and its results
     returned channels_last again, as torch.nn.GroupNorm does."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
-    cl = fmt if (fmt is not None and not input.is_contiguous()
-                 and input.is_contiguous(memory_format=fmt)) else None
-    return input.contiguous(), cl
-
-
-def _spatial(x):
-    return math.prod(x.shape[2:])
+    return input.contiguous(), _channels_last_format(input)
 
 
 @torch.library.custom_op(f"{_NS}::group_norm_fwd", mutates_args=())
@@ -390,10 +408,12 @@ def instance_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
     if update and n * s:
         _, acc = _acc(x)
         block_c = min(256, triton.next_power_of_2(c))
-        _launch(rk.instance_running_kernel, (triton.cdiv(c, block_c),), mean, m2,
-                _or(running_mean, mean), _or(running_var, mean), n, c, s, _scalars(x, mean.dtype, momentum=momentum),
-                HAS_RM=running_mean is not None, HAS_RV=running_var is not None, ACC=acc,
-                BLOCK_C=block_c)
+        rm, rv = _running(running_mean), _running(running_var)
+        _launch(rk.instance_running_kernel, (triton.cdiv(c, block_c),), mean, m2, _or(rm, mean),
+                _or(rv, mean), n, c, s, _scalars(x, mean.dtype, momentum=momentum),
+                HAS_RM=rm is not None, HAS_RV=rv is not None, ACC=acc, BLOCK_C=block_c)
+        _write_back(running_mean, rm)
+        _write_back(running_var, rv)
     return y, mean.view(n, c), rstd.view(n, c)
 
 
