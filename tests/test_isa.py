@@ -19,6 +19,11 @@ cases = [
     (fusednorm.LayerNorm(37, activation="relu"), nn.LayerNorm(37), (6, 37)),
     (fusednorm.GroupNorm(2, 8, activation="relu"), nn.GroupNorm(2, 8), (3, 8, 5, 5)),
     (fusednorm.InstanceNorm2d(8, affine=True), nn.InstanceNorm2d(8, affine=True), (3, 8, 5, 5)),
+    # Several cache blocks per thread, rows not a multiple of the vector or 1 KiB piece:
+    # the kernels that prefetch the next block while writing (kernels.h, Ahead).
+    (fusednorm.InstanceNorm2d(8, affine=True, activation="relu"), nn.InstanceNorm2d(8, affine=True), (3, 8, 37, 41)),
+    (fusednorm.GroupNorm(2, 8, activation="leaky_relu"), nn.GroupNorm(2, 8), (2, 8, 40, 50)),
+    (fusednorm.LayerNorm(300), nn.LayerNorm(300), (200, 300)),
 ]
 for ours, ref, shape in cases:
     with torch.no_grad():

@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
       parallel_chunks(R, num_chunks(R, std::max<int64_t>(1, kGrainElements / S)),
                       [&](int64_t, int64_t b, int64_t e) {
                         k.apply_rows(x + b * S, out + b * S, e - b, S, &ra[b], &rb[b], act,
-                                     A(slope));
+                                     A(slope), Ahead<T>{});
                       });
     }
   });
@@ -249,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
       std::vector<A> rA = per_row(cA, l.N), rB = per_row(cB, l.N), rC = per_row(cC, l.N);
       parallel_chunks(R, row_chunks, [&](int64_t, int64_t b, int64_t e) {
         k.input_grad_rows(x + b * S, g + b * S, d + b * S, e - b, S, &ra[b], &rb[b], &rA[b],
-                          &rB[b], &rC[b], act, A(slope));
+                          &rB[b], &rC[b], act, A(slope), Ahead<T>{});
       });
     }
   });

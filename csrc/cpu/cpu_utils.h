@@ -67,6 +67,18 @@ inline int64_t block_rows(int64_t row_len) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
 }
 
+// What a kernel writing elements [off, off + n) of a block `block` elements long should
+// prefetch (kernels.h, Ahead): the same span of the next block, clipped to the `total`
+// elements of x (and dy).
+template <typename T>
+Ahead<T> next_block(const T* x, const T* dy, int64_t off, int64_t n, int64_t block,
+                    int64_t total) {
+  const int64_t start = off + block;
+  const int64_t len = std::min(n, total - start);
+  if (len <= 0) return {};
+  return {x + start, dy ? dy + start : nullptr, len};
+}
+
 // Runs f(begin, end) over [0, rows) in parallel, in cache-sized blocks.
 template <typename F>
 void for_row_blocks(int64_t rows, int64_t row_len, F&& f) {

@@ -75,7 +75,8 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
         for (int64_t j = 0; j < nj; ++j)
           fold_affine(mean[r], rstd[r], gamma[c0 + j0 + j], beta[c0 + j0 + j], &alpha[j], &shift[j]);
         const int64_t off = r * L + j0 * S;
-        k.apply_rows(x + off, y + off, nj, S, alpha, shift, act, slope);
+        k.apply_rows(x + off, y + off, nj, S, alpha, shift, act, slope,
+                     next_block<T>(x, nullptr, off, nj * S, (e - b) * L, s.N * G * L));
       }
     }
   });
@@ -150,7 +151,8 @@ void group_norm_backward(const GnShape& s, const T* x, const T* g, T* dx,
       group_coefficients(s, r, mean, rstd, gamma, &sdy[r * Cg], &sdx[r * Cg], &cA[r * Cg],
                          &cB[r * Cg], &cC[r * Cg]);
     k.input_grad_rows(x + rb * S, g + rb * S, dx + rb * S, re - rb, S, &alpha[rb], &shift[rb],
-                      &cA[rb], &cB[rb], &cC[rb], act, slope);
+                      &cA[rb], &cB[rb], &cC[rb], act, slope,
+                      next_block<T>(x, g, b * L, (e - b) * L, (e - b) * L, s.N * G * L));
   });
 }
 

@@ -35,6 +35,19 @@ using acc_t = typename AccType<T>::type;
 // "cols" = a (rows, C) matrix whose per-column statistics we need (channels_last BN).
 // alpha/beta: the folded affine (y = act(x*alpha + beta)); A/B/C: dx = A*dyhat + B*x + C;
 // sum_dy = sum(dyhat), sum_dy_xmu = sum(dyhat * (x - mean)), dyhat = dy * act'(x*alpha+beta).
+// Input for a kernel to pull into cache while it writes its output: the next block of a
+// blocked two-pass loop (statistics, then normalise from cache). Without it a thread
+// alternates a read-only phase with a write-only one and memory idles in each; prefetched,
+// the reads overlap the writes (IN forward 1.1-1.2x, forward+backward 1.2x faster on the
+// 2-core VM) and the next statistics pass reads from cache. n elements from x and, if
+// non-null, dy; one cache line of each per line of output written.
+template <typename T>
+struct Ahead {
+  const T* x = nullptr;
+  const T* dy = nullptr;
+  int64_t n = 0;
+};
+
 template <typename T, typename A>
 struct KernelTable {
   // mean[r], m2[r] of each row.
@@ -44,7 +57,7 @@ struct KernelTable {
   void (*moments_cols)(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2,
                        A* scratch);
   void (*apply_rows)(const T* x, T* y, int64_t rows, int64_t S, const A* alpha, const A* beta,
-                     int64_t act, A slope);
+                     int64_t act, A slope, Ahead<T> ahead);
   void (*apply_cols)(const T* x, T* y, int64_t rows, int64_t C, const A* alpha, const A* beta,
                      int64_t act, A slope);
   // Per-row sums (written), per-column sums (accumulated).
@@ -56,13 +69,14 @@ struct KernelTable {
                          A* sum_dy_xmu);
   void (*input_grad_rows)(const T* x, const T* dy, T* dx, int64_t rows, int64_t S,
                           const A* alpha, const A* beta, const A* cA, const A* cB, const A* cC,
-                          int64_t act, A slope);
+                          int64_t act, A slope, Ahead<T> ahead);
   void (*input_grad_cols)(const T* x, const T* dy, T* dx, int64_t rows, int64_t C,
                           const A* alpha, const A* beta, const A* cA, const A* cB, const A* cC,
                           int64_t act, A slope);
   // LayerNorm: per-element gamma/beta (length L), statistics per row.
   void (*layer_norm_apply)(const T* x, T* y, int64_t rows, int64_t L, const A* mean,
-                           const A* rstd, const A* gamma, const A* beta, int64_t act, A slope);
+                           const A* rstd, const A* gamma, const A* beta, int64_t act, A slope,
+                           Ahead<T> ahead);
   // dx (if non-null) per row; dgamma/dbeta partial sums accumulated.
   void (*layer_norm_backward)(const T* x, const T* dy, T* dx, int64_t rows, int64_t L,
                               const A* mean, const A* rstd, const A* gamma, const A* beta,

@@ -68,6 +68,39 @@ inline void store(bf16_t* p, float v) {
   p->bits = static_cast<uint16_t>(v != v ? 0x7fc0u : rounded);
 }
 
+// ---- writing outputs while prefetching the next block (struct Ahead) --------------------
+constexpr int64_t kLineBytes = 64;
+
+template <typename T>
+inline void prefetch_some(Ahead<T>& a, int64_t m) {
+  const int64_t k = m < a.n ? m : a.n;
+  for (int64_t q = 0; q < k; q += kLineBytes / int64_t(sizeof(T))) {
+    __builtin_prefetch(a.x + q, 0, 3);
+    if (a.dy) __builtin_prefetch(a.dy + q, 0, 3);
+  }
+  a.x += k;
+  if (a.dy) a.dy += k;
+  a.n -= k;
+}
+
+// out[i] = value(i) for i in [0, n); with elements ahead, in 1 KiB pieces each followed by
+// prefetches of as many elements of `ahead`.
+template <typename T, typename F>
+inline void store_all(T* out, int64_t n, Ahead<T>& ahead, F&& value) {
+  if (ahead.n <= 0) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) store(out + i, value(i));
+    return;
+  }
+  constexpr int64_t kPiece = 1024 / sizeof(T);
+  for (int64_t i0 = 0; i0 < n; i0 += kPiece) {
+    const int64_t m = n - i0 < kPiece ? n - i0 : kPiece;
+#pragma omp simd
+    for (int64_t i = i0; i < i0 + m; ++i) store(out + i, value(i));
+    prefetch_some(ahead, m);
+  }
+}
+
 // Calls f(std::integral_constant<int64_t, ACT>) so each activation gets its own loop.
 template <int64_t ACT>
 struct ActTag {
@@ -182,15 +215,14 @@ void moments_cols(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2, 
 
 template <typename T, typename A>
 void apply_rows(const T* x, T* y, int64_t rows, int64_t S, const A* alpha, const A* beta,
-                int64_t act, A slope) {
+                int64_t act, A slope, Ahead<T> ahead) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
       const A a = alpha[r], b = beta[r];
       const T* xr = x + r * S;
-      T* yr = y + r * S;
-#pragma omp simd
-      for (int64_t i = 0; i < S; ++i) store(yr + i, activate<A>(A(load(xr[i])) * a + b, ACT, slope));
+      store_all(y + r * S, S, ahead,
+                [&](int64_t i) { return activate<A>(A(load(xr[i])) * a + b, ACT, slope); });
     }
   });
 }
@@ -259,7 +291,7 @@ void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* a
 template <typename T, typename A>
 void input_grad_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t S, const A* alpha,
                      const A* beta, const A* cA, const A* cB, const A* cC, int64_t act,
-                     A slope) {
+                     A slope, Ahead<T> ahead) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
@@ -267,14 +299,12 @@ void input_grad_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t S, co
       const A ka = cA[r], kb = cB[r], kc = cC[r];
       const T* xr = x + r * S;
       const T* gr = dy + r * S;
-      T* dr = dx + r * S;
-#pragma omp simd
-      for (int64_t i = 0; i < S; ++i) {
+      store_all(dx + r * S, S, ahead, [&](int64_t i) {
         const A xv = A(load(xr[i]));
         A g = A(load(gr[i]));
         if (ACT != kNone) g *= activation_grad<A>(xv * a + b, ACT, slope);
-        store(dr + i, ka * g + kb * xv + kc);
-      }
+        return ka * g + kb * xv + kc;
+      });
     }
   });
 }
@@ -302,16 +332,15 @@ void input_grad_cols(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, co
 
 template <typename T, typename A>
 void layer_norm_apply(const T* x, T* y, int64_t rows, int64_t L, const A* mean, const A* rstd,
-                      const A* gamma, const A* beta, int64_t act, A slope) {
+                      const A* gamma, const A* beta, int64_t act, A slope, Ahead<T> ahead) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
       const A m = mean[r], rs = rstd[r];
       const T* xr = x + r * L;
-      T* yr = y + r * L;
-#pragma omp simd
-      for (int64_t i = 0; i < L; ++i)
-        store(yr + i, activate<A>((A(load(xr[i])) - m) * rs * gamma[i] + beta[i], ACT, slope));
+      store_all(y + r * L, L, ahead, [&](int64_t i) {
+        return activate<A>((A(load(xr[i])) - m) * rs * gamma[i] + beta[i], ACT, slope);
+      });
     }
   });
 }
