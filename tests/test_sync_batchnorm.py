@@ -236,6 +236,24 @@ def test_ddp_training_matches_single_process():
             torch.testing.assert_close(r[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _double_backward(rank, world):
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    m = fusednorm.SyncBatchNorm(3, activation="relu")
+    (gx,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+    try:
+        gx.pow(2).sum().backward()
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_double_backward_is_refused():
+    """Differentiating SyncBatchNorm's gradient must raise (its backward op has no
+    derivative), not give zeros."""
+    for message in run_ranks(_double_backward, 2):
+        assert "differentiate twice" in message
+
+
 def test_without_process_group():
     m = fusednorm.SyncBatchNorm(3, activation="relu")
     x = torch.randn(4, 3, 5, 5)

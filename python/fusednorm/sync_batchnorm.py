@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ._activation import activation_code
+from .autograd import first_order_only
 from .backend import ops_for
 from .modules import _BatchNorm
 
@@ -29,14 +30,6 @@ def _merge_across(stats):
         m2 = m2 + m2_b + delta * delta * count * w_b
         count = n
     return count, mean, m2
-
-
-def _activation_grad(z, act, slope):
-    if act == 1:
-        return (z > 0).to(z.dtype)
-    if act == 2:
-        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
-    return torch.ones_like(z)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -66,29 +59,32 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        C = x.shape[1]
         w = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
         b = bias.to(mean.dtype) if bias is not None else torch.zeros_like(mean)
-        _, sum_dy_xhat, sum_dy = ctx.ops.batch_norm_bwd(dy, x, w, b, mean, rstd, False, ctx.act, ctx.slope,
-                                                    [False, True, True])
-        sums = torch.stack([sum_dy, sum_dy_xhat])
+        want_dx = ctx.needs_input_grad[0]
+        # The op in eval mode (statistics taken as given): local sums of dyhat and dyhat*xhat,
+        # and dx_eval = rstd*w*dyhat, in float32 (in place below, rounded once at the end).
+        stat_dtype = mean.dtype
+        dx, sum_dy_xhat, sum_dy = ctx.ops.batch_norm_bwd(
+            dy.to(stat_dtype), x.to(stat_dtype), w, b, mean, rstd, False, ctx.act, ctx.slope,
+            [want_dx, True, True])
         grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        if not want_dx:
+            return None, grad_weight, grad_bias, None, None, None, None, None, None, None
+        sums = torch.stack([sum_dy, sum_dy_xhat])
         dist.all_reduce(sums, group=ctx.group)  # the backward's one collective
-        dx = None
-        if ctx.needs_input_grad[0]:
-            shape = [1, C] + [1] * (x.dim() - 2)
-            alpha = (rstd * w).view(shape)
-            beta = (b - mean * rstd * w).view(shape)
-            xf = x.to(mean.dtype)
-            g = dy.to(mean.dtype) * _activation_grad(xf * alpha + beta, ctx.act, ctx.slope)
-            # dx = rstd*gamma*(g - sum_dy/M - xhat*sum_dy_xhat/M) with the global sums.
-            xhat = (xf - mean.view(shape)) * rstd.view(shape)
-            dx = alpha * (g - (sums[0] / ctx.total).view(shape) - xhat * (sums[1] / ctx.total).view(shape))
-            dx = dx.to(x.dtype)
-        return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
+        # Training-mode dx = rstd*w*(dyhat - sum_dy/M - xhat*sum_dy_xhat/M) with the global
+        # sums: dx_eval plus a per-channel a*x + c (xhat = (x - mean)*rstd).
+        scale, k0, k1 = rstd * w, sums[0] / ctx.total, sums[1] / ctx.total
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        a = -scale * rstd * k1
+        c = -scale * (k0 - mean * rstd * k1)
+        dx.addcmul_(x.to(stat_dtype), a.view(shape)).add_(c.view(shape))
+        return dx.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 class SyncBatchNorm(_BatchNorm, torch.nn.modules.batchnorm._BatchNorm):
