@@ -87,3 +87,35 @@ def test_half_parameters_match_torch_half_module(target, kind, dtype, activation
     x = make_input(KINDS[kind][3], dtype, "contiguous", device=device)
     with fusednorm.use_backend(backend):
         run_steps(ours, ref, x, activation, dtype, True)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "frozen"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("target", TARGETS)
+def test_forward_without_autograd(target, kind, train, mode):
+    """When no gradient can flow (torch.no_grad, or frozen parameters and an input without
+    grad) the forward op runs without autograd.Function: the same output as the autograd
+    path, bit for bit, torch.nn's output and running buffers, and no grad_fn."""
+    device, backend = target
+    ours, ref = make_pair(kind, "relu", device=device)
+    twin, _ = make_pair(kind, "relu", device=device)  # takes the autograd path
+    for m in (ours, ref, twin):
+        m.train(train)
+    if mode == "frozen":
+        ours.requires_grad_(False)
+    x = make_input(KINDS[kind][3], torch.float32, "contiguous", device=device)
+    with fusednorm.use_backend(backend):
+        for step in range(STEPS):
+            xi = x * (1 + 0.25 * step)
+            with torch.set_grad_enabled(mode != "no_grad"):
+                y = ours(xi)
+            y_twin = twin(xi.detach().requires_grad_())
+            assert y.grad_fn is None and not y.requires_grad
+            assert torch.equal(y, y_twin.detach()), f"step {step}: differs from the autograd path"
+            assert_close(y, activate(ref(xi), "relu").detach(), torch.float32, f"output, step {step}")
+    for (name, b), (_, br) in zip(ours.named_buffers(), ref.named_buffers()):
+        if b.dtype.is_floating_point:
+            assert_close(b, br, b.dtype, name)
+        else:
+            assert torch.equal(b, br), name

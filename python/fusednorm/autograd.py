@@ -28,6 +28,20 @@ def first_order_only(backward):
     return wrapper
 
 
+def apply(function, x, weight, bias, *rest):
+    """function.apply(x, weight, bias, *rest): the output of a norm. When no gradient can
+    flow (grad mode off, or none of x, weight, bias requires one: inference, frozen
+    layers) the forward op is called directly, without autograd.Function's ~14 µs a call
+    (a third of a small eval-mode forward); the result is the same."""
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return function.apply(x, weight, bias, *rest)
+    return function.run(ops_for(x), x, weight, bias, *rest)[0]
+
+
 def _grad_mask(ctx, weight, bias):
     """Which of (input, weight, bias) need a gradient; weight/bias at argument 1 and 2."""
     return [
@@ -43,10 +57,14 @@ def _grads(mask, dx, dw, db, n_other):
 
 class BatchNormFunction(torch.autograd.Function):
     @staticmethod
+    def run(ops, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
+        return ops.batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope)
+
+    @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
         ctx.ops = ops_for(x)
-        y, mean, rstd = ctx.ops.batch_norm_fwd(
-            x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope
+        y, mean, rstd = BatchNormFunction.run(
+            ctx.ops, x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope
         )
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.training, ctx.act, ctx.slope = training, act, slope
@@ -65,10 +83,14 @@ class InstanceNormFunction(torch.autograd.Function):
     """InstanceNorm with input statistics; backward is GroupNorm's with one group per channel."""
 
     @staticmethod
+    def run(ops, x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
+        return ops.instance_norm_fwd(x, weight, bias, running_mean, running_var, momentum, eps, act, slope)
+
+    @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
         ctx.ops = ops_for(x)
-        y, mean, rstd = ctx.ops.instance_norm_fwd(
-            x, weight, bias, running_mean, running_var, momentum, eps, act, slope
+        y, mean, rstd = InstanceNormFunction.run(
+            ctx.ops, x, weight, bias, running_mean, running_var, momentum, eps, act, slope
         )
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.act, ctx.slope = act, slope
@@ -85,9 +107,13 @@ class InstanceNormFunction(torch.autograd.Function):
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
+    def run(ops, x, weight, bias, normalized_shape, eps, act, slope):
+        return ops.layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope)
+
+    @staticmethod
     def forward(ctx, x, weight, bias, normalized_shape, eps, act, slope):
         ctx.ops = ops_for(x)
-        y, mean, rstd = ctx.ops.layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope)
+        y, mean, rstd = LayerNormFunction.run(ctx.ops, x, weight, bias, normalized_shape, eps, act, slope)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.normalized_shape, ctx.act, ctx.slope = normalized_shape, act, slope
         return y
@@ -105,9 +131,13 @@ class LayerNormFunction(torch.autograd.Function):
 
 class GroupNormFunction(torch.autograd.Function):
     @staticmethod
+    def run(ops, x, weight, bias, num_groups, eps, act, slope):
+        return ops.group_norm_fwd(x, num_groups, weight, bias, eps, act, slope)
+
+    @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, act, slope):
         ctx.ops = ops_for(x)
-        y, mean, rstd = ctx.ops.group_norm_fwd(x, num_groups, weight, bias, eps, act, slope)
+        y, mean, rstd = GroupNormFunction.run(ctx.ops, x, weight, bias, num_groups, eps, act, slope)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.act, ctx.slope = num_groups, act, slope
         return y

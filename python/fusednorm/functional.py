@@ -7,7 +7,8 @@ import math
 import torch
 
 from ._activation import activation_code
-from .autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction, LayerNormFunction
+from .autograd import (BatchNormFunction, GroupNormFunction, InstanceNormFunction, LayerNormFunction,
+                       apply)
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm"]
 
@@ -39,8 +40,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     act = activation_code(activation)
     if training:
         _verify_batch_size(input.size())
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
-                                   float(momentum), float(eps), act, float(negative_slope))
+    return apply(BatchNormFunction, input, weight, bias, running_mean, running_var, bool(training),
+                 float(momentum), float(eps), act, float(negative_slope))
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -50,11 +51,11 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     act = activation_code(activation)
     if use_input_stats:
         _verify_spatial_size(input.size())
-        return InstanceNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                          float(momentum), float(eps), act, float(negative_slope))
+        return apply(InstanceNormFunction, input, weight, bias, running_mean, running_var,
+                     float(momentum), float(eps), act, float(negative_slope))
     # Normalising with running statistics is per channel: BatchNorm's eval path.
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False,
-                                   float(momentum), float(eps), act, float(negative_slope))
+    return apply(BatchNormFunction, input, weight, bias, running_mean, running_var, False,
+                 float(momentum), float(eps), act, float(negative_slope))
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None,
@@ -64,8 +65,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, act
     input, weight, bias = _autocast_float32(input, weight, bias)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
-    return LayerNormFunction.apply(input, weight, bias, [int(s) for s in normalized_shape],
-                                   float(eps), act, float(negative_slope))
+    return apply(LayerNormFunction, input, weight, bias, [int(s) for s in normalized_shape],
+                 float(eps), act, float(negative_slope))
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
@@ -76,5 +77,5 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
     input, weight, bias = _autocast_float32(input, weight, bias)
-    return GroupNormFunction.apply(input, weight, bias, int(num_groups), float(eps), act,
-                                   float(negative_slope))
+    return apply(GroupNormFunction, input, weight, bias, int(num_groups), float(eps), act,
+                 float(negative_slope))
