@@ -8,6 +8,7 @@ torch's shapes. Opaque custom ops (torch.library.custom_op): torch.compile trace
 through the fakes and calls them as they are."""
 import collections
 import contextlib
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -139,8 +140,15 @@ def _channel_finish(x, c, parts, m, weight, bias, rm, rv, training, momentum, ep
 
 
 def _scalars(x, stat_dtype, eps=0.0, slope=0.0, momentum=0.0):
-    """The kernels' float arguments as one tensor in the statistics' dtype (math.load_scalars)."""
-    return torch.tensor([eps, slope, momentum], dtype=stat_dtype, device=x.device)
+    """The kernels' float arguments as one tensor in the statistics' dtype (math.load_scalars),
+    made once per distinct value set and device: a new tensor per launch would be a
+    host-to-device copy each time, and one a CUDA graph cannot capture."""
+    return _scalars_tensor(float(eps), float(slope), float(momentum), stat_dtype, x.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _scalars_tensor(eps, slope, momentum, stat_dtype, device):
+    return torch.tensor([eps, slope, momentum], dtype=stat_dtype, device=device)
 
 
 def _running(t):
