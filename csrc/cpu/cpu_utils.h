@@ -95,15 +95,6 @@ inline bool plain_float_vector(const at::Tensor& t) {
   return t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
 }
 
-// Calls f(data) with the float* or double* data of a plain_float_vector tensor.
-template <typename F>
-void with_plain_data(const at::Tensor& t, F&& f) {
-  if (t.scalar_type() == at::kFloat)
-    f(t.data_ptr<float>());
-  else
-    f(t.data_ptr<double>());
-}
-
 // A parameter vector (weight, bias, running statistic) in the accumulation type A, or
 // `fill` repeated n times when the tensor is absent.
 template <typename A>
@@ -111,7 +102,10 @@ std::vector<A> to_acc_vector(const c10::optional<at::Tensor>& p, int64_t n, A fi
   std::vector<A> v(n, fill);
   if (!p.has_value() || !p->defined()) return v;
   if (plain_float_vector(*p)) {  // the usual case, without the per-call conversion ops
-    with_plain_data(*p, [&](const auto* d) { std::copy(d, d + n, v.begin()); });
+    if (p->scalar_type() == at::kFloat)
+      std::copy(p->const_data_ptr<float>(), p->const_data_ptr<float>() + n, v.begin());
+    else
+      std::copy(p->const_data_ptr<double>(), p->const_data_ptr<double>() + n, v.begin());
     return v;
   }
   at::Tensor c = p->detach().to(c10::CppTypeToScalarType<A>::value).contiguous();
@@ -135,7 +129,10 @@ void blend_in_place(R* p, const std::vector<double>& fresh, double momentum) {
 }
 inline void update_running(at::Tensor& running, const std::vector<double>& fresh, double momentum) {
   if (plain_float_vector(running)) {  // in place: no conversion ops per call
-    with_plain_data(running, [&](auto* d) { blend_in_place(d, fresh, momentum); });
+    if (running.scalar_type() == at::kFloat)
+      blend_in_place(running.data_ptr<float>(), fresh, momentum);
+    else
+      blend_in_place(running.data_ptr<double>(), fresh, momentum);
     return;
   }
   at::Tensor cur = running.to(at::kDouble).cpu().contiguous();
