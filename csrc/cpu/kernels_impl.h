@@ -125,20 +125,33 @@ constexpr int64_t kChunk = 2048;
 template <typename A>
 constexpr int64_t kLanes = 4 * FN_VECTOR_BYTES / sizeof(A);
 
+// l[0] = the sum of l[0..W), added pairwise: halves of fixed length, each one vector loop.
+template <int64_t W, typename A>
+inline void fold_lanes(A* l) {
+  if constexpr (W > 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < W / 2; ++j) l[j] += l[j + W / 2];
+    fold_lanes<W / 2>(l);
+  }
+}
+
 // The K sums over i in [0, n) of the terms that add(i, lanes, j) adds into lanes[k][j].
 template <int K, typename A, typename F>
 inline void lane_sums(int64_t n, F&& add, A (&out)[K]) {
   constexpr int64_t W = kLanes<A>;
-  A lanes[K][W] = {};
+  // Zeroed and folded with vector loops of fixed length: `= {}` became a `rep stos` and
+  // the fold a loop of scalar adds, a large share of the time of short rows (perf).
+  A lanes[K][W];
+  for (int k = 0; k < K; ++k)
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) lanes[k][j] = A(0);
   const int64_t body = n - n % W;
   for (int64_t i0 = 0; i0 < body; i0 += W)
 #pragma omp simd
     for (int64_t j = 0; j < W; ++j) add(i0 + j, lanes, j);
   for (int64_t i = body; i < n; ++i) add(i, lanes, i - body);
   for (int k = 0; k < K; ++k) {
-    for (int64_t w = W / 2; w >= 1; w /= 2)
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) lanes[k][j] += lanes[k][j + w];
+    fold_lanes<W>(lanes[k]);
     out[k] = lanes[k][0];
   }
 }
