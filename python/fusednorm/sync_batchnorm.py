@@ -67,9 +67,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         want_dx = ctx.needs_input_grad[0]
         # The op in eval mode (statistics taken as given): local sums of dyhat and dyhat*xhat,
         # and dx_eval = rstd*w*dyhat, in float32 (in place below, rounded once at the end).
-        stat_dtype = mean.dtype
+        xf = x.to(mean.dtype)  # a copy only for 16-bit inputs; used twice
         dx, sum_dy_xhat, sum_dy = ctx.ops.batch_norm_bwd(
-            dy.to(stat_dtype), x.to(stat_dtype), w, b, mean, rstd, False, ctx.act, ctx.slope,
+            dy.to(mean.dtype), xf, w, b, mean, rstd, False, ctx.act, ctx.slope,
             [want_dx, True, True])
         grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
@@ -83,7 +83,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
         a = -scale * rstd * k1
         c = -scale * (k0 - mean * rstd * k1)
-        dx.addcmul_(x.to(stat_dtype), a.view(shape)).add_(c.view(shape))
+        dx.addcmul_(xf, a.view(shape)).add_(c.view(shape))
         return dx.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
