@@ -4,8 +4,12 @@
 //   cols: channels_last input, or S == 1, seen as an (N*S, C) matrix.
 // Forward (training): one read for statistics, one read+write for act(x*alpha + beta).
 // Backward: one read of (x, dy) for the per-channel sums, one more to write dx.
+// NCHW tensors whose channels fit the L2 cache go channel by channel (by_channel), so
+// that the second read of each channel comes from cache.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <unistd.h>
 
 #include "../common/checks.h"
 #include "../common/layout.h"
@@ -63,6 +67,61 @@ std::vector<A> per_row(const std::vector<A>& v, int64_t N) {
   return out;
 }
 
+// NCHW training, channel by channel. The two-pass path reads all of x for the statistics
+// and then all of it again for the output; a tensor larger than the caches comes from
+// memory twice. Channel by channel, one channel's rows are still in this core's L2 cache
+// when its output pass starts: memory reads x once (dy and x once in backward). The
+// per-row kernels and the order of every sum and merge are the two-pass path's, so the
+// results are bit-identical.
+//
+// Taken when a channel's inputs fit the L2 cache, there are enough channels to share out
+// between the threads (each thread takes whole channels), and rows are long: a channel's
+// rows lie C rows apart, and short ones are read at memory latency, not bandwidth.
+// Measured on the 2-core VM (1 MiB L2), module forward+backward step / training forward,
+// float32, same process: 32x64x56x56 1.15x / 1.12x faster, 32x128x28x28 1.16x / 1.07x;
+// with rows of 576 floats level, 400 floats 1.13x slower forward, 256 floats 1.3x slower
+// (a prefetch of the next row recovered half of that), hence rows of 3 KiB or more.
+inline bool by_channel(const BnLayout& l, int64_t inputs, int64_t elem_bytes) {
+  static const int64_t l2_bytes = [] {
+    long v = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return v > 0 ? int64_t(v) : int64_t(1) << 20;
+  }();
+  return !l.cols && l.S * elem_bytes >= 3072 && l.C >= 4 * at::get_num_threads() &&
+         inputs * l.N * l.S * elem_bytes <= l2_bytes;
+}
+
+// Training forward channel by channel (by_channel): statistics of channel c's N rows,
+// then its output from cache. (Prefetching the next channel meanwhile was slower: three
+// channels' worth of lines do not fit a 1 MiB L2.)
+template <typename T, typename A>
+void forward_by_channel(const BnLayout& l, const T* x, T* out, const std::vector<A>& gamma,
+                        const std::vector<A>& beta, A eps, int64_t act, A slope,
+                        std::vector<A>& mean, std::vector<A>& m2, std::vector<A>& rstd) {
+  const auto& k = table<T>();
+  const int64_t C = l.C, S = l.S, N = l.N;
+  parallel_chunks(C, num_chunks(C, 1), [&](int64_t, int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      Moments<double> acc{0, 0, 0};  // merged in double, in the two-pass path's order
+      for (int64_t n = 0; n < N; ++n) {
+        A rm, rq;
+        k.moments_rows(x + (n * C + c) * S, 1, S, &rm, &rq);
+        acc = merge(acc, Moments<double>{double(S), double(rm), double(rq)});
+      }
+      mean[c] = A(acc.mean);
+      m2[c] = A(acc.m2);
+      rstd[c] = rstd_from_m2<A>(m2[c], A(N * S), eps);
+      A alpha, shift;
+      fold_affine(mean[c], rstd[c], gamma[c], beta[c], &alpha, &shift);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t row = (n * C + c) * S;
+        k.apply_rows(x + row, out + row, 1, S, &alpha, &shift, act, slope, Ahead<T>{});
+      }
+    }
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
@@ -81,17 +140,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
   dispatch_storage(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    std::vector<A> mean(C), rstd(C);
+    const auto& k = table<T>();
+    const T* x = ptr<T>(l.x);
+    T* out = ptr<T>(y);
+    std::vector<A> gamma = to_acc_vector<A>(weight, C, A(1));
+    std::vector<A> beta = to_acc_vector<A>(bias, C, A(0));
+    std::vector<A> mean(C), rstd(C), alpha(C), shift(C);
+    bool written = false;  // y already written (the channel-by-channel path)
     if (training) {
       if (M == 0) {  // empty batch: nothing to normalise, running statistics untouched
         std::fill(mean.begin(), mean.end(), A(0));
         std::fill(rstd.begin(), rstd.end(), A(1) / std::sqrt(A(eps)));
       } else {
         std::vector<A> m2(C);
-        channel_moments<T, A>(l, mean, m2);
+        if (by_channel(l, 1, sizeof(T))) {
+          forward_by_channel<T, A>(l, x, out, gamma, beta, A(eps), act, A(slope), mean, m2, rstd);
+          written = true;
+        } else {
+          channel_moments<T, A>(l, mean, m2);
+          for (int64_t c = 0; c < C; ++c) rstd[c] = rstd_from_m2<A>(m2[c], A(M), A(eps));
+        }
         std::vector<double> unbiased(C), fresh_mean(C);
         for (int64_t c = 0; c < C; ++c) {
-          rstd[c] = rstd_from_m2<A>(m2[c], A(M), A(eps));
           fresh_mean[c] = mean[c];
           unbiased[c] = double(m2[c]) / double(M - 1);
         }
@@ -111,16 +181,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     }
     std::copy(mean.begin(), mean.end(), mean_t.data_ptr<A>());
     std::copy(rstd.begin(), rstd.end(), rstd_t.data_ptr<A>());
-    if (M == 0) return;
+    if (M == 0 || written) return;
 
-    std::vector<A> gamma = to_acc_vector<A>(weight, C, A(1));
-    std::vector<A> beta = to_acc_vector<A>(bias, C, A(0));
-    std::vector<A> alpha(C), shift(C);
     for (int64_t c = 0; c < C; ++c) fold_affine(mean[c], rstd[c], gamma[c], beta[c], &alpha[c], &shift[c]);
-
-    const auto& k = table<T>();
-    const T* x = ptr<T>(l.x);
-    T* out = ptr<T>(y);
     if (l.cols) {
       parallel_chunks(M, num_chunks(M, std::max<int64_t>(1, kGrainElements / C)),
                       [&](int64_t, int64_t b, int64_t e) {
@@ -155,6 +218,41 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input)
     std::copy(m2.begin(), m2.end(), m2_t.data_ptr<A>());
   });
   return {mean_t, m2_t};
+}
+
+// Training input gradient channel by channel (by_channel, x and dy both): channel c's
+// gradient sums, then its dx from cache. Fills sum_dy/sum_dy_xmu for dweight/dbias.
+template <typename T, typename A>
+void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
+                           const std::vector<A>& mean, const std::vector<A>& rstd,
+                           const std::vector<A>& gamma, const std::vector<A>& alpha,
+                           const std::vector<A>& shift, int64_t act, A slope,
+                           std::vector<A>& sum_dy, std::vector<A>& sum_dy_xmu) {
+  const auto& k = table<T>();
+  const int64_t C = l.C, S = l.S, N = l.N;
+  parallel_chunks(C, num_chunks(C, 1), [&](int64_t, int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      A s = A(0), sx = A(0);  // summed over n in the two-pass path's order
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t row = (n * C + c) * S;
+        A rs, rx;
+        k.grad_sums_rows(x + row, g + row, 1, S, &alpha[c], &shift[c], &mean[c], act, slope,
+                         &rs, &rx);
+        s += rs;
+        sx += rx;
+      }
+      sum_dy[c] = s;
+      sum_dy_xmu[c] = sx;
+      A cA, cB, cC;
+      input_grad_coefficients<A>(mean[c], rstd[c], gamma[c], gamma[c] * s, gamma[c] * sx * rstd[c],
+                                 A(N * S), &cA, &cB, &cC);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t row = (n * C + c) * S;
+        k.input_grad_rows(x + row, g + row, dx + row, 1, S, &alpha[c], &shift[c], &cA, &cB, &cC,
+                          act, slope, Ahead<T>{});
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
@@ -192,7 +290,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     // Pass 1: per-channel sum(dyhat) and sum(dyhat * (x - mean)).
     std::vector<A> sum_dy(C, A(0)), sum_dy_xmu(C, A(0));
     const bool need_sums = training ? (mask[0] || mask[1] || mask[2]) : (mask[1] || mask[2]);
-    if (need_sums && M > 0) {
+    const bool one_pass = training && mask[0] && M > 0 && by_channel(l, 2, sizeof(T));
+    T* d = mask[0] ? ptr<T>(dx) : nullptr;
+    if (one_pass) {
+      input_grad_by_channel<T, A>(l, x, g, d, mean, rstd, gamma, alpha, shift, act, A(slope),
+                                  sum_dy, sum_dy_xmu);
+    } else if (need_sums && M > 0) {
       if (l.cols) {
         std::vector<A> ps(col_chunks * C, A(0)), px(col_chunks * C, A(0));
         parallel_chunks(M, col_chunks, [&](int64_t ch, int64_t b, int64_t e) {
@@ -227,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     if (mask[2] && has(bias)) dbias = from_acc_vector(sum_dy, bias->scalar_type());
 
     // Pass 2: dx = A*dyhat + B*x + C per channel.
-    if (!mask[0] || M == 0) return;
+    if (!mask[0] || M == 0 || one_pass) return;
     std::vector<A> cA(C), cB(C), cC(C);
     for (int64_t c = 0; c < C; ++c) {
       if (training) {
@@ -238,7 +341,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
         cB[c] = cC[c] = A(0);
       }
     }
-    T* d = ptr<T>(dx);
     if (l.cols) {
       parallel_chunks(M, col_chunks, [&](int64_t, int64_t b, int64_t e) {
         k.input_grad_cols(x + b * C, g + b * C, d + b * C, e - b, C, alpha.data(), shift.data(),
