@@ -94,5 +94,7 @@ def test_more_than_2_31_elements():
 
 
 def test_selftest_runs_and_passes_here():
+    # Without the interpreted Triton cases (96 of them, ~5 of CI's minutes): test_triton.py
+    # and the parity suites cover those kernels.
     from fusednorm import selftest
-    assert selftest.main(["--no-speed"]) == 0
+    assert selftest.main(["--no-speed", "--no-interpreter"]) == 0

@@ -72,14 +72,15 @@ def check(name, make, make_ref, shape, cl, device, dtype, act, train):
     return worst <= 1.0, worst
 
 
-def targets():
-    """(device, backend) pairs this machine can run."""
+def targets(interpreter=True):
+    """(device, backend) pairs this machine can run; the Triton interpreter on the CPU
+    only if `interpreter`."""
     out = [("cpu", "auto")]
     if torch.cuda.is_available():
         out += [("cuda", "auto"), ("cuda", "triton")]
     try:
         from fusednorm.triton import kernels_interpreted
-        if kernels_interpreted():
+        if interpreter and kernels_interpreted():
             out.append(("cpu", "triton"))
     except ImportError as e:
         print(f"Triton backend unavailable: {e}")
@@ -119,8 +120,11 @@ def speed(device, rounds=15):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
+    p.add_argument("--no-interpreter", action="store_true",
+                   help="skip the Triton kernels in the interpreter on the CPU (TRITON_INTERPRET=1): "
+                        "seconds a case there")
     args = p.parse_args(argv)
-    runs = targets()
+    runs = targets(interpreter=not args.no_interpreter)
     print(f"fusednorm {fusednorm.__version__}, torch {torch.__version__}, CPU kernels: {fusednorm.cpu_isa()}, "
           f"CUDA kernels built: {fusednorm._C.with_cuda}, GPU: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'}")
