@@ -20,6 +20,30 @@ namespace fusednorm {
 namespace cpu {
 namespace {
 
+// Channel c's (mean, m2) from the moments of its N rows of S elements, row(n, &mean, &m2)
+// giving row n's: merged in double in row order, as the kernels merge their chunks. Both
+// schedules (two-pass and by_channel) merge here, so their statistics are bit-identical.
+template <typename A, typename Row>
+void merge_channel_rows(int64_t N, int64_t S, Row&& row, A* mean, A* m2) {
+  Moments<double> acc{0, 0, 0};
+  for (int64_t n = 0; n < N; ++n) {
+    A rm, rq;
+    row(n, &rm, &rq);
+    acc = merge(acc, Moments<double>{double(S), double(rm), double(rq)});
+  }
+  *mean = A(acc.mean);
+  *m2 = A(acc.m2);
+}
+
+// Training-mode dx = A*dyhat + B*x + C of one channel from its sums of dyhat and
+// dyhat*(x - mean), gamma folded in here; both backward schedules use it.
+template <typename A>
+void training_coefficients(A mean, A rstd, A gamma, A sum_dy, A sum_dy_xmu, A count, A* cA,
+                           A* cB, A* cC) {
+  input_grad_coefficients<A>(mean, rstd, gamma, gamma * sum_dy, gamma * sum_dy_xmu * rstd,
+                             count, cA, cB, cC);
+}
+
 // Per-channel sums over the whole batch: moments (training forward) or gradient sums.
 template <typename T, typename A>
 void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2) {
@@ -49,13 +73,11 @@ void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2
                     [&](int64_t, int64_t b, int64_t e) {
                       k.moments_rows(x + b * S, e - b, S, &rm[b], &rq[b]);
                     });
-    for (int64_t c = 0; c < C; ++c) {
-      Moments<double> acc{0, 0, 0};  // merged in double, as the kernels merge their chunks
-      for (int64_t n = 0; n < l.N; ++n)
-        acc = merge(acc, Moments<double>{double(S), double(rm[n * C + c]), double(rq[n * C + c])});
-      mean[c] = A(acc.mean);
-      m2[c] = A(acc.m2);
-    }
+    for (int64_t c = 0; c < C; ++c)
+      merge_channel_rows<A>(l.N, S, [&](int64_t n, A* m, A* q) {
+        *m = rm[n * C + c];
+        *q = rq[n * C + c];
+      }, &mean[c], &m2[c]);
   }
 }
 
@@ -104,14 +126,9 @@ void forward_by_channel(const BnLayout& l, const T* x, T* out, const std::vector
   const int64_t C = l.C, S = l.S, N = l.N;
   parallel_chunks(C, num_chunks(C, 1), [&](int64_t, int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
-      Moments<double> acc{0, 0, 0};  // merged in double, in the two-pass path's order
-      for (int64_t n = 0; n < N; ++n) {
-        A rm, rq;
-        k.moments_rows(x + (n * C + c) * S, 1, S, &rm, &rq);
-        acc = merge(acc, Moments<double>{double(S), double(rm), double(rq)});
-      }
-      mean[c] = A(acc.mean);
-      m2[c] = A(acc.m2);
+      merge_channel_rows<A>(N, S, [&](int64_t n, A* m, A* q) {
+        k.moments_rows(x + (n * C + c) * S, 1, S, m, q);
+      }, &mean[c], &m2[c]);
       rstd[c] = rstd_from_m2<A>(m2[c], A(N * S), eps);
       A alpha, shift;
       fold_affine(mean[c], rstd[c], gamma[c], beta[c], &alpha, &shift);
@@ -145,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     T* out = ptr<T>(y);
     std::vector<A> gamma = to_acc_vector<A>(weight, C, A(1));
     std::vector<A> beta = to_acc_vector<A>(bias, C, A(0));
-    std::vector<A> mean(C), rstd(C), alpha(C), shift(C);
+    std::vector<A> mean(C), rstd(C);
     bool written = false;  // y already written (the channel-by-channel path)
     if (training) {
       if (M == 0) {  // empty batch: nothing to normalise, running statistics untouched
@@ -183,6 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     std::copy(rstd.begin(), rstd.end(), rstd_t.data_ptr<A>());
     if (M == 0 || written) return;
 
+    std::vector<A> alpha(C), shift(C);
     for (int64_t c = 0; c < C; ++c) fold_affine(mean[c], rstd[c], gamma[c], beta[c], &alpha[c], &shift[c]);
     if (l.cols) {
       parallel_chunks(M, num_chunks(M, std::max<int64_t>(1, kGrainElements / C)),
@@ -244,8 +262,7 @@ void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
       sum_dy[c] = s;
       sum_dy_xmu[c] = sx;
       A cA, cB, cC;
-      input_grad_coefficients<A>(mean[c], rstd[c], gamma[c], gamma[c] * s, gamma[c] * sx * rstd[c],
-                                 A(N * S), &cA, &cB, &cC);
+      training_coefficients<A>(mean[c], rstd[c], gamma[c], s, sx, A(N * S), &cA, &cB, &cC);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = (n * C + c) * S;
         k.input_grad_rows(x + row, g + row, dx + row, 1, S, &alpha[c], &shift[c], &cA, &cB, &cC,
@@ -334,8 +351,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     std::vector<A> cA(C), cB(C), cC(C);
     for (int64_t c = 0; c < C; ++c) {
       if (training) {
-        input_grad_coefficients<A>(mean[c], rstd[c], gamma[c], gamma[c] * sum_dy[c],
-                                   gamma[c] * sum_dy_xmu[c] * rstd[c], A(M), &cA[c], &cB[c], &cC[c]);
+        training_coefficients<A>(mean[c], rstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], A(M), &cA[c],
+                                 &cB[c], &cC[c]);
       } else {  // eval: the statistics are constants, dx = alpha * dyhat
         cA[c] = alpha[c];
         cB[c] = cC[c] = A(0);
