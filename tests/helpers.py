@@ -121,3 +121,14 @@ def make_input(shape, dtype, layout, seed=1, device="cpu"):
 def layouts_for(kind):
     ndim = len(KINDS[kind][3])
     return ["contiguous", "noncontiguous"] + (["channels_last"] if ndim in (4, 5) else [])
+
+
+def assert_same_where_finite(actual, expected, all_finite):
+    """Gradients with inf/NaN inputs: finite at the same places as the reference and close
+    there (float32 tolerances); all finite if all_finite."""
+    rtol, atol = tolerances(torch.float32)
+    for name, a, e in zip(["input", "weight", "bias"], actual, expected):
+        finite = torch.isfinite(e)
+        assert torch.equal(torch.isfinite(a), finite), f"{name}: finite at other places than the reference"
+        torch.testing.assert_close(a[finite], e[finite].to(a.dtype), rtol=rtol, atol=atol, msg=name)
+        assert bool(finite.all()) or not all_finite, f"{name}: non-finite values where the reference has none"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import SLOPE, activate, assert_close
+from helpers import SLOPE, activate, assert_close, assert_same_where_finite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACTS = {0: None, 1: "relu", 2: "leaky_relu"}
@@ -228,3 +228,46 @@ def test_batch_norm_stats(emu, layout):
     flat = x.double().transpose(0, 1).reshape(3, -1)
     torch.testing.assert_close(mean.double(), flat.mean(1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m2.double(), flat.var(1, unbiased=False) * flat.shape[1], rtol=1e-5, atol=1e-5)
+
+
+EMU_INF_CASES = ["bn-nchw", "bn-nhwc", "bn-eval", "ln", "gn-contiguous", "gn-channels_last"]
+
+
+@pytest.mark.parametrize("act", [1, 2])
+@pytest.mark.parametrize("case", EMU_INF_CASES)
+def test_inf_and_nan_gradients_through_the_activation(emu, case, act):
+    """An inf or NaN upstream gradient where the pre-activation is negative, in every CUDA
+    backward kernel (grid reduction, elementwise dx, row kernels): relu gives 0 there as
+    torch does (a select, not dy * 0 = NaN), leaky_relu scales it by the slope (the
+    channel's gradients are then non-finite: compared where finite, as in test_edge_cases)."""
+    limits(emu, per_split=5, max_blocks=3)
+    x = data((3, 4, 5, 5), torch.float32)
+    if case.endswith(("nhwc", "channels_last")):
+        x = x.to(memory_format=torch.channels_last)
+    C = x.shape[1]
+    w, b = data((C,), torch.float32, 1) + 1, data((C,), torch.float32, 2)
+    rm, rv = data((C,), torch.float32, 4), data((C,), torch.float32, 5).abs() + 0.5
+    kind = case.split("-")[0]
+    if kind == "ln":
+        w, b = data((5, 5), torch.float32, 1) + 1, data((5, 5), torch.float32, 2)
+        norm = lambda x, w, b: F.layer_norm(x, (5, 5), w, b, 1e-5)
+        y, mean, rstd = ops().layer_norm_fwd(x, [5, 5], w, b, 1e-5, act, SLOPE)
+        backward = lambda g: ops().layer_norm_bwd(g, x, [5, 5], mean, rstd, w, b, act, SLOPE, [True] * 3)
+    elif kind == "gn":
+        norm = lambda x, w, b: F.group_norm(x, 2, w, b, 1e-5)
+        y, mean, rstd = ops().group_norm_fwd(x, 2, w, b, 1e-5, act, SLOPE)
+        backward = lambda g: ops().group_norm_bwd(g, x, 2, mean, rstd, w, b, act, SLOPE, [True] * 3)
+    else:
+        train = case != "bn-eval"
+        norm = lambda x, w, b: F.batch_norm(x, None if train else rm.double(), None if train else rv.double(),
+                                            w, b, train, 0.1, 1e-5)
+        y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm.clone(), rv.clone(), train, 0.1, 1e-5, act, SLOPE)
+        backward = lambda g: ops().batch_norm_bwd(g, x, w, b, mean, rstd, train, act, SLOPE, [True] * 3)
+    with torch.no_grad():
+        z = norm(x.double(), w.double(), b.double())
+    g = data(x.shape, torch.float32, 3).contiguous()
+    negative = (z < 0).flatten().nonzero().flatten()
+    g.view(-1)[negative[:3]] = float("inf")
+    g.view(-1)[negative[3]] = float("nan")
+    _, expected = reference_grads(lambda x, w, b: activate(norm(x, w, b), ACTS[act]), x, [w, b], g)
+    assert_same_where_finite(backward(g), [e.float() for e in expected], all_finite=act == 1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fusednorm
-from helpers import TRITON_CPU, activate, assert_close, make_input
+from helpers import TARGETS, TRITON_CPU, activate, assert_close, assert_same_where_finite, make_input
 
 
 def compare(ours, ref, x, dtype=torch.float32, steps=2, train=True):
@@ -171,6 +171,44 @@ def test_nan_and_inf_propagate_like_torch(kind):
     assert torch.equal(torch.isnan(y), torch.isnan(yr))
     assert torch.equal(torch.isinf(y), torch.isinf(yr))
     torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("kind", ["bn", "bn-eval", "bn-cl", "ln", "gn", "gn-cl", "in"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_inf_and_nan_gradients_through_the_activation_like_torch(kind, activation, target):
+    """An inf or NaN upstream gradient where the pre-activation is negative: torch's relu
+    backward gives 0 there (a select), so every gradient stays finite; a kernel that
+    multiplies by relu's derivative instead turns the whole channel into NaN. leaky_relu
+    scales it by the slope: the channel's gradients are non-finite in both, inf or NaN
+    depending on the order of the operations, so only where they are finite is compared."""
+    device, backend = target
+    torch.manual_seed(0)  # pair()'s parameters: which channels the infs land in
+    cls, ref_cls, args = {
+        "bn": (fusednorm.BatchNorm2d, torch.nn.BatchNorm2d, (4,)),
+        "ln": (fusednorm.LayerNorm, torch.nn.LayerNorm, ((5, 5),)),
+        "gn": (fusednorm.GroupNorm, torch.nn.GroupNorm, (2, 4)),
+        "in": (fusednorm.InstanceNorm2d, torch.nn.InstanceNorm2d, (4,)),
+    }[kind.split("-")[0]]
+    kw = {"affine": True} if kind == "in" else {}
+    ours, ref = pair(cls, ref_cls, *args, activation=activation, **kw)
+    ours, ref = ours.to(device), ref.to(device)
+    ours.train(kind != "bn-eval")
+    ref.train(kind != "bn-eval")
+    x = make_input((3, 4, 5, 5), torch.float32, "channels_last" if kind.endswith("-cl") else "contiguous",
+                   device=device)
+    with torch.no_grad():
+        z = ref(x)  # the pre-activation
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    negative = (z < 0).flatten().nonzero().flatten()
+    g.view(-1)[negative[:3]] = float("inf")
+    g.view(-1)[negative[3]] = float("nan")
+    xi, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with fusednorm.use_backend(backend):
+        grads = torch.autograd.grad(ours(xi), [xi] + list(ours.parameters()), g)
+    grads_ref = torch.autograd.grad(activate(ref(xr), activation, ours.negative_slope),
+                                    [xr] + list(ref.parameters()), g)
+    assert_same_where_finite(grads, grads_ref, all_finite=activation == "relu")
 
 
 @pytest.mark.parametrize("cls,args,shape", [

@@ -26,13 +26,15 @@ FN_HOST_DEVICE T activate(T z, int64_t act, T slope) {
   return z;
 }
 
-// d act(z) / dz, with torch's conventions at z == 0 (relu: 0, leaky_relu: slope) and
-// for NaN (relu: 1 as threshold_backward, leaky_relu: slope).
+// dL/dz for y = act(z), from g = dL/dy, as torch's relu / leaky_relu backward: relu
+// passes g where z > 0 and gives 0 elsewhere, also for an inf or NaN g (a select, not
+// g * 0); leaky_relu scales g by slope where z <= 0. At z == 0: relu 0, leaky_relu slope;
+// NaN z: relu passes g (threshold_backward), leaky_relu scales it.
 template <typename T>
-FN_HOST_DEVICE T activation_grad(T z, int64_t act, T slope) {
-  if (act == kRelu) return z <= T(0) ? T(0) : T(1);
-  if (act == kLeakyRelu) return z > T(0) ? T(1) : slope;
-  return T(1);
+FN_HOST_DEVICE T activation_backward(T g, T z, int64_t act, T slope) {
+  if (act == kRelu) return z <= T(0) ? T(0) : g;
+  if (act == kLeakyRelu) return z > T(0) ? g : g * slope;
+  return g;
 }
 
 // Partial statistics of a set of values: count, mean and M2 = sum((x - mean)^2).

@@ -270,7 +270,7 @@ void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* a
       lane_sums<2, A>(S, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) {
         const A xv = A(load(xr[i]));
         A g = A(load(gr[i]));
-        if (ACT != kNone) g *= activation_grad<A>(xv * a + b, ACT, slope);
+        if (ACT != kNone) g = activation_backward<A>(g, xv * a + b, ACT, slope);
         l[0][j] += g;
         l[1][j] += g * (xv - m);
       }, sums);
@@ -293,7 +293,7 @@ void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* a
       for (int64_t c = 0; c < C; ++c) {
         const A xv = A(load(xr[c]));
         A g = A(load(gr[c]));
-        if (ACT != kNone) g *= activation_grad<A>(xv * alpha[c] + beta[c], ACT, slope);
+        if (ACT != kNone) g = activation_backward<A>(g, xv * alpha[c] + beta[c], ACT, slope);
         sum_dy[c] += g;
         sum_dy_xmu[c] += g * (xv - mean[c]);
       }
@@ -315,7 +315,7 @@ void input_grad_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t S, co
       store_all(dx + r * S, S, ahead, [&](int64_t i) {
         const A xv = A(load(xr[i]));
         A g = A(load(gr[i]));
-        if (ACT != kNone) g *= activation_grad<A>(xv * a + b, ACT, slope);
+        if (ACT != kNone) g = activation_backward<A>(g, xv * a + b, ACT, slope);
         return ka * g + kb * xv + kc;
       });
     }
@@ -336,7 +336,7 @@ void input_grad_cols(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, co
       for (int64_t c = 0; c < C; ++c) {
         const A xv = A(load(xr[c]));
         A g = A(load(gr[c]));
-        if (ACT != kNone) g *= activation_grad<A>(xv * alpha[c] + beta[c], ACT, slope);
+        if (ACT != kNone) g = activation_backward<A>(g, xv * alpha[c] + beta[c], ACT, slope);
         store(dr + c, cA[c] * g + cB[c] * xv + cC[c]);
       }
     }
@@ -374,7 +374,7 @@ void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L
       lane_sums<2, A>(L, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) {
         const A xh = (A(load(xr[i])) - m) * rs;
         A g = A(load(gr[i]));
-        if (ACT != kNone) g *= activation_grad<A>(xh * gamma[i] + beta[i], ACT, slope);
+        if (ACT != kNone) g = activation_backward<A>(g, xh * gamma[i] + beta[i], ACT, slope);
         dgamma[i] += g * xh;
         dbeta[i] += g;
         const A gg = g * gamma[i];
@@ -390,7 +390,7 @@ void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L
       for (int64_t i = 0; i < L; ++i) {
         const A xh = (A(load(xr[i])) - m) * rs;
         A g = A(load(gr[i]));
-        if (ACT != kNone) g *= activation_grad<A>(xh * gamma[i] + beta[i], ACT, slope);
+        if (ACT != kNone) g = activation_backward<A>(g, xh * gamma[i] + beta[i], ACT, slope);
         store(dr + i, rs * (g * gamma[i] - ms - xh * msx));
       }
     }

@@ -48,7 +48,7 @@ __global__ void input_grad_kernel(const T* __restrict__ x, const T* __restrict__
     for (int k = 0; k < P; ++k) {
       const int64_t c = ((p * P + k) / S) % C;
       const A xv = to_acc(xin.v[k]);
-      const A g = to_acc(gin.v[k]) * activation_grad<A>(xv * alpha[c] + beta[c], act, slope);
+      const A g = activation_backward<A>(to_acc(gin.v[k]), xv * alpha[c] + beta[c], act, slope);
       out.v[k] = from_acc<T>(cA[c] * g + cB[c] * xv + cC[c]);
     }
     reinterpret_cast<Pack<T, P>*>(dx)[p] = out;

@@ -80,7 +80,7 @@ struct GradSumsOp {
   __device__ __forceinline__ void add(State& s, A x, A dy, int64_t outer, int64_t c) const {
     const int64_t k = outer * stat_outer + c / stat_div;
     const A xhat = (x - mean[k]) * rstd[k];
-    const A g = dy * activation_grad<A>(xhat * gamma[c] + beta[c], act, slope);
+    const A g = activation_backward<A>(dy, xhat * gamma[c] + beta[c], act, slope);
     s.v[0] += g;
     s.v[1] += g * xhat;
   }

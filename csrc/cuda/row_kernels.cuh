@@ -102,10 +102,10 @@ __global__ void row_fwd_block(const T* __restrict__ x, T* __restrict__ y, RowSha
 }
 
 // ---- backward (dx) ------------------------------------------------------------------------
-// g = dy * act'(xhat*gamma + beta) * gamma for element i of row r.
+// g = (dy through act at xhat*gamma + beta) * gamma for element i of row r.
 template <typename A>
 __device__ __forceinline__ A scaled_grad(A xhat, A dy, int64_t p, const RowParams<A>& pr) {
-  return dy * activation_grad<A>(xhat * pr.gamma[p] + pr.beta[p], pr.act, pr.slope) * pr.gamma[p];
+  return activation_backward<A>(dy, xhat * pr.gamma[p] + pr.beta[p], pr.act, pr.slope) * pr.gamma[p];
 }
 
 template <typename T, int COLS>

@@ -10,7 +10,7 @@ dense tensors: channel = (e // chan_div) % C, chan_div = S for NCHW and 1 for ch
 import triton
 import triton.language as tl
 
-from .math import activate, activation_grad, block_moments, input_grad_coefficients, \
+from .math import activate, activation_backward, block_moments, input_grad_coefficients, \
     load_scalars, merge, round_for, rstd_from_m2
 
 
@@ -132,7 +132,7 @@ def channel_grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pa
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         alpha = rstd * gamma[None, :]
         z = x * alpha + (beta[None, :] - mean * alpha)  # the forward's fold, so act' agrees
-        g = tl.where(mask, dy * activation_grad(z, ACT, slope), 0.0)
+        g = tl.where(mask, activation_backward(dy, z, ACT, slope), 0.0)
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * (x - mean) * rstd, axis=0)
     tl.store(part_g_ptr + split * C + c, sum_g, mask=c < C)
@@ -157,7 +157,7 @@ def channel_input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, 
     gamma = tl.load(w_ptr + c, mask=mask, other=1.0).to(ACC) if HAS_W else 1.0
     beta = tl.load(b_ptr + c, mask=mask, other=0.0).to(ACC) if HAS_B else 0.0
     alpha = rstd * gamma
-    g = dy * activation_grad(x * alpha + (beta - mean * alpha), ACT, slope)
+    g = activation_backward(dy, x * alpha + (beta - mean * alpha), ACT, slope)
     if TRAINING:
         sum_dy = tl.load(sum_g_ptr + c, mask=mask, other=0.0) * gamma
         sum_dyxhat = tl.load(sum_gx_ptr + c, mask=mask, other=0.0) * gamma

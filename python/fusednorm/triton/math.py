@@ -17,15 +17,15 @@ def activate(z, act: tl.constexpr, slope):
 
 
 @triton.jit
-def activation_grad(z, act: tl.constexpr, slope):
-    """d act(z)/dz with torch's conventions at z == 0 (relu 0, leaky_relu slope)."""
+def activation_backward(g, z, act: tl.constexpr, slope):
+    """dL/dz from g = dL/dy for y = act(z), as torch: relu gives 0 where z <= 0 (a select,
+    so an inf or NaN g there gives 0 too), leaky_relu scales g by slope there; at z == 0
+    relu 0, leaky_relu slope."""
     if act == 1:
-        d = tl.where(z <= 0, 0.0, 1.0)
+        g = tl.where(z <= 0, 0.0, g)
     elif act == 2:
-        d = tl.where(z > 0, 1.0, slope)
-    else:
-        d = tl.full(z.shape, 1.0, z.dtype)
-    return d.to(z.dtype)
+        g = tl.where(z > 0, g, g * slope)
+    return g
 
 
 @triton.jit

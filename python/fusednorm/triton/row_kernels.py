@@ -12,7 +12,7 @@ parameter gradients are channel_grad_sums_kernel's (channel_kernels.py)."""
 import triton
 import triton.language as tl
 
-from .math import activate, activation_grad, block_moments, input_grad_coefficients, \
+from .math import activate, activation_backward, block_moments, input_grad_coefficients, \
     load_scalars, merge, round_for, rstd_from_m2
 
 
@@ -66,7 +66,7 @@ def _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S, mean, r
     dy = tl.load(dy_ptr + row + i, mask=mask, other=0.0).to(ACC)
     gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
     alpha = rstd * gamma
-    g = tl.where(mask, dy * activation_grad(x * alpha + (beta - mean * alpha), ACT, slope), 0.0)
+    g = tl.where(mask, activation_backward(dy, x * alpha + (beta - mean * alpha), ACT, slope), 0.0)
     return i, mask, x, g, gamma
 
 
