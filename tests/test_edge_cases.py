@@ -173,6 +173,17 @@ def test_nan_and_inf_propagate_like_torch(kind):
     torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["bn", "gn"])
+def test_channels_last_with_many_channels(kind, dtype):
+    """70 channels: the column-sum kernels' whole register blocks (32 float32 or 16 float64
+    channels with AVX-512) and a tail, in statistics and gradient sums."""
+    ours, ref = pair(fusednorm.BatchNorm2d, torch.nn.BatchNorm2d, 70) if kind == "bn" else \
+        pair(fusednorm.GroupNorm, torch.nn.GroupNorm, 7, 70)
+    x = make_input((3, 70, 6, 5), dtype, "channels_last")
+    compare(ours.to(dtype), ref.to(dtype), x, dtype=dtype)
+
+
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
 @pytest.mark.parametrize("kind", ["bn", "bn-eval", "bn-cl", "ln", "gn", "gn-cl", "in"])
 @pytest.mark.parametrize("target", TARGETS)

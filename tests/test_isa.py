@@ -24,14 +24,17 @@ cases = [
     (fusednorm.InstanceNorm2d(8, affine=True, activation="relu"), nn.InstanceNorm2d(8, affine=True), (3, 8, 37, 41)),
     (fusednorm.GroupNorm(2, 8, activation="leaky_relu"), nn.GroupNorm(2, 8), (2, 8, 40, 50)),
     (fusednorm.LayerNorm(300), nn.LayerNorm(300), (200, 300)),
+    # channels_last with 70 channels: whole register blocks of column sums plus a tail.
+    (fusednorm.BatchNorm2d(70, activation="relu"), nn.BatchNorm2d(70), "cl70"),
+    (fusednorm.GroupNorm(5, 70, activation="leaky_relu"), nn.GroupNorm(5, 70), "cl70"),
 ]
 for ours, ref, shape in cases:
     with torch.no_grad():
         for p in ours.parameters(): p.uniform_(-1, 2)
     ref.load_state_dict(ours.state_dict())
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
-        if shape == "cl":
-            x = torch.randn(4, 8, 9, 7).to(memory_format=torch.channels_last)
+        if isinstance(shape, str):
+            x = torch.randn(4, 8 if shape == "cl" else 70, 9, 7).to(memory_format=torch.channels_last)
         else:
             x = torch.randn(shape)
         x = x.to(dtype).requires_grad_()

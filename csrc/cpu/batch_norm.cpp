@@ -55,8 +55,7 @@ void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2
     const int64_t chunks = num_chunks(M, std::max<int64_t>(1, kGrainElements / C));
     std::vector<A> pm(chunks * C, A(0)), pq(chunks * C, A(0)), cnt(chunks, A(0));
     parallel_chunks(M, chunks, [&](int64_t ch, int64_t b, int64_t e) {
-      std::vector<A> scratch(3 * C);
-      k.moments_cols(x + b * C, e - b, C, A(0), &pm[ch * C], &pq[ch * C], scratch.data());
+      k.moments_cols(x + b * C, e - b, C, A(0), &pm[ch * C], &pq[ch * C]);
       cnt[ch] = A(e - b);
     });
     for (int64_t c = 0; c < C; ++c) {

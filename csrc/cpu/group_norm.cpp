@@ -43,12 +43,12 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
   if (s.channels_last) {
     parallel_chunks(s.N, num_chunks(s.N, std::max<int64_t>(1, kGrainElements / (S * C))),
                     [&](int64_t, int64_t b, int64_t e) {
-      std::vector<A> cmean(C), cm2(C), scratch(3 * C), alpha(C), shift(C);
+      std::vector<A> cmean(C), cm2(C), alpha(C), shift(C);
       for (int64_t n = b; n < e; ++n) {
         const T* xn = x + n * S * C;
         std::fill(cmean.begin(), cmean.end(), A(0));
         std::fill(cm2.begin(), cm2.end(), A(0));
-        k.moments_cols(xn, S, C, A(0), cmean.data(), cm2.data(), scratch.data());
+        k.moments_cols(xn, S, C, A(0), cmean.data(), cm2.data());
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = n * G + g;
           const Moments<A> st = merge_channels(cmean.data(), cm2.data(), g * Cg, Cg, S);

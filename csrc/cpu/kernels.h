@@ -53,9 +53,7 @@ struct KernelTable {
   // mean[r], m2[r] of each row.
   void (*moments_rows)(const T* x, int64_t rows, int64_t S, A* mean, A* m2);
   // Merge `rows` more rows into per-column (mean, m2) that already hold `count` rows.
-  // scratch: 3*C values.
-  void (*moments_cols)(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2,
-                       A* scratch);
+  void (*moments_cols)(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2);
   void (*apply_rows)(const T* x, T* y, int64_t rows, int64_t S, const A* alpha, const A* beta,
                      int64_t act, A slope, Ahead<T> ahead);
   void (*apply_cols)(const T* x, T* y, int64_t rows, int64_t C, const A* alpha, const A* beta,

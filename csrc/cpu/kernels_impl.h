@@ -191,37 +191,55 @@ void moments_rows(const T* x, int64_t rows, int64_t S, A* mean, A* m2) {
   }
 }
 
+// Channels per register block of the column sums (moments_cols, grad_sums_cols): two
+// vectors' worth per sum.
+template <typename A>
+constexpr int64_t kColBlock = 2 * FN_VECTOR_BYTES / sizeof(A);
+
+// Corrected two-pass moments of columns [c0, c0 + w) of a (b, C) block that sits in cache,
+// merged into (count, mean, m2). The block's sums stay in registers for w == kColBlock:
+// summed into memory row by row, each row waited on the previous row's store of the same
+// sums (store-to-load forwarding plus the add), which made the channels_last kernels
+// latency-bound. Each column still adds its rows in order.
+template <int64_t W, typename T, typename A>
+inline void column_block_moments(const T* xb, int64_t b, int64_t C, int64_t c0, int64_t w,
+                                 A count, A* mean, A* m2) {
+  A s[W], q[W], d[W];
+  for (int64_t j = 0; j < W; ++j) s[j] = q[j] = d[j] = A(0);
+  for (int64_t i = 0; i < b; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) s[j] += A(load(xb[i * C + c0 + j]));
+  }
+  const A inv_b = A(1) / A(b);
+  for (int64_t j = 0; j < w; ++j) s[j] *= inv_b;  // now the block mean
+  for (int64_t i = 0; i < b; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      A v = A(load(xb[i * C + c0 + j])) - s[j];
+      q[j] += v * v;
+      d[j] += v;
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    Moments<A> blk{A(b), s[j] + d[j] * inv_b, q[j] - d[j] * d[j] * inv_b};
+    Moments<A> m = merge(Moments<A>{count, mean[c0 + j], m2[c0 + j]}, blk);
+    mean[c0 + j] = m.mean;
+    m2[c0 + j] = m.m2;
+  }
+}
+
 template <typename T, typename A>
-void moments_cols(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2, A* scratch) {
-  A* s = scratch;
-  A* q = scratch + C;
-  A* d = scratch + 2 * C;
+void moments_cols(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2) {
+  constexpr int64_t W = kColBlock<A>;
   int64_t block = kChunk / C;
   if (block < 1) block = 1;
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
     const int64_t b = rows - r0 < block ? rows - r0 : block;
     const T* xb = x + r0 * C;
-    for (int64_t c = 0; c < C; ++c) s[c] = q[c] = d[c] = 0;
-    for (int64_t i = 0; i < b; ++i) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) s[c] += A(load(xb[i * C + c]));
-    }
-    const A inv_b = A(1) / A(b);
-    for (int64_t c = 0; c < C; ++c) s[c] *= inv_b;  // now the block mean
-    for (int64_t i = 0; i < b; ++i) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        A v = A(load(xb[i * C + c])) - s[c];
-        q[c] += v * v;
-        d[c] += v;
-      }
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      Moments<A> blk{A(b), s[c] + d[c] * inv_b, q[c] - d[c] * d[c] * inv_b};
-      Moments<A> m = merge(Moments<A>{count, mean[c], m2[c]}, blk);
-      mean[c] = m.mean;
-      m2[c] = m.m2;
-    }
+    int64_t c0 = 0;
+    for (; c0 + W <= C; c0 += W) column_block_moments<W>(xb, b, C, c0, W, count, mean, m2);
+    for (; c0 < C; c0 += W)  // the last C % W columns
+      column_block_moments<W>(xb, b, C, c0, C - c0, count, mean, m2);
     count += A(b);
   }
 }
@@ -280,22 +298,59 @@ void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* a
   });
 }
 
+// Per-column sums over a (rows, C) matrix. The sums of a block of kColBlock channels stay
+// in registers over an L1-sized block of rows and go to memory once per block: summed
+// into memory row by row, each row waited on the previous row's store of the same sums
+// (store-to-load forwarding plus the add), which made the channels_last backward
+// latency-bound. Each channel still adds its rows in order: same results.
 template <typename T, typename A>
 void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* alpha,
                     const A* beta, const A* mean, int64_t act, A slope, A* sum_dy,
                     A* sum_dy_xmu) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* xr = x + r * C;
-      const T* gr = dy + r * C;
+    constexpr int64_t W = kColBlock<A>;
+    const int64_t block = 1 + 16384 / (2 * C * int64_t(sizeof(T)));
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+      const int64_t r1 = rows - r0 < block ? rows : r0 + block;
+      int64_t c0 = 0;
+      for (; c0 + W <= C; c0 += W) {
+        A s1[W], s2[W], a[W], b[W], m[W];
+        for (int64_t j = 0; j < W; ++j) {
+          s1[j] = sum_dy[c0 + j];
+          s2[j] = sum_dy_xmu[c0 + j];
+          a[j] = alpha[c0 + j];
+          b[j] = beta[c0 + j];
+          m[j] = mean[c0 + j];
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* xr = x + r * C + c0;
+          const T* gr = dy + r * C + c0;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const A xv = A(load(xr[c]));
-        A g = A(load(gr[c]));
-        if (ACT != kNone) g = activation_backward<A>(g, xv * alpha[c] + beta[c], ACT, slope);
-        sum_dy[c] += g;
-        sum_dy_xmu[c] += g * (xv - mean[c]);
+          for (int64_t j = 0; j < W; ++j) {
+            const A xv = A(load(xr[j]));
+            A g = A(load(gr[j]));
+            if (ACT != kNone) g = activation_backward<A>(g, xv * a[j] + b[j], ACT, slope);
+            s1[j] += g;
+            s2[j] += g * (xv - m[j]);
+          }
+        }
+        for (int64_t j = 0; j < W; ++j) {
+          sum_dy[c0 + j] = s1[j];
+          sum_dy_xmu[c0 + j] = s2[j];
+        }
+      }
+      for (int64_t r = r0; r < r1; ++r) {  // the last C % W channels
+        const T* xr = x + r * C;
+        const T* gr = dy + r * C;
+#pragma omp simd
+        for (int64_t c = c0; c < C; ++c) {
+          const A xv = A(load(xr[c]));
+          A g = A(load(gr[c]));
+          if (ACT != kNone) g = activation_backward<A>(g, xv * alpha[c] + beta[c], ACT, slope);
+          sum_dy[c] += g;
+          sum_dy_xmu[c] += g * (xv - mean[c]);
+        }
       }
     }
   });
