@@ -298,11 +298,42 @@ void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* a
   });
 }
 
-// Per-column sums over a (rows, C) matrix. The sums of a block of kColBlock channels stay
-// in registers over an L1-sized block of rows and go to memory once per block: summed
-// into memory row by row, each row waited on the previous row's store of the same sums
-// (store-to-load forwarding plus the add), which made the channels_last backward
-// latency-bound. Each channel still adds its rows in order: same results.
+// Gradient sums of columns [c0, c0 + w) over rows [r0, r1) of a (rows, C) matrix, added
+// to sum_dy / sum_dy_xmu. As in column_block_moments, the sums stay in registers for
+// w == kColBlock over the block of rows and go to memory once; each column adds its rows
+// in order.
+template <int64_t W, int64_t ACT, typename T, typename A>
+inline void column_block_grad_sums(const T* x, const T* dy, int64_t r0, int64_t r1, int64_t C,
+                                   int64_t c0, int64_t w, const A* alpha, const A* beta,
+                                   const A* mean, A slope, A* sum_dy, A* sum_dy_xmu) {
+  A s1[W], s2[W], a[W], b[W], m[W];
+  for (int64_t j = 0; j < w; ++j) {
+    s1[j] = sum_dy[c0 + j];
+    s2[j] = sum_dy_xmu[c0 + j];
+    a[j] = alpha[c0 + j];
+    b[j] = beta[c0 + j];
+    m[j] = mean[c0 + j];
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * C + c0;
+    const T* gr = dy + r * C + c0;
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      const A xv = A(load(xr[j]));
+      A g = A(load(gr[j]));
+      if (ACT != kNone) g = activation_backward<A>(g, xv * a[j] + b[j], ACT, slope);
+      s1[j] += g;
+      s2[j] += g * (xv - m[j]);
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    sum_dy[c0 + j] = s1[j];
+    sum_dy_xmu[c0 + j] = s2[j];
+  }
+}
+
+// Per-column gradient sums over a (rows, C) matrix, in L1-sized blocks of rows (x and dy of
+// a block stay cached while each block of columns passes over it).
 template <typename T, typename A>
 void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* alpha,
                     const A* beta, const A* mean, int64_t act, A slope, A* sum_dy,
@@ -314,44 +345,12 @@ void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* a
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       const int64_t r1 = rows - r0 < block ? rows : r0 + block;
       int64_t c0 = 0;
-      for (; c0 + W <= C; c0 += W) {
-        A s1[W], s2[W], a[W], b[W], m[W];
-        for (int64_t j = 0; j < W; ++j) {
-          s1[j] = sum_dy[c0 + j];
-          s2[j] = sum_dy_xmu[c0 + j];
-          a[j] = alpha[c0 + j];
-          b[j] = beta[c0 + j];
-          m[j] = mean[c0 + j];
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* xr = x + r * C + c0;
-          const T* gr = dy + r * C + c0;
-#pragma omp simd
-          for (int64_t j = 0; j < W; ++j) {
-            const A xv = A(load(xr[j]));
-            A g = A(load(gr[j]));
-            if (ACT != kNone) g = activation_backward<A>(g, xv * a[j] + b[j], ACT, slope);
-            s1[j] += g;
-            s2[j] += g * (xv - m[j]);
-          }
-        }
-        for (int64_t j = 0; j < W; ++j) {
-          sum_dy[c0 + j] = s1[j];
-          sum_dy_xmu[c0 + j] = s2[j];
-        }
-      }
-      for (int64_t r = r0; r < r1; ++r) {  // the last C % W channels
-        const T* xr = x + r * C;
-        const T* gr = dy + r * C;
-#pragma omp simd
-        for (int64_t c = c0; c < C; ++c) {
-          const A xv = A(load(xr[c]));
-          A g = A(load(gr[c]));
-          if (ACT != kNone) g = activation_backward<A>(g, xv * alpha[c] + beta[c], ACT, slope);
-          sum_dy[c] += g;
-          sum_dy_xmu[c] += g * (xv - mean[c]);
-        }
-      }
+      for (; c0 + W <= C; c0 += W)
+        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, W, alpha, beta, mean, slope, sum_dy,
+                                       sum_dy_xmu);
+      if (c0 < C)  // the last C % W columns
+        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, C - c0, alpha, beta, mean, slope,
+                                       sum_dy, sum_dy_xmu);
     }
   });
 }
