@@ -122,6 +122,17 @@ def opcheck_cases():
         yield "gn_bwd", "group_norm_bwd", (torch.randn_like(xg), xg, 3, torch.randn(4, 3), torch.rand(4, 3) + 0.5, gw, gb, act, 0.2, [True, True, True])
         yield "in_fwd", "instance_norm_fwd", (xg, gw, gb, torch.zeros(6), torch.ones(6), 0.1, 1e-5, act, 0.2)
         yield "in_fwd_nostats", "instance_norm_fwd", (xg, None, None, None, None, 0.1, 1e-5, act, 0.2)
+    # Layouts whose memory format is easy to misjudge (test_layouts.py): channels_last-dense
+    # with ambiguous strides, and channels_last sliced out of density.
+    ambiguous = torch.randn(18).as_strided((3, 3, 1, 2), (6, 1, 18, 3))
+    sliced = _x(2, c, 5, 8).to(memory_format=torch.channels_last)[..., :4]
+    for name, xi in (("ambiguous_cl", ambiguous), ("sliced_cl", sliced)):
+        n = xi.shape[0]
+        yield f"bn_fwd_{name}", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), True, 0.1, 1e-5, 1, 0.2)
+        yield f"bn_bwd_{name}", "batch_norm_bwd", (torch.randn(xi.shape), xi, w, b, torch.randn(c), torch.rand(c) + 0.5, True, 1, 0.2, [True] * 3)
+        yield f"gn_fwd_{name}", "group_norm_fwd", (xi, 3, w, b, 1e-5, 1, 0.2)
+        yield f"gn_bwd_{name}", "group_norm_bwd", (torch.randn(xi.shape), xi, 3, torch.randn(n, 3), torch.rand(n, 3) + 0.5, w, b, 1, 0.2, [True] * 3)
+        yield f"in_fwd_{name}", "instance_norm_fwd", (xi, w, b, None, None, 0.1, 1e-5, 1, 0.2)
 
 
 def _to(args, device):

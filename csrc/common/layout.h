@@ -1,14 +1,41 @@
-// How BatchNorm's input reaches the kernels, decided once for every backend:
+// Memory layouts, decided once for every backend.
+//
+// Output layout: what torch.nn gives for the same input (ATen's CPU kernels), so that a
+// module swap changes no strides downstream:
+//   BatchNorm: a contiguous input gives a contiguous output, a dense channels_last one a
+//              channels_last output, anything else follows suggest_memory_format();
+//   GroupNorm: suggest_memory_format() (which, for a channels_last-dense input whose size-1
+//              dimensions make its strides ambiguous, can say contiguous);
+//   InstanceNorm and LayerNorm: always contiguous.
+// The kernels then read the input made dense in that format (no copy when it already is).
+//
+// How BatchNorm's input reaches the kernels:
 //   rows (NCHW): N*C rows of S contiguous spatial elements;
 //   cols (NHWC): channels_last input, or S == 1, seen as an (N*S, C) matrix.
-// Other strided inputs are made contiguous (NCHW) first.
 #pragma once
 #include <ATen/core/Tensor.h>
 
 namespace fusednorm {
 
+inline at::MemoryFormat channels_last_format_of_rank(int64_t dim) {
+  return dim == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+inline at::MemoryFormat batch_norm_format(const at::Tensor& input) {
+  if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if ((input.dim() == 4 || input.dim() == 5) &&
+      input.is_contiguous(channels_last_format_of_rank(input.dim())))
+    return channels_last_format_of_rank(input.dim());
+  return input.suggest_memory_format();
+}
+
+inline at::MemoryFormat group_norm_format(const at::Tensor& input) {
+  return input.suggest_memory_format();
+}
+
 struct BnLayout {
-  at::Tensor x;  // the input in the layout the kernels read
+  at::Tensor x;  // the input, dense in `format`: what the kernels read
+  at::MemoryFormat format;
   int64_t N, C, S;
   bool cols;
 };
@@ -19,28 +46,15 @@ inline BnLayout bn_layout(const at::Tensor& input) {
   l.C = input.size(1);
   l.S = 1;
   for (int64_t d = 2; d < input.dim(); ++d) l.S *= input.size(d);
-  const bool cl = (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-                  (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
-  if (input.is_contiguous()) {
-    l.x = input;
-    l.cols = l.S == 1;
-  } else if (cl) {
-    l.x = input;
-    l.cols = true;
-  } else {
-    l.x = input.contiguous();
-    l.cols = l.S == 1;
-  }
+  l.format = batch_norm_format(input);
+  l.x = input.contiguous(l.format);
+  l.cols = l.format != at::MemoryFormat::Contiguous || l.S == 1;
   return l;
 }
 
 // The gradient in the same memory layout as the input the kernels read.
 inline at::Tensor like_layout(const at::Tensor& g, const BnLayout& l) {
-  if (l.cols && l.S != 1) {
-    auto mf = l.x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
-    return g.contiguous(mf);
-  }
-  return g.contiguous();
+  return g.contiguous(l.format);
 }
 
 }  // namespace fusednorm

@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
               "running_mean must be defined in evaluation mode");
   const BnLayout l = bn_layout(input);
   const int64_t C = l.C, M = l.N * l.S;
-  at::Tensor y = empty_output_like(l.x);
+  at::Tensor y = empty_output_like(l.x, l.format);
   at::Tensor mean_t = at::empty({C}, input.options().dtype(acc_dtype(input)));
   at::Tensor rstd_t = at::empty({C}, input.options().dtype(acc_dtype(input)));
 
@@ -281,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
   const BnLayout l = bn_layout(input);
   const int64_t C = l.C, M = l.N * l.S;
   const at::Tensor dy = like_layout(grad_out.to(input.scalar_type()), l);
-  at::Tensor dx = mask[0] ? empty_output_like(l.x) : at::empty({0}, input.options());
+  at::Tensor dx = mask[0] ? empty_output_like(l.x, l.format) : at::empty({0}, input.options());
   at::Tensor dweight, dbias;
 
   dispatch_storage(input.scalar_type(), [&](auto tag) {

@@ -25,9 +25,10 @@ void dispatch_storage(at::ScalarType t, F&& f) {
   }
 }
 
-// An uninitialised output shaped and laid out like the dense tensor x (contiguous or
-// channels_last), allocated for a cheap first write (output_alloc.cpp).
-at::Tensor empty_output_like(const at::Tensor& x);
+// An uninitialised output shaped like x, dense in memory format `format` (layout.h says
+// which), allocated for a cheap first write (output_alloc.cpp).
+at::Tensor empty_output_like(const at::Tensor& x,
+                             at::MemoryFormat format = at::MemoryFormat::Contiguous);
 // Frees the large output blocks output_alloc.cpp keeps for reuse.
 void empty_output_cache();
 

@@ -3,7 +3,8 @@
 // channel. Two layouts:
 //   NCHW: group (n, g) is one contiguous row of (C/G)*S elements; processed per
 //         cache-sized block of rows (statistics, then normalise: one pass over memory).
-//   channels_last (GroupNorm only, as torch): sample n is an (S, C) matrix; per-channel
+//   channels_last (GroupNorm whose output torch gives channels_last, layout.h; InstanceNorm
+//         always reads and returns NCHW): sample n is an (S, C) matrix; per-channel
 //         column statistics merged over each group's channels, per sample.
 // Backward, in either layout: per-(n, c) sums of dyhat and dyhat*(x - mean), the group's
 // totals, then dx = A*dyhat + B*x + C with per-(n, c) coefficients.
@@ -11,18 +12,13 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
+#include "../common/layout.h"
 #include "../common/norm_math.h"
 #include "cpu_utils.h"
 
 namespace fusednorm {
 namespace cpu {
 namespace {
-
-bool is_channels_last(const at::Tensor& t) {
-  return !t.is_contiguous() &&
-         ((t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-          (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)));
-}
 
 // The group statistics of sample n, group g, from its channels' column moments (CL).
 template <typename A>
@@ -160,9 +156,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_impl(
     const at::Tensor& input, GnShape s, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps, int64_t act, double slope,
     bool allow_channels_last, std::vector<double>* m2_out) {
-  s.channels_last = allow_channels_last && is_channels_last(input);
-  const at::Tensor x = s.channels_last ? input : input.contiguous();
-  at::Tensor y = empty_output_like(x);  // keeps channels_last
+  const at::MemoryFormat fmt =
+      allow_channels_last ? group_norm_format(input) : at::MemoryFormat::Contiguous;
+  s.channels_last = fmt != at::MemoryFormat::Contiguous;
+  const at::Tensor x = input.contiguous(fmt);
+  at::Tensor y = empty_output_like(x, fmt);
   at::Tensor mean_t = at::empty({s.N, s.G}, x.options().dtype(acc_dtype(x)));
   at::Tensor rstd_t = at::empty({s.N, s.G}, x.options().dtype(acc_dtype(x)));
   if (x.numel() == 0) return {y, mean_t, rstd_t};
@@ -230,13 +228,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cpu(
     const c10::optional<at::Tensor>& bias, int64_t act, double slope, std::array<bool, 3> mask) {
   check_input_dtype(input, "group_norm");
   GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
-  s.channels_last = is_channels_last(input);
-  const at::Tensor x = s.channels_last ? input : input.contiguous();
-  const auto fmt = !s.channels_last ? at::MemoryFormat::Contiguous
-                   : x.dim() == 4   ? at::MemoryFormat::ChannelsLast
-                                    : at::MemoryFormat::ChannelsLast3d;
+  const at::MemoryFormat fmt = group_norm_format(input);
+  s.channels_last = fmt != at::MemoryFormat::Contiguous;
+  const at::Tensor x = input.contiguous(fmt);
   const at::Tensor dy = grad_out.to(x.scalar_type()).contiguous(fmt);
-  at::Tensor dx = mask[0] ? empty_output_like(x) : at::empty({0}, x.options());
+  at::Tensor dx = mask[0] ? empty_output_like(x, fmt) : at::empty({0}, x.options());
   at::Tensor dweight, dbias;
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

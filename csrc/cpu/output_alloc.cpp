@@ -116,11 +116,10 @@ class OutputAllocator final : public c10::Allocator {
 
 }  // namespace
 
-at::Tensor empty_output_like(const at::Tensor& x) {
-  const auto fmt = x.is_contiguous() ? at::MemoryFormat::Contiguous : x.suggest_memory_format();
-  TORCH_INTERNAL_ASSERT(x.is_contiguous(fmt), "empty_output_like expects a dense input");
+at::Tensor empty_output_like(const at::Tensor& x, at::MemoryFormat format) {
   return at::detail::empty_generic(x.sizes(), &OutputAllocator::get(),
-                                   c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type(), fmt);
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type(),
+                                   format);
 }
 
 void empty_output_cache() { OutputAllocator::get().empty_cache(); }

@@ -97,7 +97,7 @@ inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<a
   const BnLayout l = bn_layout(input);
   const int64_t C = l.C, M = l.N * l.S;
   const auto acc = input.options().dtype(acc_dtype(input));
-  at::Tensor y = at::empty_like(l.x);
+  at::Tensor y = at::empty_like(l.x, l.format);
   at::Tensor gamma = acc_param(weight, C, 1.0, input), beta = acc_param(bias, C, 0.0, input);
   at::Tensor mean, rstd;
   if (!training) {
@@ -138,7 +138,7 @@ inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
   const at::Tensor dy = like_layout(grad_out.to(input.scalar_type()), l);
   const at::Tensor mean = mean_in.to(acc.dtype()).contiguous(), rstd = rstd_in.to(acc.dtype()).contiguous();
   at::Tensor gamma = acc_param(weight, C, 1.0, input), beta = acc_param(bias, C, 0.0, input);
-  at::Tensor dx = mask[0] ? at::empty_like(l.x) : empty_result(input);
+  at::Tensor dx = mask[0] ? at::empty_like(l.x, l.format) : empty_result(input);
   at::Tensor dgamma = at::zeros({C}, acc), dbeta = at::zeros({C}, acc);
   at::Tensor cA = at::empty({C}, acc), cB = at::zeros({C}, acc), cC = at::zeros({C}, acc);
   const bool need_sums = mask[1] || mask[2] || (training && mask[0]);
@@ -243,14 +243,9 @@ inline TensorList3 layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
   return {dx, dw.numel() ? dw.view(shape) : dw, db.numel() ? db.view(shape) : db};
 }
 
-inline bool channels_last_input(const at::Tensor& t) {
-  return !t.is_contiguous() && ((t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-                                (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)));
-}
-
-// GroupNorm-shaped forward (GroupNorm, and InstanceNorm with G = C). channels_last input
-// is normalised as a contiguous copy; GroupNorm's output goes back to channels_last (as
-// torch's), InstanceNorm's stays contiguous (as torch's).
+// GroupNorm-shaped forward (GroupNorm, and InstanceNorm with G = C). The input is
+// normalised as a contiguous copy; GroupNorm's output then takes the format torch gives it
+// (layout.h), InstanceNorm's stays contiguous (as torch's).
 inline TensorList3 groups_forward(const at::Tensor& input, const GnShape& s,
                                   const c10::optional<at::Tensor>& weight,
                                   const c10::optional<at::Tensor>& bias, double eps, int64_t act,
@@ -262,7 +257,7 @@ inline TensorList3 groups_forward(const at::Tensor& input, const GnShape& s,
   if (x.numel() > 0)
     rows_forward(x, y, RowShape{s.N * s.G, s.cg() * s.S, s.G, s.cg(), s.S}, acc_param(weight, s.C, 1.0, x),
                  acc_param(bias, s.C, 0.0, x), eps, act, slope, mean, rstd, m2);
-  if (keep_channels_last && channels_last_input(input)) y = y.contiguous(input.suggest_memory_format());
+  if (keep_channels_last) y = y.contiguous(group_norm_format(input));
   return {y, mean, rstd};
 }
 
@@ -304,8 +299,8 @@ inline TensorList3 group_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
   const at::Tensor x = input.contiguous();
   auto out = rows_backward(grad_out, x, RowShape{s.N * G, s.cg() * s.S, G, s.cg(), s.S}, mean, rstd,
                            weight, bias, s.C, plan_channels(false, s.N, s.C, s.S), G, s.cg(), act, slope, mask);
-  if (mask[0] && channels_last_input(input))  // same layout as the CPU kernels return
-    std::get<0>(out) = std::get<0>(out).contiguous(input.suggest_memory_format());
+  if (mask[0])  // the layout the CPU kernels return (layout.h)
+    std::get<0>(out) = std::get<0>(out).contiguous(group_norm_format(input));
   return out;
 }
 

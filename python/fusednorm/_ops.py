@@ -4,6 +4,7 @@ The Triton backend's ops (torch.ops.fusednorm_triton.*) share the schemas' meani
 register the same fakes (register_fakes)."""
 import torch
 
+from ._layout import batch_norm_format, group_norm_format
 from . import _C  # noqa: F401  (importing registers the ops)
 
 ops = torch.ops.fusednorm
@@ -19,18 +20,9 @@ def _empty_unless(flag, like, shape=None):
     return like.new_empty((0,))
 
 
-def _like_keeping_channels_last(x):
-    """torch.empty_like keeps channels_last, which is what the kernels return."""
-    if x.dim() in (4, 5):
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=fmt) and not x.is_contiguous():
-            return torch.empty_like(x, memory_format=fmt)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 def _fake_batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
     c = x.shape[1]
-    return _like_keeping_channels_last(x), x.new_empty((c,), dtype=_stat_dtype(x)), x.new_empty((c,), dtype=_stat_dtype(x))
+    return torch.empty_like(x, memory_format=batch_norm_format(x)), x.new_empty((c,), dtype=_stat_dtype(x)), x.new_empty((c,), dtype=_stat_dtype(x))
 
 
 def _fake_batch_norm_stats(x):
@@ -39,7 +31,7 @@ def _fake_batch_norm_stats(x):
 
 
 def _fake_batch_norm_bwd(dy, x, weight, bias, mean, rstd, training, act, slope, mask):
-    dx = _like_keeping_channels_last(x) if mask[0] else x.new_empty((0,))
+    dx = torch.empty_like(x, memory_format=batch_norm_format(x)) if mask[0] else x.new_empty((0,))
     dw = _empty_unless(mask[1] and weight is not None, weight if weight is not None else x, (x.shape[1],))
     db = _empty_unless(mask[2] and bias is not None, bias if bias is not None else x, (x.shape[1],))
     return dx, dw, db
@@ -63,13 +55,13 @@ def _fake_layer_norm_bwd(dy, x, normalized_shape, mean, rstd, weight, bias, act,
 
 
 def _fake_group_norm_fwd(x, num_groups, weight, bias, eps, act, slope):
-    y = _like_keeping_channels_last(x)
+    y = torch.empty_like(x, memory_format=group_norm_format(x))
     n = x.shape[0]
     return y, x.new_empty((n, num_groups), dtype=_stat_dtype(x)), x.new_empty((n, num_groups), dtype=_stat_dtype(x))
 
 
 def _fake_group_norm_bwd(dy, x, num_groups, mean, rstd, weight, bias, act, slope, mask):
-    dx = _like_keeping_channels_last(x) if mask[0] else x.new_empty((0,))
+    dx = torch.empty_like(x, memory_format=group_norm_format(x)) if mask[0] else x.new_empty((0,))
     dw = _empty_unless(mask[1] and weight is not None, weight if weight is not None else x, (x.shape[1],))
     db = _empty_unless(mask[2] and bias is not None, bias if bias is not None else x, (x.shape[1],))
     return dx, dw, db

@@ -53,9 +53,11 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         _verify_spatial_size(input.size())
         return apply(InstanceNormFunction, input, weight, bias, running_mean, running_var,
                      float(momentum), float(eps), act, float(negative_slope))
-    # Normalising with running statistics is per channel: BatchNorm's eval path.
-    return apply(BatchNormFunction, input, weight, bias, running_mean, running_var, False,
-                 float(momentum), float(eps), act, float(negative_slope))
+    # Normalising with running statistics is per channel: BatchNorm's eval path, on a
+    # contiguous input since torch.nn.InstanceNorm's output is contiguous whatever the
+    # input's layout (BatchNorm's keeps channels_last).
+    return apply(BatchNormFunction, input.contiguous(), weight, bias, running_mean, running_var,
+                 False, float(momentum), float(eps), act, float(negative_slope))
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None,

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._layout import batch_norm_format, group_norm_format
 from .._ops import register_fakes
 from . import channel_kernels as ck
 from . import row_kernels as rk
@@ -72,33 +73,24 @@ def _num_warps(block):
 
 # ---- per-channel (BatchNorm) -----------------------------------------------------------
 
-def _channels_last_format(x):
-    """x's channels_last memory format when it is laid out that way (and not also plainly
-    contiguous), else None."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
-        return fmt
-    return None
-
-
 def _spatial(x):
     return math.prod(x.shape[2:])
 
 
 def _channel_view(x):
-    """(dense input, N, C, S, (sn, sc, ss), chan_div): the input as (N, C, S) with strides.
-    NCHW-contiguous and channels_last stay as they are; anything else is made contiguous."""
+    """(dense input, N, C, S, (sn, sc, ss), chan_div): the input as (N, C, S) with strides,
+    made dense in the memory format of BatchNorm's output (_layout.py)."""
     n, c, s = x.shape[0], x.shape[1], _spatial(x)
-    if _channels_last_format(x) is not None:
+    fmt = batch_norm_format(x)
+    x = x.contiguous(memory_format=fmt)
+    if fmt != torch.contiguous_format:
         return x, n, c, s, (s * c, 1, c), 1
-    x = x.contiguous()
     return x, n, c, s, (c * s, s, 1), s
 
 
 def _like_view(t, x):
-    """t in x's (dense) memory layout."""
-    fmt = _channels_last_format(x)
-    return t.contiguous(memory_format=fmt) if fmt is not None else t.contiguous()
+    """t in the memory layout of x, a _channel_view input."""
+    return t.contiguous(memory_format=batch_norm_format(x))
 
 
 def _reduce_tiles(m, c, strides):
@@ -181,7 +173,7 @@ def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
         raise RuntimeError("running_mean must be defined in evaluation mode")
     x, n, c, s, strides, chan_div = _channel_view(input)
     stat_dtype, acc = _acc(x)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, memory_format=batch_norm_format(x))
     m = n * s
     if training and m == 0:  # empty batch: running statistics untouched, as the C++ kernels
         return y, x.new_zeros(c, dtype=stat_dtype), x.new_full((c,), eps ** -0.5, dtype=stat_dtype)
@@ -264,7 +256,7 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
         sum_g, sum_gx = _zero_sums(c, stat_dtype, x.device)
     dx = None
     if output_mask[0]:
-        dx = torch.empty_like(x)
+        dx = torch.empty_like(x, memory_format=batch_norm_format(x))
         if x.numel():
             block = _LIMITS["elementwise_block"]
             _launch(ck.channel_input_grad_kernel, (triton.cdiv(x.numel(), block),), dy, x, dx,
@@ -354,23 +346,22 @@ def layer_norm_bwd(grad_out: Tensor, input: Tensor, normalized_shape: List[int],
 
 
 def _group_layout(input):
-    """(contiguous input, channels-last memory format or None): the row kernels read NCHW;
-    a channels_last GroupNorm input is normalised from a contiguous copy and its results
-    returned channels_last again, as torch.nn.GroupNorm does."""
-    return input.contiguous(), _channels_last_format(input)
+    """(contiguous input, memory format of the results): the row kernels read NCHW; a
+    channels_last GroupNorm input is normalised from a contiguous copy and its results
+    returned in the format torch.nn.GroupNorm gives them (_layout.py)."""
+    return input.contiguous(), group_norm_format(input)
 
 
 @torch.library.custom_op(f"{_NS}::group_norm_fwd", mutates_args=())
 def group_norm_fwd(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float, activation: int, negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
     check_group_norm(input, num_groups, weight, bias)
-    x, cl = _group_layout(input)
+    x, fmt = _group_layout(input)
     n, c, s = x.shape[0], x.shape[1], _spatial(x)
     per_group = c // num_groups
     y, mean, rstd, _ = _rows_fwd(x, n * num_groups, per_group * s, num_groups, per_group, s,
                                  weight, bias, eps, activation, negative_slope)
-    if cl is not None:
-        y = y.contiguous(memory_format=cl)
+    y = y.contiguous(memory_format=fmt)
     return y, mean.view(n, num_groups), rstd.view(n, num_groups)
 
 
@@ -379,7 +370,7 @@ def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, mean: Tenso
                    weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
                    negative_slope: float, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     check_group_norm(input, num_groups, weight, bias)
-    x, cl = _group_layout(input)
+    x, fmt = _group_layout(input)
     stat_dtype, acc = _acc(x)
     n, c, s = x.shape[0], x.shape[1], _spatial(x)
     per_group = c // num_groups
@@ -389,8 +380,7 @@ def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, mean: Tenso
     if output_mask[0]:
         dx = _rows_bwd(dy, x, mean, rstd, n * num_groups, per_group * s, num_groups, per_group, s,
                        weight, bias, activation, negative_slope)
-        if cl is not None:
-            dx = dx.contiguous(memory_format=cl)
+        dx = dx.contiguous(memory_format=fmt)
     dw = db = None
     if output_mask[1] or output_mask[2]:
         if n * s:

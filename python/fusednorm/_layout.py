@@ -1,0 +1,28 @@
+"""The memory format of a norm's output: what torch.nn gives for the same input, so a module
+swap changes no strides downstream. The same rules as csrc/common/layout.h (the C++ and
+CUDA ops); the Triton ops and the fake kernels use these.
+
+- BatchNorm: contiguous input -> contiguous; dense channels_last -> channels_last; anything
+  else follows suggest_memory_format (ATen's batch_norm).
+- GroupNorm: suggest_memory_format (ATen's group_norm). For a channels_last-dense input whose
+  size-1 dimensions make its strides ambiguous, that can be contiguous.
+- InstanceNorm, LayerNorm: always contiguous."""
+import torch
+from torch._prims_common import suggest_memory_format
+
+
+def _channels_last_of_rank(x):
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+
+
+def batch_norm_format(x):
+    if x.is_contiguous():
+        return torch.contiguous_format
+    fmt = _channels_last_of_rank(x)
+    if fmt is not None and x.is_contiguous(memory_format=fmt):
+        return fmt
+    return suggest_memory_format(x)
+
+
+def group_norm_format(x):
+    return suggest_memory_format(x)
