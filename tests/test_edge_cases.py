@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fusednorm
-from helpers import TARGETS, TRITON_CPU, activate, assert_close, assert_same_where_finite, make_input
+from helpers import (TARGETS, TRITON_CPU, activate, assert_close, assert_same_where_finite, make_input,
+                     tolerances)
 
 
 def compare(ours, ref, x, dtype=torch.float32, steps=2, train=True):
@@ -72,6 +73,37 @@ def test_batch_norm_momentum_none_is_cumulative_average():
     assert ours.num_batches_tracked.item() == 5
     assert_close(ours.running_mean, ref.running_mean, torch.float32)
     assert_close(ours.running_var, ref.running_var, torch.float32)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_batch_norm_momentum_none_keeps_a_small_variance(steps):
+    """The cumulative average blends as torch.nn, (1 - f) * running + f * batch: the form
+    running + (batch - running) * f computed 1 + (var - 1) in float32 on the first step and
+    lost a small variance entirely. Compared with a float64 cumulative average."""
+    ours = fusednorm.BatchNorm1d(3, momentum=None)
+    expected_mean, expected_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for k in range(1, steps + 1):
+        base = torch.randn(1, 3, generator=torch.Generator().manual_seed(k)) * 2 + 1
+        x = base + torch.tensor([[0.0], [1e-3]]) * torch.rand(3, generator=torch.Generator().manual_seed(9 + k))
+        ours(x)
+        f = 1.0 / k
+        expected_mean = (1 - f) * expected_mean + f * x.double().mean(0)
+        expected_var = (1 - f) * expected_var + f * x.double().var(0)
+    assert_close(ours.running_mean, expected_mean.float(), torch.float32, "running_mean")
+    # Relative: the variance is ~1e-7, below any absolute tolerance.
+    rtol, _ = tolerances(torch.float32)
+    torch.testing.assert_close(ours.running_var.double(), expected_var, rtol=rtol, atol=0)
+
+
+def test_batch_norm_momentum_none_without_running_buffers():
+    """torch.nn normalises with batch statistics when the running buffers were set to None,
+    whatever the momentum; fusednorm did not handle it on the cumulative-average path."""
+    ours, ref = pair(fusednorm.BatchNorm2d, torch.nn.BatchNorm2d, 3, momentum=None)
+    for m in (ours, ref):
+        m.running_mean = None
+        m.running_var = None
+    compare(ours, ref, make_input((4, 3, 5, 5), torch.float32, "contiguous"), steps=2)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 2
 
 
 @pytest.mark.parametrize("mod", ["bn", "ln", "gn"])

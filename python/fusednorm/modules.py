@@ -40,11 +40,13 @@ class _BatchNorm(_FusedActivation):
     def forward(self, input):
         self._check_input_dim(input)
         # As torch.nn.modules.batchnorm._BatchNorm.forward.
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                return self._cumulative_average_forward(input)
-        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+                if self.running_mean is not None and self.running_var is not None:
+                    return self._cumulative_average_forward(input)
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
         return F.batch_norm(
@@ -56,18 +58,20 @@ class _BatchNorm(_FusedActivation):
         )
 
     def _cumulative_average_forward(self, input):
-        """momentum=None: running = running + (batch - running) / num_batches_tracked. The
-        factor stays a tensor (torch.nn's float(num_batches_tracked) is a host sync, and a
-        data-dependent value torch.compile cannot pass to an op): the kernel writes the batch
-        statistics into zeroed buffers (momentum 1) and the blend is done here."""
+        """momentum=None: running = (1 - f) * running + f * batch, f = 1 / num_batches_tracked,
+        as torch.nn. The factor stays a tensor (torch.nn's float(num_batches_tracked) is a host
+        sync, and a data-dependent value torch.compile cannot pass to an op): the kernel writes
+        the batch statistics into zeroed buffers (momentum 1) and the blend is done here. Not
+        running + (batch - running) * f: at f = 1 that is 1 + (var - 1) in float32, which lost
+        a small batch variance entirely (relative error up to 1)."""
         fresh_mean = torch.zeros_like(self.running_mean)
         fresh_var = torch.zeros_like(self.running_var)
         y = F.batch_norm(input, fresh_mean, fresh_var, self.weight, self.bias, True, 1.0, self.eps,
                          activation=self.activation, negative_slope=self.negative_slope)
         with torch.no_grad():
             factor = (1.0 / self.num_batches_tracked.double())
-            self.running_mean.copy_(self.running_mean + (fresh_mean - self.running_mean) * factor)
-            self.running_var.copy_(self.running_var + (fresh_var - self.running_var) * factor)
+            self.running_mean.copy_(self.running_mean * (1.0 - factor) + fresh_mean * factor)
+            self.running_var.copy_(self.running_var * (1.0 - factor) + fresh_var * factor)
         return y
 
 
