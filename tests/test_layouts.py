@@ -24,7 +24,7 @@ LAYOUTS = {
     "expanded": (210, lambda b: b.view(1, 6, 5, 7).expand(3, 6, 5, 7)),
 }
 
-# kind: ((fusednorm class, torch.nn class, kwargs) for a 4-d input, training mode).
+# kind: ((class name in fusednorm and torch.nn for a 4-d input, kwargs), training mode).
 KINDS = {
     "bn-train": (("BatchNorm2d", {}), True),
     "bn-eval": (("BatchNorm2d", {}), False),

@@ -238,7 +238,7 @@ void moments_cols(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2) 
     const T* xb = x + r0 * C;
     int64_t c0 = 0;
     for (; c0 + W <= C; c0 += W) column_block_moments<W>(xb, b, C, c0, W, count, mean, m2);
-    for (; c0 < C; c0 += W)  // the last C % W columns
+    if (c0 < C)  // the last C % W columns
       column_block_moments<W>(xb, b, C, c0, C - c0, count, mean, m2);
     count += A(b);
   }
