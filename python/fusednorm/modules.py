@@ -5,6 +5,8 @@ parameters, buffers, state_dict keys and isinstance checks are torch.nn's; it ad
 keyword-only `activation` and `negative_slope` and computes forward with fusednorm's
 kernels. Module semantics (num_batches_tracked, momentum=None, eval vs train) follow
 torch.nn's code exactly and live only here."""
+import functools
+
 import torch
 
 from . import functional as F
@@ -15,6 +17,20 @@ __all__ = [
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "GroupNorm",
 ]
+
+
+def fx_leaf(forward):
+    """torch.fx.symbolic_trace records a torch.nn norm as one call of the module (torch.nn
+    modules are its default tracer's leaves) and would trace into ours, failing on their
+    input checks. Record ours the same way: a call_module node, so the traced model still
+    runs the module (and its current train/eval mode) at call time."""
+    @functools.wraps(forward)
+    def wrapper(self, input):
+        if isinstance(input, torch.fx.Proxy):
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+        return forward(self, input)
+    return wrapper
 
 
 class _FusedActivation:
@@ -37,6 +53,7 @@ class _BatchNorm(_FusedActivation):
                          device=device, dtype=dtype, bias=bias)
         self._set_activation(activation, negative_slope)
 
+    @fx_leaf
     def forward(self, input):
         self._check_input_dim(input)
         # As torch.nn.modules.batchnorm._BatchNorm.forward.
@@ -95,7 +112,11 @@ class _InstanceNorm(_FusedActivation):
                          device=device, dtype=dtype, bias=bias)
         self._set_activation(activation, negative_slope)
 
-    # torch.nn's _InstanceNorm.forward (input checks, unbatched input) calls this.
+    @fx_leaf
+    def forward(self, input):
+        return super().forward(input)  # torch.nn's: input checks, unbatched input
+
+    # torch.nn's _InstanceNorm.forward calls this.
     def _apply_instance_norm(self, input):
         return F.instance_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias,
@@ -125,6 +146,7 @@ class LayerNorm(_FusedActivation, torch.nn.LayerNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
         self._set_activation(activation, negative_slope)
 
+    @fx_leaf
     def forward(self, input):
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                             activation=self.activation, negative_slope=self.negative_slope)
@@ -138,6 +160,7 @@ class GroupNorm(_FusedActivation, torch.nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype, bias=bias)
         self._set_activation(activation, negative_slope)
 
+    @fx_leaf
     def forward(self, input):
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
                             activation=self.activation, negative_slope=self.negative_slope)

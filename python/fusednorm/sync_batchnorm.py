@@ -13,7 +13,7 @@ import torch.distributed as dist
 from ._activation import activation_code
 from .autograd import first_order_only
 from .backend import ops_for
-from .modules import _BatchNorm
+from .modules import _BatchNorm, fx_leaf
 
 __all__ = ["SyncBatchNorm"]
 
@@ -109,6 +109,7 @@ class SyncBatchNorm(_BatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
+    @fx_leaf
     def forward(self, input):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
