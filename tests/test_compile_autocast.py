@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusednorm
-from helpers import NO_GPU, assert_close
+from helpers import KINDS, NO_GPU, assert_close, make_input, make_pair
 
 
 class Net(nn.Module):
@@ -89,3 +89,22 @@ def test_cuda_autocast_like_torch(name, ours, ref, act, dtype):
         yr = act(yr) if act else yr
     assert y.dtype == yr.dtype  # float32 for LayerNorm/GroupNorm (autocast's float32 list)
     assert_close(y.float(), yr.float(), dtype, "output under autocast")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_export_with_a_dynamic_batch_matches_eager(kind, train):
+    """torch.export with a dynamic batch dim (the fake kernels keep sizes symbolic), run
+    at another batch size: the same output and running statistics as the module."""
+    ours, _ = make_pair(kind, "relu")
+    ours.train(train)
+    shape = KINDS[kind][3]
+    x = make_input(shape, torch.float32, "contiguous")
+    batch = torch.export.Dim("batch", min=2, max=64)
+    exported = torch.export.export(copy.deepcopy(ours), (x,), dynamic_shapes={"input": {0: batch}})
+    x2 = make_input((shape[0] + 3,) + tuple(shape[1:]), torch.float32, "contiguous", seed=7)
+    program = exported.module()
+    assert_close(program(x2), ours(x2), torch.float32, "output")
+    for (name, b), (_, be) in zip(ours.named_buffers(), program.named_buffers()):
+        if b.is_floating_point():
+            assert_close(be, b, b.dtype, name)

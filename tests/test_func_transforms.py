@@ -93,33 +93,115 @@ def test_func_vjp_matches_torch(kind):
     _compare_buffers(b, b_ref)
 
 
-@pytest.mark.parametrize("kind", ["LayerNorm", "GroupNorm"])
-@pytest.mark.parametrize("target", TARGETS)
-def test_vmap_per_sample_gradients_match_torch(target, kind):
-    """vmap(grad(loss)) over a batch of samples: one parameter gradient per sample, each
-    from a one-sample forward (torch's batched fallback runs the op once per sample)."""
+# (mode, constructor arguments beside KIND_KWARGS): training with running statistics
+# (refused under vmap by torch.nn and by fusednorm: one in-place update per sample cannot go
+# to one tensor), training without, eval.
+VMAP_MODES = {"train": ({}, True), "train-untracked": ({"track_running_stats": False}, True),
+              "eval": ({}, False)}
+FUNCTIONAL = {"batch_norm": lambda F, x, rm, rv, w, b: F.batch_norm(x, rm, rv, w, b, True, 0.3),
+              "instance_norm": lambda F, x, rm, rv, w, b: F.instance_norm(x, rm, rv, w, b, True, 0.3)}
+
+
+# LayerNorm and GroupNorm have no running statistics: their one mode is "train".
+VMAP_CASES = [pytest.param(t.values[0], k, m, marks=t.marks, id=f"{t.id}-{k}-{m}")
+              for t in TARGETS for k in KINDS for m in VMAP_MODES
+              if m == "train" or k not in ("LayerNorm", "GroupNorm")]
+
+
+@pytest.mark.parametrize("target,kind,mode", VMAP_CASES)
+def test_vmap_per_sample_gradients_match_torch(target, kind, mode):
+    """vmap(grad(loss)) over a batch of samples: one parameter gradient per sample, each as
+    from that sample's own forward (BatchNorm's statistics over each sample's batch). Where
+    torch.nn refuses (running statistics updated in training), fusednorm must refuse too."""
     device, backend = target
-    ours, ref, loss = _loss_fns(kind, "relu", device)
-    batch = torch.stack([make_input(KINDS[kind][3], torch.float32, "contiguous", seed=s, device=device)
+    kwargs, train = VMAP_MODES[mode]
+    ours, ref = make_pair(kind, "relu", device=device,
+                          **({} if kind in ("LayerNorm", "GroupNorm") else kwargs))
+    ours.train(train), ref.train(train)
+    shape = KINDS[kind][3]
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device)
+    batch = torch.stack([make_input(shape, torch.float32, "contiguous", seed=s, device=device)
                          for s in range(3)])
+
+    def loss(module, act):
+        return lambda p, x: (activate(functional_call(module, p, (x,)), act, SLOPE) * w).sum()
+
+    per_sample = lambda f, p: vmap(grad(f), in_dims=(None, 0))(p, batch)  # noqa: E731
+    try:
+        want = per_sample(loss(ref, "relu"), _params(ref))
+    except RuntimeError:  # torch.func refuses num_batches_tracked.add_ on a captured buffer
+        with fusednorm.use_backend(backend), pytest.raises(RuntimeError):
+            per_sample(loss(ours, None), _params(ours))
+        return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop")
         with fusednorm.use_backend(backend):
-            got = vmap(grad(lambda p, x: loss(ours, p, {}, x)), in_dims=(None, 0))(_params(ours), batch)
-    want = vmap(grad(lambda p, x: loss(ref, p, {}, x)), in_dims=(None, 0))(_params(ref), batch)
+            got = per_sample(loss(ours, None), _params(ours))
+            y = vmap(ours)(batch)
     for name in want:
         assert got[name].shape[0] == 3, name
         assert_close(got[name], want[name], torch.float32, name)
+    assert_close(y, activate(vmap(ref)(batch), "relu"), torch.float32, "vmapped output")
 
 
-@pytest.mark.parametrize("kind", ["BatchNorm2d", "InstanceNorm2d"])
-def test_vmap_over_batch_and_instance_norm_is_refused(kind):
-    """Their forward ops update running statistics in place, which torch's batched fallback
-    cannot run: a RuntimeError naming the function, not a result."""
-    ours, _ = make_pair(kind, None)
-    batch = torch.randn((2,) + KINDS[kind][3]).requires_grad_()
-    with pytest.raises(RuntimeError, match="NormFunction"):
-        vmap(ours)(batch)
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("target", TARGETS)
+def test_vmap_over_parameters_matches_torch(target, kind):
+    """Model ensembling: vmap over stacked parameters (eval mode, running statistics read
+    only), one input: a batched weight and bias run once per sample (_vmap.py)."""
+    device, backend = target
+    ours, ref = make_pair(kind, "leaky_relu", device=device)
+    ours.eval(), ref.eval()
+    x = make_input(KINDS[kind][3], torch.float32, "contiguous", device=device)
+    stacked = {k: torch.stack([v, v * 0.5 + 0.1, -v]) for k, v in _params(ours).items()}
+    with fusednorm.use_backend(backend):
+        got = vmap(lambda p: functional_call(ours, p, (x,)))(stacked)
+    want = vmap(lambda p: activate(functional_call(ref, p, (x,)), "leaky_relu", SLOPE))(stacked)
+    assert_close(got, want, torch.float32, "ensemble output")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_vmap_layer_norm_over_single_rows(target):
+    """LayerNorm samples with no leading dims of their own (one row each)."""
+    device, backend = target
+    ours, ref = make_pair("LayerNorm", "relu", device=device)
+    batch = make_input((4, 5, 6), torch.float32, "contiguous", device=device)
+    with fusednorm.use_backend(backend):
+        got = vmap(ours)(batch)
+    assert_close(got, torch.relu(vmap(ref)(batch)), torch.float32, "output")
+
+
+@pytest.mark.parametrize("batched_stats", [False, True], ids=["shared-stats", "batched-stats"])
+@pytest.mark.parametrize("fn", list(FUNCTIONAL))
+@pytest.mark.parametrize("target", TARGETS)
+def test_vmap_running_statistics_like_torch(target, fn, batched_stats):
+    """Training-mode statistics update running statistics in place (_vmap.py). Shared
+    (unbatched) running statistics cannot take one update per sample: refused as torch
+    refuses them. Batched ones: each sample updates its own, as torch's."""
+    device, backend = target
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 2, 5, generator=gen).to(device)  # vmapped over 3 samples of (4, 2, 5)
+    w, b = torch.rand(2, generator=gen).to(device) + 0.5, torch.randn(2, generator=gen).to(device)
+    shape = (3, 2) if batched_stats else (2,)
+    stats = [torch.randn(shape, generator=gen).to(device), torch.rand(shape, generator=gen).to(device) + 0.5]
+    ours_stats, ref_stats = [t.clone() for t in stats], [t.clone() for t in stats]
+    dims = (0, 0 if batched_stats else None, 0 if batched_stats else None)
+
+    def run(F, st):
+        return vmap(lambda x, rm, rv: FUNCTIONAL[fn](F, x, rm, rv, w, b), in_dims=dims)(x, *st)
+
+    if not batched_stats:
+        with pytest.raises(RuntimeError):
+            run(torch.nn.functional, ref_stats)  # torch refuses: check that it still does
+        with fusednorm.use_backend(backend), pytest.raises(RuntimeError, match="running_mean and running_var"):
+            run(fusednorm.functional, ours_stats)
+        return
+    want = run(torch.nn.functional, ref_stats)
+    with fusednorm.use_backend(backend):
+        got = run(fusednorm.functional, ours_stats)
+    assert_close(got, want, torch.float32, "output")
+    for name, a, r in zip(("running_mean", "running_var"), ours_stats, ref_stats):
+        assert_close(a, r, torch.float32, name)
 
 
 @pytest.mark.parametrize("kind", ["BatchNorm2d", "InstanceNorm2d", "LayerNorm", "GroupNorm"])

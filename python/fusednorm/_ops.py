@@ -1,10 +1,13 @@
 """Loads the compiled ops (torch.ops.fusednorm.*) and registers their fake kernels, which
 describe output shapes and dtypes so torch.compile and meta tensors can trace through.
 The Triton backend's ops (torch.ops.fusednorm_triton.*) share the schemas' meaning and
-register the same fakes (register_fakes)."""
+register the same fakes (register_fakes) and vmap rules (_vmap.py)."""
+import math
+
 import torch
 
 from ._layout import batch_norm_format, group_norm_format
+from ._vmap import register_vmap_rules
 from . import _C  # noqa: F401  (importing registers the ops)
 
 ops = torch.ops.fusednorm
@@ -38,7 +41,9 @@ def _fake_batch_norm_bwd(dy, x, weight, bias, mean, rstd, training, act, slope, 
 
 
 def _ln_rows(x, normalized_shape):
-    return x.shape[: x.dim() - len(normalized_shape)].numel()
+    # math.prod keeps symbolic sizes symbolic; torch.Size.numel() made torch.export
+    # specialise a dynamic batch dim to its example value.
+    return math.prod(x.shape[: x.dim() - len(normalized_shape)])
 
 
 def _fake_layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope):
@@ -92,3 +97,4 @@ def register_fakes(namespace):
 
 
 register_fakes("fusednorm")
+register_vmap_rules("fusednorm")

@@ -1,7 +1,8 @@
 """torch.autograd.Function wrappers over the fusednorm ops: forward calls the *_fwd op,
-setup_context saves what its backward op needs; backward calls the *_bwd op of the same backend
-(backend.ops_for picks torch.ops.fusednorm or torch.ops.fusednorm_triton). No torch
-normalisation kernel is called on this path."""
+setup_context saves what its backward op needs; backward calls the *_bwd op of the same
+backend (backend.ops_for picks torch.ops.fusednorm or torch.ops.fusednorm_triton). No torch
+normalisation kernel is called on this path. apply() is the entry point: it picks the op
+alone, the Function, or the Function's classic form (_classic) for each call."""
 import functools
 
 import torch
@@ -48,28 +49,47 @@ def first_order_only(backward):
     return wrapper
 
 
-def _no_gradient_can_flow(x, weight, bias):
-    """True when nothing can differentiate this call: grad mode off or no input requiring
-    a gradient, and no forward-mode AD (a dual_level, or a torch.func transform, which can
-    differentiate tensors that do not require grad). The ops alone have no derivatives:
-    called directly under forward-mode AD they would drop the tangents silently."""
-    if forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return not torch.is_grad_enabled() or not (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    )
+def _forward_mode_or_torch_func():
+    """A dual_level (forward-mode AD) or a torch.func transform is active: both can
+    differentiate tensors that do not require grad."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def apply(function, x, weight, bias, *rest):
-    """function.apply(x, weight, bias, *rest)[0]: the output of a norm. When no gradient can
-    flow (inference, frozen layers) the forward is called directly, without
-    autograd.Function's ~14 µs a call (a third of a small eval-mode forward); the result
-    is the same."""
-    if _no_gradient_can_flow(x, weight, bias):
-        return function.forward(x, weight, bias, *rest)[0]
+    """The output of a norm: function.apply(x, weight, bias, *rest)[0], in one of three
+    ways that give the same result.
+    - Nothing can differentiate the call (grad mode off or no input requiring a gradient,
+      no forward-mode AD or torch.func transform: inference, frozen layers): the forward
+      op alone, without autograd.Function's ~14 µs a call (a third of a small eval-mode
+      forward). Under forward-mode AD the op alone would drop the tangents silently.
+    - Outside torch.func: the Function in torch's classic form (_classic), since torch
+      binds a setup_context Function's arguments with inspect.signature on every call.
+    - Under torch.func transforms, which need the setup_context form: the Function."""
+    if not _forward_mode_or_torch_func():
+        if not torch.is_grad_enabled() or not (
+            x.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        ):
+            return function.forward(x, weight, bias, *rest)[0]
+        return function.classic.apply(x, weight, bias, *rest)
     return function.apply(x, weight, bias, *rest)[0]
+
+
+def _classic(function):
+    """`function` with torch's classic forward(ctx, *args), returning y alone: the same
+    forward, setup_context and backward, without the setup_context form's per-call argument
+    binding, which made a tiny BatchNorm's forward+backward 1.9x as slow (in one process,
+    against the Function before the split; this form: 1.03x). torch.func transforms refuse
+    this form; apply() picks the form."""
+    def forward(ctx, *args):
+        out = function.forward(*args)
+        function.setup_context(ctx, args, out)
+        return out[0]  # y alone: the statistics are saved, and two fewer outputs cost less
+
+    return type(function.__name__, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(function.backward),
+                 "__doc__": function.__doc__, "__module__": function.__module__})
 
 
 class _NormFunction(torch.autograd.Function):
@@ -81,11 +101,12 @@ class _NormFunction(torch.autograd.Function):
     marked non-differentiable, and no gradients are materialised as zeros (an absent output
     gradient means no input gradients: first_order_only).
 
-    torch.func.vmap (e.g. per-sample gradients, vmap(grad(f))) works for LayerNorm and
-    GroupNorm: generate_vmap_rule lets torch run their ops once per sample (its batched
-    fallback, which warns that it is slow). BatchNorm's and InstanceNorm's forward ops
-    take the running statistics as mutable arguments, which that fallback refuses, so
-    vmap over them raises, as torch.nn's BatchNorm does in training."""
+    generate_vmap_rule: under torch.func.vmap (per-sample gradients: vmap(grad(f))) torch
+    vmaps forward and backward through the ops' own vmap rules: _vmap.py's for the forward
+    ops that take running statistics, torch's batched fallback (one call per sample, with
+    a performance warning) for the others."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -124,7 +145,7 @@ class BatchNormFunction(_NormFunction):
 
     @staticmethod
     @first_order_only
-    def backward(ctx, dy, _dmean, _drstd):
+    def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
         dx, dw, db = ctx.ops.batch_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.training, ctx.act, ctx.slope,
@@ -142,7 +163,7 @@ class InstanceNormFunction(_NormFunction):
 
     @staticmethod
     @first_order_only
-    def backward(ctx, dy, _dmean, _drstd):
+    def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
         dx, dw, db = ctx.ops.group_norm_bwd(dy, x, x.shape[1], mean, rstd, weight, bias, ctx.act, ctx.slope, mask)
@@ -150,8 +171,6 @@ class InstanceNormFunction(_NormFunction):
 
 
 class LayerNormFunction(_NormFunction):
-    generate_vmap_rule = True  # see _NormFunction
-
     @staticmethod
     def setup_context(ctx, inputs, output):
         _NormFunction.setup_context(ctx, inputs, output)
@@ -163,7 +182,7 @@ class LayerNormFunction(_NormFunction):
 
     @staticmethod
     @first_order_only
-    def backward(ctx, dy, _dmean, _drstd):
+    def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
         dx, dw, db = ctx.ops.layer_norm_bwd(
@@ -173,8 +192,6 @@ class LayerNormFunction(_NormFunction):
 
 
 class GroupNormFunction(_NormFunction):
-    generate_vmap_rule = True  # see _NormFunction
-
     @staticmethod
     def setup_context(ctx, inputs, output):
         _NormFunction.setup_context(ctx, inputs, output)
@@ -186,9 +203,13 @@ class GroupNormFunction(_NormFunction):
 
     @staticmethod
     @first_order_only
-    def backward(ctx, dy, _dmean, _drstd):
+    def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
         dx, dw, db = ctx.ops.group_norm_bwd(dy, x, ctx.num_groups, mean, rstd, weight, bias, ctx.act, ctx.slope,
                                             mask)
         return _grads(mask, dx, dw, db, 4)
+
+
+for _function in (BatchNormFunction, InstanceNormFunction, LayerNormFunction, GroupNormFunction):
+    _function.classic = _classic(_function)

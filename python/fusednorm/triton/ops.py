@@ -18,6 +18,7 @@ import triton.language as tl
 
 from .._layout import batch_norm_format, group_norm_format
 from .._ops import register_fakes
+from .._vmap import register_vmap_rules
 from . import channel_kernels as ck
 from . import row_kernels as rk
 from .checks import check_bn, check_group_norm, check_instance_norm, check_layer_norm
@@ -416,3 +417,4 @@ def instance_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
 
 
 register_fakes(_NS)
+register_vmap_rules(_NS)

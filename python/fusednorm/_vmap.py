@@ -1,0 +1,100 @@
+"""torch.vmap rules for the forward ops. torch's batched fallback (one op call per sample)
+refuses ops that mutate arguments, as batch_norm_fwd and instance_norm_fwd may (running
+statistics), and is slow for the rest; the backward ops go through it (their parameter
+gradients are per-sample sums). The Functions in autograd.py set generate_vmap_rule so
+vmap reaches these rules.
+
+A vmapped call is B independent calls, one per sample. Where the norm's statistics do not
+mix samples it is one call on the samples stacked along the batch dim (N -> B*N):
+LayerNorm, GroupNorm, InstanceNorm, and BatchNorm in eval (running statistics, read only).
+BatchNorm's training statistics are per sample's batch, and batched parameters differ per
+sample: one call per sample. Running statistics updated in place from batched statistics
+cannot be one tensor: refused as torch refuses it, unless they are batched themselves
+(then each sample's call updates its own slice)."""
+import torch
+
+_REFUSED = ("fusednorm {op} under vmap: the running_mean and running_var, which will be updated "
+            "in place, are not batched, so they cannot take one update per sample (torch.nn's "
+            "norms refuse this too). Use track_running_stats=False, eval mode, or batched running "
+            "statistics")
+
+
+def _per_sample(op, batch_size, in_dims, args):
+    """The op once per sample (args sliced on their batched dim), results stacked at 0."""
+    outs = []
+    for i in range(batch_size):
+        sample = [a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                  for a, d in zip(args, in_dims)]  # a list argument's in_dims entry is a list
+        outs.append(op(*sample))
+    return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0, 0)
+
+
+def _stacked(op, x, x_dim, args):
+    """The op on the samples stacked along the batch dim: x (.., B at x_dim, ..) -> (B*N, ...);
+    outputs (B*N, ...) split back into (B, N, ...)."""
+    xb = x.movedim(x_dim, 0)
+    batch = xb.shape[0]
+    outs = op(xb.flatten(0, 1), *args)
+    return tuple(t.unflatten(0, (batch, -1)) for t in outs), (0, 0, 0)
+
+
+def _layer_norm_fwd_rule(op):
+    def rule(info, in_dims, x, normalized_shape, weight, bias, eps, act, slope):
+        x_dim, w_dim, b_dim = in_dims[0], in_dims[2], in_dims[3]
+        if x_dim is not None and w_dim is None and b_dim is None:
+            # The batch dim is one more leading dim: mean/rstd have one entry per row.
+            xb = x.movedim(x_dim, 0)
+            y, mean, rstd = op(xb, normalized_shape, weight, bias, eps, act, slope)
+            return (y, mean.unflatten(0, (xb.shape[0], -1)), rstd.unflatten(0, (xb.shape[0], -1))), (0, 0, 0)
+        return _per_sample(op, info.batch_size, in_dims, (x, normalized_shape, weight, bias, eps, act, slope))
+    return rule
+
+
+def _group_norm_fwd_rule(op):
+    def rule(info, in_dims, x, num_groups, weight, bias, eps, act, slope):
+        x_dim, w_dim, b_dim = in_dims[0], in_dims[2], in_dims[3]
+        if x_dim is not None and w_dim is None and b_dim is None:
+            return _stacked(op, x, x_dim, (num_groups, weight, bias, eps, act, slope))
+        return _per_sample(op, info.batch_size, in_dims, (x, num_groups, weight, bias, eps, act, slope))
+    return rule
+
+
+def _instance_norm_fwd_rule(op):
+    def rule(info, in_dims, x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
+        x_dim, w_dim, b_dim, rm_dim, rv_dim = in_dims[:5]
+        tracked = running_mean is not None or running_var is not None
+        if tracked and (rm_dim is None or rv_dim is None):
+            raise RuntimeError(_REFUSED.format(op="instance_norm"))
+        if x_dim is not None and w_dim is None and b_dim is None and not tracked:
+            return _stacked(op, x, x_dim, (weight, bias, None, None, momentum, eps, act, slope))
+        args = (x, weight, bias, running_mean, running_var, momentum, eps, act, slope)
+        return _per_sample(op, info.batch_size, in_dims, args)
+    return rule
+
+
+def _batch_norm_fwd_rule(op):
+    def rule(info, in_dims, x, weight, bias, running_mean, running_var, training, momentum, eps, act,
+             slope):
+        x_dim, w_dim, b_dim, rm_dim, rv_dim = in_dims[:5]
+        tracked = running_mean is not None or running_var is not None
+        if training and tracked and (rm_dim is None or rv_dim is None):
+            raise RuntimeError(_REFUSED.format(op="batch_norm"))
+        if not training and x_dim is not None and w_dim is None and b_dim is None \
+                and rm_dim is None and rv_dim is None:
+            # Eval: per-channel running statistics, not batched: mean/rstd are shared.
+            xb = x.movedim(x_dim, 0)
+            y, mean, rstd = op(xb.flatten(0, 1), weight, bias, running_mean, running_var, training,
+                               momentum, eps, act, slope)
+            return (y.unflatten(0, (xb.shape[0], -1)), mean, rstd), (0, None, None)
+        args = (x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope)
+        return _per_sample(op, info.batch_size, in_dims, args)
+    return rule
+
+
+def register_vmap_rules(namespace):
+    """Registers the rules above for the ops of `namespace` (fusednorm, fusednorm_triton)."""
+    ops = getattr(torch.ops, namespace)
+    torch.library.register_vmap(f"{namespace}::layer_norm_fwd", _layer_norm_fwd_rule(ops.layer_norm_fwd))
+    torch.library.register_vmap(f"{namespace}::group_norm_fwd", _group_norm_fwd_rule(ops.group_norm_fwd))
+    torch.library.register_vmap(f"{namespace}::instance_norm_fwd", _instance_norm_fwd_rule(ops.instance_norm_fwd))
+    torch.library.register_vmap(f"{namespace}::batch_norm_fwd", _batch_norm_fwd_rule(ops.batch_norm_fwd))
