@@ -48,3 +48,13 @@ def test_fx_conv_bn_fusion_keeps_the_activation():
         model[1].bias.uniform_(-2, 0)  # so that the ReLU clips
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     assert_close(fuse(model)(x), model(x), torch.float32, "fused model")
+
+
+def test_tracing_a_norm_alone_is_refused_clearly():
+    """Traced as the root there is no module to call it from: a TraceError saying what to
+    do, not a graph that calls itself."""
+    with pytest.raises(torch.fx.proxy.TraceError, match="Sequential"):
+        torch.fx.symbolic_trace(fusednorm.BatchNorm2d(4))
+    model = torch.fx.symbolic_trace(torch.nn.Sequential(fusednorm.BatchNorm2d(4)))
+    x = torch.randn(2, 4, 3, 3)
+    assert_close(model(x), torch.nn.BatchNorm2d(4)(x), torch.float32, "wrapped")

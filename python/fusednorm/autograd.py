@@ -103,8 +103,11 @@ class _NormFunction(torch.autograd.Function):
 
     generate_vmap_rule: under torch.func.vmap (per-sample gradients: vmap(grad(f))) torch
     vmaps forward and backward through the ops' own vmap rules: _vmap.py's for the forward
-    ops that take running statistics, torch's batched fallback (one call per sample, with
-    a performance warning) for the others."""
+    ops, torch's batched fallback (one call per sample, with a performance warning) for
+    the backward ops.
+
+    backward takes the gradients of (y, mean, rstd), or of y alone in the classic form
+    (_classic); the statistics' are always absent."""
 
     generate_vmap_rule = True
 

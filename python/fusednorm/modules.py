@@ -28,7 +28,12 @@ def fx_leaf(forward):
     def wrapper(self, input):
         if isinstance(input, torch.fx.Proxy):
             tracer = input.tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+            path = tracer.path_of_module(self)
+            if not path:  # the norm is the traced root: no module around it to call it from
+                raise torch.fx.proxy.TraceError(
+                    f"fusednorm.{type(self).__name__} is traced as one call of the module, which "
+                    "needs a model around it: trace e.g. torch.nn.Sequential(norm)")
+            return tracer.create_proxy("call_module", path, (input,), {})
         return forward(self, input)
     return wrapper
 
