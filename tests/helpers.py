@@ -68,6 +68,17 @@ def assert_close(actual, expected, dtype, what=""):
                                rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
+def assert_same_buffers(ours, ref):
+    """Two modules' buffers, as (name, tensor) pairs in the same order (named_buffers(), or
+    a dict's items()): floating-point ones within their dtype's tolerance, the others
+    (num_batches_tracked) equal."""
+    for (name, b), (_, br) in zip(ours, ref):
+        if b.is_floating_point():
+            assert_close(b, br, b.dtype, name)
+        else:
+            assert torch.equal(b, br), name
+
+
 # kind -> (fusednorm class, torch.nn class, constructor args, input shape)
 KINDS = {
     "BatchNorm1d": (fusednorm.BatchNorm1d, torch.nn.BatchNorm1d, (3,), (4, 3, 5)),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fusednorm
-from helpers import ACTIVATIONS, KINDS, SLOPE, activate, assert_close, make_input, make_pair
+from helpers import ACTIVATIONS, KINDS, SLOPE, activate, assert_close, assert_same_buffers, make_input, make_pair
 
 
 class Around(torch.nn.Module):
@@ -32,11 +32,7 @@ def test_symbolic_trace_calls_the_module(kind, activation):
     for train in (True, False):  # switched after tracing: the module's mode applies
         traced.train(train), reference.train(train)
         assert_close(traced(x), reference(x), torch.float32, f"output, train={train}")
-    for (name, b), (_, br) in zip(ours.named_buffers(), ref.named_buffers()):
-        if b.is_floating_point():
-            assert_close(b, br, b.dtype, name)
-        else:
-            assert torch.equal(b, br), name
+    assert_same_buffers(ours.named_buffers(), ref.named_buffers())
 
 
 def test_fx_conv_bn_fusion_keeps_the_activation():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fusednorm
-from helpers import ACTIVATIONS, KINDS, TARGETS, TRITON_CPU, activate, assert_close, layouts_for, make_input, make_pair
+from helpers import ACTIVATIONS, KINDS, TARGETS, TRITON_CPU, activate, assert_close, assert_same_buffers, layouts_for, make_input, make_pair
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 STEPS = 3
@@ -37,11 +37,7 @@ def run_steps(ours, ref, x, activation, dtype, train):
         for (name, _), gp, gr in zip(ours.named_parameters(), grads[1:], grads_ref[1:]):
             assert gp.dtype == dict(ours.named_parameters())[name].dtype
             assert_close(gp, gr, gp.dtype, f"{name} grad, step {step}")
-    for (name, b), (_, br) in zip(ours.named_buffers(), ref.named_buffers()):
-        if b.dtype.is_floating_point:
-            assert_close(b, br, b.dtype, name)
-        else:
-            assert torch.equal(b, br), name
+    assert_same_buffers(ours.named_buffers(), ref.named_buffers())
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: str(a))
@@ -114,8 +110,4 @@ def test_forward_without_autograd(target, kind, train, mode):
             assert y.grad_fn is None and not y.requires_grad
             assert torch.equal(y, y_twin.detach()), f"step {step}: differs from the autograd path"
             assert_close(y, activate(ref(xi), "relu").detach(), torch.float32, f"output, step {step}")
-    for (name, b), (_, br) in zip(ours.named_buffers(), ref.named_buffers()):
-        if b.dtype.is_floating_point:
-            assert_close(b, br, b.dtype, name)
-        else:
-            assert torch.equal(b, br), name
+    assert_same_buffers(ours.named_buffers(), ref.named_buffers())
