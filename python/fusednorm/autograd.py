@@ -1,7 +1,9 @@
 """torch.autograd.Function wrappers over the fusednorm ops: forward calls the *_fwd op,
 setup_context saves what its backward op needs; backward calls the *_bwd op of the same
 backend (backend.ops_for picks torch.ops.fusednorm or torch.ops.fusednorm_triton). No torch
-normalisation kernel is called on this path. apply() is the entry point: it picks the op
+normalisation kernel is called on this path. A backward that autograd records
+(create_graph=True) differentiates the output recomputed in torch ops instead
+(_differentiable.py). apply() is the entry point: it picks the op
 alone, the Function, or the Function's classic form (_classic) for each call."""
 import functools
 
@@ -10,6 +12,7 @@ from torch._C._functorch import TransformType
 from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
+from . import _differentiable
 from .backend import ops_for
 
 
@@ -25,28 +28,69 @@ def _differentiated_again_by_torch_func():
     return sum(i.key() in differentiating for i in stack) > 1
 
 
-def first_order_only(backward):
-    """torch's @once_differentiable without its cost on the usual path. The backward ops
-    have no derivative of their own, so a double backward (create_graph=True, the only
-    time backward runs with grad mode on) goes through once_differentiable, which makes
-    differentiating the gradients raise instead of returning wrong zeros; nested torch.func
-    differentiation raises at once. A plain backward skips its no_grad block and output
-    wrapping: about 6 % of a tiny module's forward+backward (bench.py's per-call overhead)."""
-    refusing = once_differentiable(backward)
+def _backward(backward, recompute=None):
+    """backward, with the cases around it:
+    - an absent output gradient: no input gradients;
+    - a plain backward: as it is, without once_differentiable's no_grad block and output
+      wrapping (about 6 % of a tiny module's forward+backward, bench.py's per-call overhead);
+    - a backward that autograd records (create_graph=True, the only time backward runs
+      with grad mode on): the gradients of the output recomputed by recompute(ctx, x,
+      weight, bias, mean, rstd) in differentiable torch ops (_differentiable.py), which
+      can be differentiated again; without recompute, once_differentiable: differentiating
+      the result raises instead of giving wrong zeros;
+    - under torch.func, whose transforms always record: once_differentiable's first
+      derivative, and a nested differentiation (grad(grad(f))) refused: torch.func
+      cannot differentiate the recomputation's torch.autograd.grad."""
+    first_order = once_differentiable(backward)
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         if grads[0] is None:  # the output's gradient is undefined, i.e. zero: so are the inputs'
             return (None,) * len(ctx.needs_input_grad)
-        if torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        if torch._C._functorch.peek_interpreter_stack() is not None:
             if _differentiated_again_by_torch_func():
                 raise RuntimeError(
                     "fusednorm: trying to differentiate twice: the norms' backward has no derivative "
-                    "of its own (nested torch.func.grad / jacrev over a fusednorm norm)")
-            return refusing(ctx, *grads)
-        return backward(ctx, *grads)
+                    "of its own under torch.func (nested torch.func.grad / jacrev over a fusednorm "
+                    "norm); torch.autograd.grad(..., create_graph=True) supports it")
+            return first_order(ctx, *grads)
+        if recompute is not None:
+            recomputed = _recomputed_grads(recompute, ctx, grads[0])
+            if recomputed is not None:
+                return recomputed
+        return first_order(ctx, *grads)
 
     return wrapper
+
+
+def first_order_only(backward):
+    """For a backward op with no derivative of its own and nothing to recompute it with
+    (SyncBatchNorm's): see _backward."""
+    return _backward(backward)
+
+
+def differentiable_by_recompute(recompute):
+    """For the norms' backward: see _backward."""
+    return lambda backward: _backward(backward, recompute)
+
+
+def _recomputed_grads(recompute, ctx, dy):
+    """The gradients of (x, weight, bias) that need one, as a graph autograd can
+    differentiate; None when the saved tensors are torch.func's (torch.func.vjp's pullback,
+    called after its transform ended), which torch.autograd.grad cannot differentiate."""
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    mask = _grad_mask(ctx, weight, bias)
+    wanted = [t for t, needed in zip((x, weight, bias), mask) if needed]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in wanted):
+        return None
+    if not wanted:
+        return _grads(mask, None, None, None, len(ctx.needs_input_grad) - 3)
+    y = recompute(ctx, x, weight, bias, mean, rstd)
+    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    dx, dw, db = (next(grads) if needed else None for needed in mask)
+    return _grads(mask, dx, dw, db, len(ctx.needs_input_grad) - 3)
 
 
 def _forward_mode_or_torch_func():
@@ -99,7 +143,7 @@ class _NormFunction(torch.autograd.Function):
     transforms (grad, vjp, functional_call + grad) differentiate through the norms, as
     they do through torch.nn's. mean and rstd are outputs only to be saved: they are
     marked non-differentiable, and no gradients are materialised as zeros (an absent output
-    gradient means no input gradients: first_order_only).
+    gradient means no input gradients: _backward).
 
     generate_vmap_rule: under torch.func.vmap (per-sample gradients: vmap(grad(f))) torch
     vmaps forward and backward through the ops' own vmap rules: _vmap.py's for the forward
@@ -119,7 +163,7 @@ class _NormFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.ops = ops_for(x)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.act, ctx.slope = inputs[-2:]  # every norm's last two arguments
+        ctx.eps, ctx.act, ctx.slope = inputs[-3:]  # every norm's last three arguments
 
 
 def _grad_mask(ctx, weight, bias):
@@ -147,7 +191,7 @@ class BatchNormFunction(_NormFunction):
                                          eps, act, slope)
 
     @staticmethod
-    @first_order_only
+    @differentiable_by_recompute(_differentiable.batch_norm)
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
@@ -165,7 +209,7 @@ class InstanceNormFunction(_NormFunction):
                                             slope)
 
     @staticmethod
-    @first_order_only
+    @differentiable_by_recompute(_differentiable.instance_norm)
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
@@ -184,7 +228,7 @@ class LayerNormFunction(_NormFunction):
         return ops_for(x).layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope)
 
     @staticmethod
-    @first_order_only
+    @differentiable_by_recompute(_differentiable.layer_norm)
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
@@ -205,7 +249,7 @@ class GroupNormFunction(_NormFunction):
         return ops_for(x).group_norm_fwd(x, num_groups, weight, bias, eps, act, slope)
 
     @staticmethod
-    @first_order_only
+    @differentiable_by_recompute(_differentiable.group_norm)
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
