@@ -6,6 +6,7 @@ normalisation kernel is called on this path. A backward that autograd records
 (_differentiable.py). apply() is the entry point: it picks the op
 alone, the Function, or the Function's classic form (_classic) for each call."""
 import functools
+import math
 
 import torch
 from torch._C._functorch import TransformType
@@ -16,31 +17,18 @@ from . import _differentiable
 from .backend import ops_for
 
 
-def _differentiated_again_by_torch_func():
-    """True when a torch.func transform will differentiate this backward's result: the
-    backward runs under the innermost grad (or jvp) transform, and another one encloses it
-    (grad(grad(f)), jacrev(jacrev(f))). once_differentiable does not see this case: it
-    gets no error to raise there and the second derivative comes out as zeros."""
-    stack = torch._C._functorch.get_interpreter_stack()  # None outside torch.func
-    if not stack:
-        return False
-    differentiating = (TransformType.Grad, TransformType.Jvp)
-    return sum(i.key() in differentiating for i in stack) > 1
-
-
 def _backward(backward, recompute=None):
     """backward, with the cases around it:
     - an absent output gradient: no input gradients;
     - a plain backward: as it is, without once_differentiable's no_grad block and output
       wrapping (about 6 % of a tiny module's forward+backward, bench.py's per-call overhead);
-    - a backward that autograd records (create_graph=True, the only time backward runs
-      with grad mode on): the gradients of the output recomputed by recompute(ctx, x,
-      weight, bias, mean, rstd) in differentiable torch ops (_differentiable.py), which
-      can be differentiated again; without recompute, once_differentiable: differentiating
-      the result raises instead of giving wrong zeros;
-    - under torch.func, whose transforms always record: once_differentiable's first
-      derivative, and a nested differentiation (grad(grad(f))) refused: torch.func
-      cannot differentiate the recomputation's torch.autograd.grad."""
+    - a backward whose result will be differentiated again (_second_derivative_wanted):
+      the gradients of the output recomputed by recompute(ctx, x, weight, bias, mean,
+      rstd) in differentiable torch ops (_differentiable.py); without recompute
+      (SyncBatchNorm), an error;
+    - any other recorded backward (first derivatives under torch.func, whose transforms
+      always record): once_differentiable, so that differentiating the result raises
+      instead of giving wrong zeros."""
     first_order = once_differentiable(backward)
 
     @functools.wraps(backward)
@@ -49,20 +37,38 @@ def _backward(backward, recompute=None):
             return (None,) * len(ctx.needs_input_grad)
         if not torch.is_grad_enabled():
             return backward(ctx, *grads)
-        if torch._C._functorch.peek_interpreter_stack() is not None:
-            if _differentiated_again_by_torch_func():
-                raise RuntimeError(
-                    "fusednorm: trying to differentiate twice: the norms' backward has no derivative "
-                    "of its own under torch.func (nested torch.func.grad / jacrev over a fusednorm "
-                    "norm); torch.autograd.grad(..., create_graph=True) supports it")
-            return first_order(ctx, *grads)
-        if recompute is not None:
-            recomputed = _recomputed_grads(recompute, ctx, grads[0])
-            if recomputed is not None:
-                return recomputed
+        if _second_derivative_wanted(ctx):
+            if recompute is not None:
+                return _recomputed_grads(recompute, ctx, grads[0])
+            if torch._C._functorch.peek_interpreter_stack() is not None:
+                # once_differentiable cannot see a torch.func transform differentiate its
+                # result: the second derivative would come out as zeros.
+                raise RuntimeError("fusednorm: trying to differentiate twice a backward that has no "
+                                   "derivative (nested torch.func.grad / jacrev)")
         return first_order(ctx, *grads)
 
     return wrapper
+
+
+def _second_derivative_wanted(ctx):
+    """Whether this (recorded) backward's result may be differentiated again.
+    - Under torch.autograd: always (grad mode is on in backward only with create_graph=True).
+    - Under torch.func, whose transforms record every backward: when a grad (or jvp)
+      transform encloses the one that recorded this norm, i.e. is active at a lower level
+      than the saved tensors' own: grad(grad(f)); jacrev(jacrev(f)), whose inner pullback
+      runs after its own transform ended, under a vmap; not vmap(grad(f)) or jacrev(f).
+    - A torch.func.vjp pullback called after every transform ended: no (its saved
+      tensors are the finished transform's; nothing can differentiate the result through
+      them)."""
+    # The saved tensors' transform level: -1 for plain tensors, -2 for a finished
+    # transform's (a dead wrapper: everything active encloses it).
+    levels = [torch._C._functorch.maybe_get_level(t) for t in ctx.saved_tensors[:3] if t is not None]
+    own = math.inf if min(levels) == -2 else max(levels)
+    stack = torch._C._functorch.get_interpreter_stack()  # None outside torch.func
+    if stack:
+        differentiating = (TransformType.Grad, TransformType.Jvp)
+        return any(i.key() in differentiating and i.level() < own for i in stack)
+    return own == -1
 
 
 def first_order_only(backward):
@@ -77,20 +83,26 @@ def differentiable_by_recompute(recompute):
 
 
 def _recomputed_grads(recompute, ctx, dy):
-    """The gradients of (x, weight, bias) that need one, as a graph autograd can
-    differentiate; None when the saved tensors are torch.func's (torch.func.vjp's pullback,
-    called after its transform ended), which torch.autograd.grad cannot differentiate."""
+    """The gradients of (x, weight, bias) that need one, from the output recomputed in
+    differentiable torch ops: a graph that torch.autograd, or an enclosing torch.func
+    transform, differentiates again (torch.func.vjp works under both)."""
     x, weight, bias, mean, rstd = ctx.saved_tensors
     mask = _grad_mask(ctx, weight, bias)
-    wanted = [t for t, needed in zip((x, weight, bias), mask) if needed]
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in wanted):
-        return None
-    if not wanted:
-        return _grads(mask, None, None, None, len(ctx.needs_input_grad) - 3)
-    y = recompute(ctx, x, weight, bias, mean, rstd)
-    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
-    dx, dw, db = (next(grads) if needed else None for needed in mask)
-    return _grads(mask, dx, dw, db, len(ctx.needs_input_grad) - 3)
+    saved = (x, weight, bias)
+    wanted = [i for i in range(3) if mask[i]]
+
+    def output(*tensors):
+        args = list(saved)
+        for i, t in zip(wanted, tensors):
+            args[i] = t
+        return recompute(ctx, *args, mean, rstd)
+
+    grads = [None, None, None]
+    if wanted:
+        _, pullback = torch.func.vjp(output, *(saved[i] for i in wanted))
+        for i, g in zip(wanted, pullback(dy)):
+            grads[i] = g
+    return _grads(mask, *grads, len(ctx.needs_input_grad) - 3)
 
 
 def _forward_mode_or_torch_func():
