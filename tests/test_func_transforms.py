@@ -200,8 +200,10 @@ SECOND_ORDER = {
     # Reverse over reverse: the inner pullback runs after its own transform ended, under vmap.
     "jacrev(jacrev)": lambda f, x: jacrev(jacrev(f))(x),
     "grad(vjp)": lambda f, x: grad(lambda x: vjp(f, x)[1](torch.tensor(1.0))[0].pow(2).sum())(x),
+    # Forward over reverse: the backward's recomputation under the Functions' jvp.
+    "hessian": lambda f, x: torch.func.hessian(f)(x),
 }
-# Small inputs: jacrev(jacrev) builds a numel x numel Hessian.
+# Small inputs: jacrev(jacrev) and hessian build a numel x numel Hessian.
 SMALL_SHAPES = {"BatchNorm2d": (2, 4, 2, 3), "InstanceNorm2d": (2, 4, 2, 3), "LayerNorm": (2, 5, 6),
                 "GroupNorm": (2, 4, 2, 3)}
 
@@ -227,27 +229,46 @@ def test_second_derivative_through_torch_func_matches_torch(kind, activation, tr
     assert_close(second(ours, lambda y: y), expected, torch.float32, "second derivative")
 
 
+# Forward mode: the tangent of the output along t (of the input) or tp (of the parameters).
+FORWARD_MODES = {
+    "func.jvp": lambda f, m, x, t, tp: torch.func.jvp(f, (x,), (t,))[1],
+    "jvp-params": lambda f, m, x, t, tp: torch.func.jvp(
+        lambda p: f(x, p), (_params(m),), ({k: tp[k] for k in _params(m)},))[1],
+    "jacfwd": lambda f, m, x, t, tp: torch.func.jacfwd(f)(x),
+    "forward_ad": lambda f, m, x, t, tp: _dual_tangent(f, x, t),
+}
+
+
+def _dual_tangent(f, x, t):
+    with torch.autograd.forward_ad.dual_level():
+        y = f(torch.autograd.forward_ad.make_dual(x, t))
+        return torch.autograd.forward_ad.unpack_dual(y).tangent
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen-eval"])
-@pytest.mark.parametrize("mode", ["func.jvp", "forward_ad"])
-@pytest.mark.parametrize("kind", ["BatchNorm2d", "InstanceNorm2d", "LayerNorm", "GroupNorm"])
-def test_forward_mode_ad_is_refused_not_wrong(kind, mode, frozen):
-    """Forward-mode AD has no rule here: a NotImplementedError, also for a frozen model in
-    eval mode, whose inputs require no gradient (the ops alone would drop the tangent and
-    return zero or none)."""
-    ours, ref = make_pair(kind, None)
+@pytest.mark.parametrize("mode", list(FORWARD_MODES))
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+@pytest.mark.parametrize("kind", list(SMALL_SHAPES))
+def test_forward_mode_ad_matches_torch(kind, activation, mode, frozen):
+    """Forward mode (the Functions' jvp), with batch statistics (BatchNorm without running
+    statistics: torch.func refuses the captured buffers' update) and, frozen in eval
+    mode, with running ones: the inputs then require no gradient, and the ops alone would
+    drop the tangent."""
+    kwargs = {"track_running_stats": False} if kind == "BatchNorm2d" and not frozen else {}
+    ours, ref = make_pair(kind, activation, **kwargs)
     for m in (ours, ref):
-        # Training BatchNorm's num_batches_tracked: see test_func_vjp_matches_torch.
-        m.train(not frozen and kind != "BatchNorm2d").requires_grad_(not frozen)
-    x = make_input(KINDS[kind][3], torch.float32, "contiguous")
+        m.train(not frozen).requires_grad_(not frozen)
+    x = make_input(SMALL_SHAPES[kind], torch.float32, "contiguous")
     t = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    tp = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(5)) for k, v in _params(ours).items()}
 
-    def tangent(module):
-        if mode == "func.jvp":
-            return torch.func.jvp(module, (x,), (t,))[1]
-        with torch.autograd.forward_ad.dual_level():
-            y = module(torch.autograd.forward_ad.make_dual(x, t))
-            return torch.autograd.forward_ad.unpack_dual(y).tangent
+    def tangent(module, act):
+        def f(x, params=None):
+            if params is None:
+                return act(module(x))
+            return act(functional_call(module, {**params, **_buffers(module)}, (x,)))
+        return FORWARD_MODES[mode](f, module, x, t, tp)
 
-    assert tangent(ref).abs().sum() > 0  # torch.nn's tangent exists and is not zero
-    with pytest.raises(NotImplementedError, match="jvp"):
-        tangent(ours)
+    expected = tangent(ref, lambda y: activate(y, activation, SLOPE))
+    assert expected.abs().sum() > 0  # torch.nn's tangent exists and is not zero
+    assert_close(tangent(ours, lambda y: y), expected, torch.float32, "tangent")

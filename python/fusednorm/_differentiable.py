@@ -1,76 +1,126 @@
-"""Each norm's forward in differentiable torch ops, for a backward that autograd records.
+"""Each norm's forward in torch ops, and its tangent, for the derivatives the fused kernels
+do not have.
 
-The backward ops have no derivative of their own. When autograd records a backward
-(`create_graph=True`: gradient penalties, MAML-style meta-gradients, Hessian-vector
-products), autograd.py recomputes the norm's output with these functions and lets autograd
-differentiate that: the gradient is then a graph that can be differentiated again, as
-torch.nn's is. Slower than the fused kernels and keeps more memory, so it runs only then.
+- Second derivatives. The backward ops have no derivative of their own. When a backward's
+  result is to be differentiated again (create_graph=True: gradient penalties, MAML-style
+  meta-gradients, Hessian-vector products; nested torch.func transforms), autograd.py
+  recomputes the norm's output with `output` and returns its gradients, which autograd can
+  differentiate again, as torch.nn's.
+- Forward mode (torch.func.jvp / jacfwd / hessian, forward_ad dual tensors): `tangent`,
+  the output's directional derivative, for the Functions' jvp.
+Slower than the fused kernels and holding more memory, so they run only then.
 
-Each function takes the Function's ctx (the arguments setup_context kept), the saved
-input, weight, bias and statistics, and returns act(norm(x)) in x's dtype. The statistics
-are computed as the kernels compute them: in float32 (float64 for float64 input), two-pass
-(the mean, then the mean of the squared deviations).
+Statistics as the kernels compute them: in float32 (float64 for float64 input), two-pass
+(the mean, then the mean of the squared deviations). Each norm is described by `_Norm`:
+which dims of which view of x its statistics reduce, and how its parameters broadcast.
 """
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ._activation import activation_code
 
 _RELU, _LEAKY_RELU = activation_code("relu"), activation_code("leaky_relu")
 
 
-def _normalize(x, dims, eps, mean=None, rstd=None):
-    """(x - mean) * rstd in the statistics' dtype: over `dims` (kept as size-1 dims) of x,
-    or with the given, broadcastable, statistics."""
-    xs = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if mean is None:
-        mean = xs.mean(dims, keepdim=True)
-        rstd = torch.rsqrt((xs - mean).square().mean(dims, keepdim=True) + eps)
-    return (xs - mean) * rstd
+def _acc(t):
+    """t in the statistics' dtype."""
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
-def _affine_activation(ctx, xhat, weight, bias, param_shape, dtype):
-    y = xhat
-    if weight is not None:
-        y = y * weight.reshape(param_shape)
-    if bias is not None:
-        y = y + bias.reshape(param_shape)
+class _Norm:
+    """How a norm normalises x: `view(x)` is reduced over `dims` (with batch statistics) or
+    normalised with the saved ones (`stats`, broadcastable to the view, or None), then
+    reshaped back to x's shape, and the parameters broadcast as `param_shape`."""
+
+    def __init__(self, ctx, kind, x, mean, rstd):
+        channels = (1, x.shape[1]) + (1,) * (x.dim() - 2)  # per channel (dim 1)
+        self.shape, self.param_shape, self.stats = x.shape, channels, None
+        if kind == "batch_norm":
+            self.dims = [0] + list(range(2, x.dim()))
+            if not ctx.training:  # running statistics, as the forward read them: constants
+                self.stats = (mean.reshape(channels), rstd.reshape(channels))
+        elif kind == "instance_norm":
+            self.dims = list(range(2, x.dim()))
+        elif kind == "layer_norm":
+            k = len(ctx.normalized_shape)
+            self.dims, self.param_shape = list(range(x.dim() - k, x.dim())), tuple(ctx.normalized_shape)
+        elif kind == "group_norm":
+            self.groups = ctx.num_groups
+            self.dims = [2]
+        else:
+            raise ValueError(kind)
+        self.kind = kind
+
+    def view(self, t):
+        if self.kind != "group_norm":
+            return t
+        per_group = self.shape[1] // self.groups * math.prod(self.shape[2:])  # not -1: N may be 0
+        return t.reshape(self.shape[0], self.groups, per_group)
+
+    def normalized(self, x, eps, x_t=None):
+        """xhat = (x - mean) * rstd, and its tangent along x_t (None: no tangent)."""
+        xs = _acc(self.view(x))
+        if self.stats is None:
+            mean = xs.mean(self.dims, keepdim=True)
+            rstd = torch.rsqrt((xs - mean).square().mean(self.dims, keepdim=True) + eps)
+        else:
+            mean, rstd = self.stats
+        xhat = (xs - mean) * rstd
+        xhat_t = None
+        if x_t is not None:
+            ts = _acc(self.view(x_t))
+            if self.stats is None:
+                # d xhat = rstd * (dx - mean(dx) - xhat * mean(xhat * dx)): the mean's and
+                # the variance's tangents folded in.
+                xhat_t = rstd * (ts - ts.mean(self.dims, keepdim=True)
+                                 - xhat * (xhat * ts).mean(self.dims, keepdim=True))
+            else:
+                xhat_t = ts * rstd
+            xhat_t = xhat_t.reshape(self.shape)
+        return xhat.reshape(self.shape), xhat_t
+
+
+def _param(p, shape):
+    return None if p is None else p.reshape(shape)
+
+
+def output(kind, ctx, x, weight, bias, mean, rstd):
+    """act(norm(x)) in x's dtype, in differentiable torch ops."""
+    norm = _Norm(ctx, kind, x, mean, rstd)
+    y, _ = norm.normalized(x, ctx.eps)
+    w, b = _param(weight, norm.param_shape), _param(bias, norm.param_shape)
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
     if ctx.act == _RELU:
-        y = F.relu(y)
+        y = torch.relu(y)
     elif ctx.act == _LEAKY_RELU:
-        y = F.leaky_relu(y, ctx.slope)
-    return y.to(dtype)
+        y = torch.nn.functional.leaky_relu(y, ctx.slope)
+    return y.to(x.dtype)
 
 
-def _channel_shape(x):
-    """Per-channel values (dim 1) broadcast over x."""
-    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
-
-
-def batch_norm(ctx, x, weight, bias, mean, rstd):
-    shape = _channel_shape(x)
-    if ctx.training:  # batch statistics: they depend on x
-        xhat = _normalize(x, [0] + list(range(2, x.dim())), ctx.eps)
-    else:  # running statistics, as the forward read them: constants
-        xhat = _normalize(x, None, None, mean.reshape(shape), rstd.reshape(shape))
-    return _affine_activation(ctx, xhat, weight, bias, shape, x.dtype)
-
-
-def instance_norm(ctx, x, weight, bias, mean, rstd):
-    xhat = _normalize(x, list(range(2, x.dim())), ctx.eps)
-    return _affine_activation(ctx, xhat, weight, bias, _channel_shape(x), x.dtype)
-
-
-def layer_norm(ctx, x, weight, bias, mean, rstd):
-    k = len(ctx.normalized_shape)
-    xhat = _normalize(x, list(range(x.dim() - k, x.dim())), ctx.eps)
-    return _affine_activation(ctx, xhat, weight, bias, tuple(ctx.normalized_shape), x.dtype)
-
-
-def group_norm(ctx, x, weight, bias, mean, rstd):
-    per_group = x.shape[1] // ctx.num_groups * math.prod(x.shape[2:])  # not -1: N may be 0
-    grouped = x.reshape(x.shape[0], ctx.num_groups, per_group)
-    xhat = _normalize(grouped, [2], ctx.eps).reshape(x.shape)
-    return _affine_activation(ctx, xhat, weight, bias, _channel_shape(x), x.dtype)
+def tangent(kind, ctx, x, weight, bias, mean, rstd, x_t, weight_t, bias_t):
+    """The tangent of act(norm(x)) along the inputs' tangents (None: zero), in x's dtype."""
+    norm = _Norm(ctx, kind, x, mean, rstd)
+    xhat, xhat_t = norm.normalized(x, ctx.eps, x_t)
+    w, b = _param(weight, norm.param_shape), _param(bias, norm.param_shape)
+    w_t, b_t = _param(weight_t, norm.param_shape), _param(bias_t, norm.param_shape)
+    z, z_t = xhat, torch.zeros_like(xhat)
+    if xhat_t is not None:
+        z_t = xhat_t if w is None else xhat_t * w
+    if w is not None:
+        z = z * w
+        if w_t is not None:
+            z_t = z_t + xhat * w_t
+    if b is not None:
+        z = z + b
+        if b_t is not None:
+            z_t = z_t + b_t
+    # As torch's relu / leaky_relu derivatives: by the sign of the pre-activation z.
+    if ctx.act == _RELU:
+        z_t = torch.where(z > 0, z_t, torch.zeros_like(z_t))
+    elif ctx.act == _LEAKY_RELU:
+        z_t = torch.where(z > 0, z_t, z_t * ctx.slope)
+    return z_t.to(x.dtype)

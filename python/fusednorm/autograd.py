@@ -1,9 +1,9 @@
 """torch.autograd.Function wrappers over the fusednorm ops: forward calls the *_fwd op,
 setup_context saves what its backward op needs; backward calls the *_bwd op of the same
 backend (backend.ops_for picks torch.ops.fusednorm or torch.ops.fusednorm_triton). No torch
-normalisation kernel is called on this path. A backward that autograd records
-(create_graph=True) differentiates the output recomputed in torch ops instead
-(_differentiable.py). apply() is the entry point: it picks the op
+normalisation kernel is called on this path. What the kernels do not compute — the
+gradient of a backward whose result is differentiated again, and forward mode (jvp) — comes
+from the output recomputed in torch ops (_differentiable.py). apply() is the entry point: it picks the op
 alone, the Function, or the Function's classic form (_classic) for each call."""
 import functools
 import math
@@ -77,8 +77,10 @@ def first_order_only(backward):
     return _backward(backward)
 
 
-def differentiable_by_recompute(recompute):
-    """For the norms' backward: see _backward."""
+def differentiable_by_recompute(kind):
+    """For the norms' backward (kind: _differentiable's name for the norm): see _backward."""
+    def recompute(ctx, *tensors):  # a closure, not functools.partial: Dynamo traces backward
+        return _differentiable.output(kind, ctx, *tensors)
     return lambda backward: _backward(backward, recompute)
 
 
@@ -105,6 +107,15 @@ def _recomputed_grads(recompute, ctx, dy):
     return _grads(mask, *grads, len(ctx.needs_input_grad) - 3)
 
 
+def _forward_mode():
+    """Forward-mode AD is active: a dual_level, or a torch.func jvp transform (jvp, jacfwd,
+    hessian). Not while Dynamo traces, which sees an interpreter stack of its own."""
+    if torch.compiler.is_compiling():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return forward_ad._current_level >= 0 or any(i.key() == TransformType.Jvp for i in stack)
+
+
 def _forward_mode_or_torch_func():
     """A dual_level (forward-mode AD) or a torch.func transform is active: both can
     differentiate tensors that do not require grad."""
@@ -112,7 +123,7 @@ def _forward_mode_or_torch_func():
 
 
 def apply(function, x, weight, bias, *rest):
-    """The output of a norm: function.apply(x, weight, bias, *rest)[0], in one of three
+    """The output of a norm: function.apply(x, weight, bias, *rest)[0], in one of four
     ways that give the same result.
     - Nothing can differentiate the call (grad mode off or no input requiring a gradient,
       no forward-mode AD or torch.func transform: inference, frozen layers): the forward
@@ -120,7 +131,8 @@ def apply(function, x, weight, bias, *rest):
       forward). Under forward-mode AD the op alone would drop the tangents silently.
     - Outside torch.func: the Function in torch's classic form (_classic), since torch
       binds a setup_context Function's arguments with inspect.signature on every call.
-    - Under torch.func transforms, which need the setup_context form: the Function."""
+    - Under torch.func transforms, which need the setup_context form: the Function.
+    - Under forward-mode AD: the Function with a jvp (_with_jvp)."""
     if not _forward_mode_or_torch_func():
         if not torch.is_grad_enabled() or not (
             x.requires_grad
@@ -129,6 +141,8 @@ def apply(function, x, weight, bias, *rest):
         ):
             return function.forward(x, weight, bias, *rest)[0]
         return function.classic.apply(x, weight, bias, *rest)
+    if _forward_mode():
+        return function.forward_mode.apply(x, weight, bias, *rest)[0]
     return function.apply(x, weight, bias, *rest)[0]
 
 
@@ -203,7 +217,7 @@ class BatchNormFunction(_NormFunction):
                                          eps, act, slope)
 
     @staticmethod
-    @differentiable_by_recompute(_differentiable.batch_norm)
+    @differentiable_by_recompute("batch_norm")
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
@@ -221,7 +235,7 @@ class InstanceNormFunction(_NormFunction):
                                             slope)
 
     @staticmethod
-    @differentiable_by_recompute(_differentiable.instance_norm)
+    @differentiable_by_recompute("instance_norm")
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
@@ -240,7 +254,7 @@ class LayerNormFunction(_NormFunction):
         return ops_for(x).layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope)
 
     @staticmethod
-    @differentiable_by_recompute(_differentiable.layer_norm)
+    @differentiable_by_recompute("layer_norm")
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
@@ -261,7 +275,7 @@ class GroupNormFunction(_NormFunction):
         return ops_for(x).group_norm_fwd(x, num_groups, weight, bias, eps, act, slope)
 
     @staticmethod
-    @differentiable_by_recompute(_differentiable.group_norm)
+    @differentiable_by_recompute("group_norm")
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
@@ -270,5 +284,26 @@ class GroupNormFunction(_NormFunction):
         return _grads(mask, dx, dw, db, 4)
 
 
-for _function in (BatchNormFunction, InstanceNormFunction, LayerNormFunction, GroupNormFunction):
+def _with_jvp(function, kind):
+    """`function` with a jvp (forward mode): the output's tangent in torch ops
+    (_differentiable.tangent; the statistics have none), from the tensors setup_context
+    also saves for it. A separate class, used only under forward-mode AD (apply()):
+    Dynamo refuses to trace a Function that defines jvp."""
+    def setup_context(ctx, inputs, output):
+        function.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3], *output[1:])  # x, weight, bias, mean, rstd
+
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        x, weight, bias, mean, rstd = ctx.saved_tensors  # those saved for forward
+        y_t = _differentiable.tangent(kind, ctx, x, weight, bias, mean, rstd, x_t, weight_t, bias_t)
+        return y_t, None, None
+
+    return type(function.__name__ + "ForwardMode", (function,),
+                {"setup_context": staticmethod(setup_context), "jvp": staticmethod(jvp),
+                 "__module__": function.__module__})
+
+
+for _function, _kind in ((BatchNormFunction, "batch_norm"), (InstanceNormFunction, "instance_norm"),
+                         (LayerNormFunction, "layer_norm"), (GroupNormFunction, "group_norm")):
     _function.classic = _classic(_function)
+    _function.forward_mode = _with_jvp(_function, _kind)
