@@ -85,15 +85,20 @@ def _param(p, shape):
     return None if p is None else p.reshape(shape)
 
 
+def _affine(norm, xhat, weight, bias):
+    """xhat * weight + bias, the parameters (None: absent) broadcast as the norm's."""
+    if weight is not None:
+        xhat = xhat * _param(weight, norm.param_shape)
+    if bias is not None:
+        xhat = xhat + _param(bias, norm.param_shape)
+    return xhat
+
+
 def output(kind, ctx, x, weight, bias, mean, rstd):
     """act(norm(x)) in x's dtype, in differentiable torch ops."""
     norm = _Norm(ctx, kind, x, mean, rstd)
-    y, _ = norm.normalized(x, ctx.eps)
-    w, b = _param(weight, norm.param_shape), _param(bias, norm.param_shape)
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
+    xhat, _ = norm.normalized(x, ctx.eps)
+    y = _affine(norm, xhat, weight, bias)
     if ctx.act == _RELU:
         y = torch.relu(y)
     elif ctx.act == _LEAKY_RELU:
@@ -105,19 +110,15 @@ def tangent(kind, ctx, x, weight, bias, mean, rstd, x_t, weight_t, bias_t):
     """The tangent of act(norm(x)) along the inputs' tangents (None: zero), in x's dtype."""
     norm = _Norm(ctx, kind, x, mean, rstd)
     xhat, xhat_t = norm.normalized(x, ctx.eps, x_t)
-    w, b = _param(weight, norm.param_shape), _param(bias, norm.param_shape)
-    w_t, b_t = _param(weight_t, norm.param_shape), _param(bias_t, norm.param_shape)
-    z, z_t = xhat, torch.zeros_like(xhat)
+    z = _affine(norm, xhat, weight, bias)
+    # z = xhat * w + b, so z_t = xhat_t * w + xhat * w_t + b_t (absent tangents: no term).
+    z_t = torch.zeros_like(xhat)
     if xhat_t is not None:
-        z_t = xhat_t if w is None else xhat_t * w
-    if w is not None:
-        z = z * w
-        if w_t is not None:
-            z_t = z_t + xhat * w_t
-    if b is not None:
-        z = z + b
-        if b_t is not None:
-            z_t = z_t + b_t
+        z_t = z_t + _affine(norm, xhat_t, weight, None)
+    if weight_t is not None:
+        z_t = z_t + _affine(norm, xhat, weight_t, None)
+    if bias_t is not None:
+        z_t = z_t + _param(bias_t, norm.param_shape)
     # As torch's relu / leaky_relu derivatives: by the sign of the pre-activation z.
     if ctx.act == _RELU:
         z_t = torch.where(z > 0, z_t, torch.zeros_like(z_t))
