@@ -1,6 +1,7 @@
 """Differentiating gradients (create_graph=True): gradient penalties, MAML-style
-meta-gradients and gradgradcheck, against torch.nn's norms (which support them) and, for
-gradgradcheck, finite differences. autograd.py recomputes the output in torch ops for this
+meta-gradients and Hessian-vector products against torch.nn's norms (which support them),
+and gradgradcheck against finite differences. Nested torch.func transforms and forward
+mode: tests/test_func_transforms.py. autograd.py recomputes the output in torch ops for this
 (_differentiable.py)."""
 import pytest
 import torch
@@ -22,7 +23,7 @@ def _penalty_step(model, x, weights):
     weighted sum of the output, its per-sample norm pushed towards 1, differentiated
     with respect to the input and the parameters."""
     x = x.detach().requires_grad_()
-    params = [p for p in model.parameters()] if isinstance(model, torch.nn.Module) else []
+    params = list(model.parameters())
     out = model(x)
     (gx,) = torch.autograd.grad((out * weights).sum(), x, create_graph=True)
     penalty = (gx.flatten(1).norm(dim=1) - 1).pow(2).mean()
