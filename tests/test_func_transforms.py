@@ -134,6 +134,56 @@ def test_vmap_per_sample_gradients_match_torch(target, kind, mode):
     assert_close(y, activate(vmap(ref)(batch), "relu"), torch.float32, "vmapped output")
 
 
+# vmap over group_norm_bwd (GroupNorm's and InstanceNorm's backward): which arguments are
+# batched, and how. The rule puts the samples side by side as channels (_vmap.py).
+BWD_VMAP = {
+    "one-row-samples": dict(n=1),  # per-sample gradients' usual x[None]: a view
+    "three-row-samples": dict(n=3),
+    "no-affine": dict(n=2, affine=False),
+    "dx-only": dict(n=2, mask=[True, False, False]),
+    "params-only": dict(n=2, mask=[False, True, True]),
+    "channels-last": dict(n=2, channels_last=True),
+    "batch-dim-2": dict(n=2, x_dim=2),
+    "shared-input": dict(n=2, x_dim=None),  # jacrev: batched cotangents, one input
+}
+
+
+@pytest.mark.parametrize("case", list(BWD_VMAP))
+@pytest.mark.parametrize("target", TARGETS)
+def test_vmap_group_norm_backward_matches_per_sample_calls(target, case):
+    """The vmap rule for group_norm_bwd against the op called once per sample."""
+    device, backend = target
+    cfg = {"affine": True, "mask": [True, True, True], "channels_last": False, "x_dim": 0, **BWD_VMAP[case]}
+    B, n, C, G = 3, cfg["n"], 4, 2
+    g = torch.Generator().manual_seed(7)
+    rand = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    xs = rand(B, n, C, 3, 5)
+    dys = rand(B, n, C, 3, 5)
+    if cfg["channels_last"]:
+        xs = torch.stack([x.to(memory_format=torch.channels_last) for x in xs])
+    if cfg["x_dim"] is None:
+        xs = xs[:1].expand(B, *xs.shape[1:])
+    w, b = (rand(C), rand(C)) if cfg["affine"] else (None, None)
+    with fusednorm.use_backend(backend):
+        ops = fusednorm.backend.ops_for(xs)
+        stats = [ops.group_norm_fwd(x, G, w, b, 1e-5, 1, SLOPE)[1:] for x in xs]
+        mean, rstd = torch.stack([m for m, _ in stats]), torch.stack([r for _, r in stats])
+
+        def bwd(dy, x, mean, rstd):
+            return ops.group_norm_bwd(dy, x, G, mean, rstd, w, b, 1, SLOPE, cfg["mask"])
+        want = [torch.stack(parts) for parts in zip(*(bwd(*a) for a in zip(dys, xs, mean, rstd)))]
+        if cfg["x_dim"] is None:
+            got = vmap(bwd, in_dims=(0, None, None, None))(dys, xs[0], mean[0], rstd[0])
+        else:
+            d = cfg["x_dim"]
+            got = vmap(bwd, in_dims=(0, d, 0, 0))(dys, xs.movedim(0, d), mean, rstd)
+    for name, gv, wv, asked in zip(("dx", "dweight", "dbias"), got, want, cfg["mask"]):
+        if asked and (name == "dx" or cfg["affine"]):
+            assert_close(gv, wv, torch.float32, name)
+        else:
+            assert gv.numel() == 0, name
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("target", TARGETS)
 def test_vmap_over_parameters_matches_torch(target, kind):

@@ -1,8 +1,9 @@
-"""torch.vmap rules for the forward ops. torch's batched fallback (one op call per sample)
-refuses ops that mutate arguments, as batch_norm_fwd and instance_norm_fwd may (running
-statistics), and is slow for the rest; the backward ops go through it (their parameter
-gradients are per-sample sums). The Functions in autograd.py set generate_vmap_rule so
-vmap reaches these rules.
+"""torch.vmap rules for the forward ops and for group_norm_bwd. torch's batched fallback (one
+op call per sample) refuses ops that mutate arguments, as batch_norm_fwd and
+instance_norm_fwd may (running statistics), and is slow for the rest; batch_norm_bwd and
+layer_norm_bwd go through it (their parameter gradients are sums over a sample's rows, which
+one call over stacked samples would mix). The Functions in autograd.py set
+generate_vmap_rule so vmap reaches these rules.
 
 A vmapped call is B independent calls, one per sample. Where the norm's statistics do not
 mix samples it is one call on the samples stacked along the batch dim (N -> B*N):
@@ -91,6 +92,34 @@ def _batch_norm_fwd_rule(op):
     return rule
 
 
+def _group_norm_bwd_rule(op):
+    """GroupNorm's and InstanceNorm's backward under vmap (per-sample gradients), with
+    parameters shared by the samples: the B samples of (N, C, ...) side by side as one input
+    of (N, B*C, ...), with B*G groups and the parameters repeated B times. Each group's
+    statistics and input gradient are its sample's own, and the parameter gradient of
+    channel b*C + c is sample b's gradient of channel c: per-sample parameter gradients
+    from one call. For per-sample gradients' usual N = 1, side by side is a view."""
+    def rule(info, in_dims, dy, x, num_groups, mean, rstd, weight, bias, act, slope, mask):
+        if in_dims[5] is not None or in_dims[6] is not None:  # batched parameters
+            return _per_sample(op, info.batch_size, in_dims,
+                               (dy, x, num_groups, mean, rstd, weight, bias, act, slope, mask))
+        B = info.batch_size
+
+        def side_by_side(t, d):  # (N, K, ...) per sample -> (N, B*K, ...)
+            t = t.movedim(d, 1) if d is not None else t.unsqueeze(1).expand(t.shape[0], B, *t.shape[1:])
+            return t.flatten(1, 2)
+
+        repeat = lambda p: None if p is None else p.repeat(B)  # noqa: E731
+        dx, dw, db = op(side_by_side(dy, in_dims[0]), side_by_side(x, in_dims[1]), B * num_groups,
+                        side_by_side(mean, in_dims[3]), side_by_side(rstd, in_dims[4]),
+                        repeat(weight), repeat(bias), act, slope, mask)
+        # Outputs not asked for (mask) are empty and unbatched.
+        outs = [(dx.unflatten(1, (B, -1)), 1) if mask[0] else (dx, None)]
+        outs += [(g.unflatten(0, (B, -1)), 0) if g.numel() else (g, None) for g in (dw, db)]
+        return tuple(t for t, _ in outs), tuple(d for _, d in outs)
+    return rule
+
+
 def register_vmap_rules(namespace):
     """Registers the rules above for the ops of `namespace` (fusednorm, fusednorm_triton)."""
     ops = getattr(torch.ops, namespace)
@@ -98,3 +127,4 @@ def register_vmap_rules(namespace):
     torch.library.register_vmap(f"{namespace}::group_norm_fwd", _group_norm_fwd_rule(ops.group_norm_fwd))
     torch.library.register_vmap(f"{namespace}::instance_norm_fwd", _instance_norm_fwd_rule(ops.instance_norm_fwd))
     torch.library.register_vmap(f"{namespace}::batch_norm_fwd", _batch_norm_fwd_rule(ops.batch_norm_fwd))
+    torch.library.register_vmap(f"{namespace}::group_norm_bwd", _group_norm_bwd_rule(ops.group_norm_bwd))
