@@ -3,8 +3,9 @@ setup_context saves what its backward op needs; backward calls the *_bwd op of t
 backend (backend.ops_for picks torch.ops.fusednorm or torch.ops.fusednorm_triton). No torch
 normalisation kernel is called on this path. What the kernels do not compute — the
 gradient of a backward whose result is differentiated again, and forward mode (jvp) — comes
-from the output recomputed in torch ops (_differentiable.py). apply() is the entry point: it picks the op
-alone, the Function, or the Function's classic form (_classic) for each call."""
+from the output recomputed in torch ops (_differentiable.py). apply() is the entry point: it
+picks the op alone, the Function, its classic form (_classic) or its forward-mode form
+(_with_jvp) for each call."""
 import functools
 import math
 
@@ -173,8 +174,10 @@ class _NormFunction(torch.autograd.Function):
 
     generate_vmap_rule: under torch.func.vmap (per-sample gradients: vmap(grad(f))) torch
     vmaps forward and backward through the ops' own vmap rules: _vmap.py's for the forward
-    ops, torch's batched fallback (one call per sample, with a performance warning) for
-    the backward ops.
+    ops and group_norm_bwd, torch's batched fallback (one call per sample, with a
+    performance warning) for the other backward ops.
+
+    kind: the norm's name in _differentiable.py (recomputed output and tangent).
 
     backward takes the gradients of (y, mean, rstd), or of y alone in the classic form
     (_classic); the statistics' are always absent."""
@@ -206,6 +209,8 @@ def _grads(mask, dx, dw, db, n_other):
 
 
 class BatchNormFunction(_NormFunction):
+    kind = "batch_norm"
+
     @staticmethod
     def setup_context(ctx, inputs, output):
         _NormFunction.setup_context(ctx, inputs, output)
@@ -217,7 +222,7 @@ class BatchNormFunction(_NormFunction):
                                          eps, act, slope)
 
     @staticmethod
-    @differentiable_by_recompute("batch_norm")
+    @differentiable_by_recompute(kind)
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
@@ -229,13 +234,15 @@ class BatchNormFunction(_NormFunction):
 class InstanceNormFunction(_NormFunction):
     """InstanceNorm with input statistics; backward is GroupNorm's with one group per channel."""
 
+    kind = "instance_norm"
+
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
         return ops_for(x).instance_norm_fwd(x, weight, bias, running_mean, running_var, momentum, eps, act,
                                             slope)
 
     @staticmethod
-    @differentiable_by_recompute("instance_norm")
+    @differentiable_by_recompute(kind)
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
@@ -244,6 +251,8 @@ class InstanceNormFunction(_NormFunction):
 
 
 class LayerNormFunction(_NormFunction):
+    kind = "layer_norm"
+
     @staticmethod
     def setup_context(ctx, inputs, output):
         _NormFunction.setup_context(ctx, inputs, output)
@@ -254,7 +263,7 @@ class LayerNormFunction(_NormFunction):
         return ops_for(x).layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope)
 
     @staticmethod
-    @differentiable_by_recompute("layer_norm")
+    @differentiable_by_recompute(kind)
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
@@ -265,6 +274,8 @@ class LayerNormFunction(_NormFunction):
 
 
 class GroupNormFunction(_NormFunction):
+    kind = "group_norm"
+
     @staticmethod
     def setup_context(ctx, inputs, output):
         _NormFunction.setup_context(ctx, inputs, output)
@@ -275,7 +286,7 @@ class GroupNormFunction(_NormFunction):
         return ops_for(x).group_norm_fwd(x, num_groups, weight, bias, eps, act, slope)
 
     @staticmethod
-    @differentiable_by_recompute("group_norm")
+    @differentiable_by_recompute(kind)
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
@@ -303,7 +314,6 @@ def _with_jvp(function, kind):
                  "__module__": function.__module__})
 
 
-for _function, _kind in ((BatchNormFunction, "batch_norm"), (InstanceNormFunction, "instance_norm"),
-                         (LayerNormFunction, "layer_norm"), (GroupNormFunction, "group_norm")):
+for _function in (BatchNormFunction, InstanceNormFunction, LayerNormFunction, GroupNormFunction):
     _function.classic = _classic(_function)
-    _function.forward_mode = _with_jvp(_function, _kind)
+    _function.forward_mode = _with_jvp(_function, _function.kind)
