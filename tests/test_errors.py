@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import fusednorm
 import fusednorm.functional as FF
+from helpers import TARGETS
 
 
 def raised(fn):
@@ -82,3 +83,46 @@ def test_unknown_activation_is_refused_by_name(cls, args):
         cls(*args, activation="gelu")
     with pytest.raises(ValueError, match="unknown activation"):
         FF.layer_norm(torch.randn(2, 3), (3,), activation="tanh")
+
+
+# The backward ops' own arguments. The saved statistics and grad_out must fit the input:
+# the kernels index them by the input's shape, so wrong ones were read out of bounds (a
+# gradient of garbage or NaN and no error). torch's native backward ops raise RuntimeError
+# for such arguments, as these do now. mask: every gradient.
+ALL = [True, True, True]
+BACKWARD_ARGS = {
+    "batch_norm_bwd mean size": lambda ops, x, s: ops.batch_norm_bwd(
+        x, x, None, None, s(1), s(4), True, 0, 0.01, ALL),
+    "batch_norm_bwd rstd size": lambda ops, x, s: ops.batch_norm_bwd(
+        x, x, None, None, s(4), s(8), True, 0, 0.01, ALL),
+    "batch_norm_bwd grad_out shape": lambda ops, x, s: ops.batch_norm_bwd(
+        x[:2], x, None, None, s(4), s(4), True, 0, 0.01, ALL),
+    "layer_norm_bwd mean size": lambda ops, x, s: ops.layer_norm_bwd(
+        x, x, [16], s(1), s(32), None, None, 0, 0.01, ALL),
+    "layer_norm_bwd rstd size": lambda ops, x, s: ops.layer_norm_bwd(
+        x, x, [16], s(32), s(31), None, None, 0, 0.01, ALL),
+    "layer_norm_bwd grad_out shape": lambda ops, x, s: ops.layer_norm_bwd(
+        x[:2], x, [16], s(32), s(32), None, None, 0, 0.01, ALL),
+    "group_norm_bwd mean size": lambda ops, x, s: ops.group_norm_bwd(
+        x, x, 2, s(2), s(16), None, None, 0, 0.01, ALL),
+    # InstanceNorm's backward (one group per channel) given per-channel statistics
+    "instance norm backward, per-channel statistics": lambda ops, x, s: ops.group_norm_bwd(
+        x, x, 4, s(4), s(4), None, None, 0, 0.01, ALL),
+    "group_norm_bwd grad_out shape": lambda ops, x, s: ops.group_norm_bwd(
+        x[:, :2], x, 2, s(16), s(16), None, None, 0, 0.01, ALL),
+}
+
+
+@pytest.mark.parametrize("case", list(BACKWARD_ARGS))
+@pytest.mark.parametrize("target", TARGETS)
+def test_backward_ops_refuse_arguments_that_do_not_fit_the_input(target, case):
+    device, backend = target
+    x = torch.randn(8, 4, 16, device=device)  # 8 samples x 4 channels; LayerNorm: 32 rows of 16
+    with fusednorm.use_backend(backend):
+        ops = fusednorm.backend.ops_for(x)
+        with pytest.raises(RuntimeError, match="grad_out|mean|rstd"):
+            BACKWARD_ARGS[case](ops, x, lambda n: torch.ones(n, device=device))
+        if device == "cuda":  # statistics left on the host beside a GPU input
+            with pytest.raises(RuntimeError, match="mean is on cpu"):
+                ops.group_norm_bwd(x, x, 2, torch.ones(16), torch.ones(16, device=device), None, None,
+                                   0, 0.01, ALL)

@@ -122,6 +122,11 @@ def opcheck_cases():
         yield "gn_bwd", "group_norm_bwd", (torch.randn_like(xg), xg, 3, torch.randn(4, 3), torch.rand(4, 3) + 0.5, gw, gb, act, 0.2, [True, True, True])
         yield "in_fwd", "instance_norm_fwd", (xg, gw, gb, torch.zeros(6), torch.ones(6), 0.1, 1e-5, act, 0.2)
         yield "in_fwd_nostats", "instance_norm_fwd", (xg, None, None, None, None, 0.1, 1e-5, act, 0.2)
+    # LayerNorm over a dim of size 0: one (empty) row per leading index, as the fake kernel
+    # and torch count them (the compiled ops once returned no statistics at all there).
+    e = _x(4, 3, 0)
+    yield "ln_fwd_empty_rows", "layer_norm_fwd", (e, [3, 0], None, None, 1e-5, 0, 0.2)
+    yield "ln_bwd_empty_rows", "layer_norm_bwd", (torch.randn_like(e), e, [3, 0], torch.zeros(4), torch.zeros(4), None, None, 0, 0.2, [True] * 3)
     # Layouts whose memory format is easy to misjudge (test_layouts.py): channels_last-dense
     # with ambiguous strides, and channels_last sliced out of density.
     ambiguous = torch.randn(18).as_strided((3, 3, 1, 2), (6, 1, 18, 3))

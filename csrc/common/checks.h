@@ -6,6 +6,7 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <utility>
 
 namespace fusednorm {
 
@@ -45,6 +46,26 @@ inline void check_param(const c10::optional<at::Tensor>& p, const at::Tensor& in
 }
 
 inline bool has(const c10::optional<at::Tensor>& p) { return p.has_value() && p->defined(); }
+
+// A backward op's own arguments: grad_out shaped as the input, and the forward's saved
+// statistics, `count` of each (one per channel, row or (sample, group)), all on the input's
+// device. The kernels index them by the input's shape: wrong ones would be read out of
+// bounds, a silently wrong gradient or a crash.
+inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                const at::Tensor& mean, const at::Tensor& rstd, int64_t count,
+                                const char* op) {
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+              " but the input has shape ", input.sizes());
+  const std::pair<const at::Tensor*, const char*> args[] = {
+      {&grad_out, "grad_out"}, {&mean, "mean"}, {&rstd, "rstd"}};
+  for (const auto& [t, what] : args) {
+    TORCH_CHECK(t->device() == input.device(), op, ": ", what, " is on ", t->device(),
+                " but the input is on ", input.device());
+    if (t != &grad_out)
+      TORCH_CHECK(t->numel() == count, op, ": ", what, " should contain ", count,
+                  " elements (the forward's statistics for this input) not ", t->numel());
+  }
+}
 
 // Accumulation dtype of the statistics: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType acc_dtype(const at::Tensor& input) {
@@ -90,6 +111,14 @@ inline int64_t check_layer_norm(const at::Tensor& input, at::IntArrayRef shape,
   check_param(weight, input, "weight", L, "layer_norm");
   check_param(bias, input, "bias", L, "layer_norm");
   return L;
+}
+
+// LayerNorm's rows, one statistic each: the product of the dims before normalized_shape
+// (also when normalized_shape holds a 0, as torch and the fake kernels count them).
+inline int64_t layer_norm_rows(const at::Tensor& input, at::IntArrayRef shape) {
+  int64_t R = 1;
+  for (int64_t d = 0; d < input.dim() - int64_t(shape.size()); ++d) R *= input.size(d);
+  return R;
 }
 
 // GroupNorm shape: N samples, C channels in G groups, S spatial elements.

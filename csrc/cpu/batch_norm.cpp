@@ -276,8 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean_t, const at::Tensor& rstd_t,
     bool training, int64_t act, double slope, std::array<bool, 3> mask) {
   check_bn_args(input, weight, bias, c10::nullopt, c10::nullopt);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_bwd: grad_out has shape ",
-              grad_out.sizes(), " but the input has shape ", input.sizes());
+  check_backward_args(grad_out, input, mean_t, rstd_t, input.size(1), "batch_norm_bwd");
   const BnLayout l = bn_layout(input);
   const int64_t C = l.C, M = l.N * l.S;
   const at::Tensor dy = like_layout(grad_out.to(input.scalar_type()), l);

@@ -228,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cpu(
     const c10::optional<at::Tensor>& bias, int64_t act, double slope, std::array<bool, 3> mask) {
   check_input_dtype(input, "group_norm");
   GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
+  check_backward_args(grad_out, input, mean_t, rstd_t, s.N * G, "group_norm_bwd");
   const at::MemoryFormat fmt = group_norm_format(input);
   s.channels_last = fmt != at::MemoryFormat::Contiguous;
   const at::Tensor x = input.contiguous(fmt);

@@ -20,11 +20,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const c10::optional<at::Tensor>& bias, double eps, int64_t act, double slope) {
   const int64_t L = check_layer_norm(input, shape, weight, bias);
   const at::Tensor x = input.contiguous();
-  const int64_t R = L == 0 ? 0 : x.numel() / L;
+  const int64_t R = layer_norm_rows(x, shape);
   at::Tensor y = empty_output_like(x);
   at::Tensor mean_t = at::empty({R}, x.options().dtype(acc_dtype(x)));
   at::Tensor rstd_t = at::empty({R}, x.options().dtype(acc_dtype(x)));
-  if (R == 0 || L == 0) return {y, mean_t, rstd_t};
+  if (R == 0 || L == 0) return {y, mean_t.zero_(), rstd_t.zero_()};  // empty rows: no statistics
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -51,9 +51,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& mean_t, const at::Tensor& rstd_t, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, int64_t act, double slope, std::array<bool, 3> mask) {
   const int64_t L = check_layer_norm(input, shape, weight, bias);
+  check_backward_args(grad_out, input, mean_t, rstd_t, layer_norm_rows(input, shape),
+                      "layer_norm_bwd");
+  const int64_t R = L == 0 ? 0 : input.numel() / L;  // rows with elements to differentiate
   const at::Tensor x = input.contiguous();
   const at::Tensor dy = grad_out.to(x.scalar_type()).contiguous();
-  const int64_t R = L == 0 ? 0 : x.numel() / L;
   at::Tensor dx = mask[0] ? empty_output_like(x) : at::empty({0}, x.options());
   at::Tensor dweight, dbias;
   dispatch_storage(x.scalar_type(), [&](auto tag) {

@@ -129,8 +129,7 @@ inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& rstd_in, bool training, int64_t act,
                                   double slope, std::array<bool, 3> mask) {
   check_bn_args(input, weight, bias, c10::nullopt, c10::nullopt);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_bwd: grad_out has shape ",
-              grad_out.sizes(), " but the input has shape ", input.sizes());
+  check_backward_args(grad_out, input, mean_in, rstd_in, input.size(1), "batch_norm_bwd");
   FN_DEVICE_GUARD(input);
   const BnLayout l = bn_layout(input);
   const int64_t C = l.C, M = l.N * l.S;
@@ -218,10 +217,13 @@ inline TensorList3 layer_norm_fwd(const at::Tensor& input, at::IntArrayRef shape
   const int64_t L = check_layer_norm(input, shape, weight, bias);
   FN_DEVICE_GUARD(input);
   const at::Tensor x = input.contiguous();
-  const int64_t R = L == 0 ? 0 : x.numel() / L;
+  const int64_t R = layer_norm_rows(x, shape);
   const auto acc = x.options().dtype(acc_dtype(x));
   at::Tensor y = at::empty_like(x), mean = at::empty({R}, acc), rstd = at::empty({R}, acc);
-  if (L > 0)
+  if (L == 0) {  // empty rows: no statistics
+    mean.zero_();
+    rstd.zero_();
+  } else
     rows_forward(x, y, RowShape{R, L, 1, L, 1}, acc_param(weight, L, 1.0, x).view(-1),
                  acc_param(bias, L, 0.0, x).view(-1), eps, act, slope, mean, rstd, nullptr);
   return {y, mean, rstd};
@@ -233,9 +235,11 @@ inline TensorList3 layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
                                   const c10::optional<at::Tensor>& bias, int64_t act, double slope,
                                   std::array<bool, 3> mask) {
   const int64_t L = check_layer_norm(input, shape, weight, bias);
+  check_backward_args(grad_out, input, mean, rstd, layer_norm_rows(input, shape),
+                      "layer_norm_bwd");
+  const int64_t R = L == 0 ? 0 : input.numel() / L;  // rows with elements to differentiate
   FN_DEVICE_GUARD(input);
   const at::Tensor x = input.contiguous();
-  const int64_t R = L == 0 ? 0 : x.numel() / L;
   auto [dx, dw, db] = rows_backward(grad_out, x, RowShape{R, L, 1, L, 1}, mean, rstd,
                                     weight.has_value() ? c10::optional<at::Tensor>(weight->view(-1)) : weight,
                                     bias.has_value() ? c10::optional<at::Tensor>(bias->view(-1)) : bias,
@@ -295,6 +299,7 @@ inline TensorList3 group_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
                                   std::array<bool, 3> mask) {
   check_input_dtype(input, "group_norm");
   const GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
+  check_backward_args(grad_out, input, mean, rstd, s.N * G, "group_norm_bwd");
   FN_DEVICE_GUARD(input);
   const at::Tensor x = input.contiguous();
   auto out = rows_backward(grad_out, x, RowShape{s.N * G, s.cg() * s.S, G, s.cg(), s.S}, mean, rstd,

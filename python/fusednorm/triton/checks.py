@@ -82,3 +82,17 @@ def check_instance_norm(x, weight, bias, running_mean, running_var):
     _param(running_mean, x, "running_mean", c, "instance_norm")
     _param(running_var, x, "running_var", c, "instance_norm")
     check_group_norm(x, c, weight, bias, "instance_norm")
+
+
+def check_backward(grad_out, x, mean, rstd, count, op):
+    """A backward op's own arguments (checks.h, check_backward_args): grad_out shaped as the
+    input, `count` saved statistics of each kind, all on the input's device."""
+    if grad_out.shape != x.shape:
+        raise RuntimeError(f"{op}: grad_out has shape {list(grad_out.shape)} but the input has "
+                           f"shape {list(x.shape)}")
+    for t, what in ((grad_out, "grad_out"), (mean, "mean"), (rstd, "rstd")):
+        if t.device != x.device:
+            raise RuntimeError(f"{op}: {what} is on {t.device} but the input is on {x.device}")
+        if t is not grad_out and t.numel() != count:
+            raise RuntimeError(f"{op}: {what} should contain {count} elements (the forward's "
+                               f"statistics for this input) not {t.numel()}")

@@ -21,7 +21,7 @@ from .._ops import register_fakes
 from .._vmap import register_vmap_rules
 from . import channel_kernels as ck
 from . import row_kernels as rk
-from .checks import check_bn, check_group_norm, check_instance_norm, check_layer_norm
+from .checks import check_backward, check_bn, check_group_norm, check_instance_norm, check_layer_norm
 
 Tensor = torch.Tensor
 _NS = "fusednorm_triton"
@@ -242,9 +242,7 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
                    activation: int, negative_slope: float,
                    output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     check_bn(input, weight, bias, None, None)
-    if grad_out.shape != input.shape:
-        raise RuntimeError(f"batch_norm_bwd: grad_out has shape {list(grad_out.shape)} but the "
-                           f"input has shape {list(input.shape)}")
+    check_backward(grad_out, input, mean, rstd, input.shape[1], "batch_norm_bwd")
     x, n, c, s, strides, chan_div = _channel_view(input)
     stat_dtype, acc = _acc(x)
     dy = _like_view(grad_out.to(x.dtype), x)
@@ -326,9 +324,10 @@ def layer_norm_bwd(grad_out: Tensor, input: Tensor, normalized_shape: List[int],
                    rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
                    negative_slope: float, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     length = check_layer_norm(input, normalized_shape, weight, bias)
+    rows = math.prod(input.shape[: input.dim() - len(normalized_shape)])
+    check_backward(grad_out, input, mean, rstd, rows, "layer_norm_bwd")
     x = input.contiguous()
     stat_dtype, acc = _acc(x)
-    rows = math.prod(x.shape[: x.dim() - len(normalized_shape)])
     dy = grad_out.to(x.dtype).contiguous()
     mean, rstd = mean.to(stat_dtype).contiguous(), rstd.to(stat_dtype).contiguous()
     w, b = _dense(weight), _dense(bias)
@@ -337,7 +336,7 @@ def layer_norm_bwd(grad_out: Tensor, input: Tensor, normalized_shape: List[int],
     dw = db = None
     if output_mask[1] or output_mask[2]:
         # Parameter gradients: LayerNorm seen as (rows, L, 1); the statistics are per row.
-        if rows:
+        if rows and length:
             sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, w, b, (rows, length, 1, (length, 1, 0)),
                                        (1, length), activation, negative_slope, acc)
         else:
@@ -371,6 +370,7 @@ def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, mean: Tenso
                    weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
                    negative_slope: float, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     check_group_norm(input, num_groups, weight, bias)
+    check_backward(grad_out, input, mean, rstd, input.shape[0] * num_groups, "group_norm_bwd")
     x, fmt = _group_layout(input)
     stat_dtype, acc = _acc(x)
     n, c, s = x.shape[0], x.shape[1], _spatial(x)
