@@ -3,6 +3,7 @@ grad and vjp of functional_call (what meta-learning and functional training loop
 every norm, vmap(grad) per-sample gradients for LayerNorm and GroupNorm; and clear errors,
 never wrong numbers, where fusednorm has no support (a second derivative, vmap over
 BatchNorm and InstanceNorm)."""
+import contextlib
 import warnings
 
 import pytest
@@ -134,6 +135,38 @@ def test_vmap_per_sample_gradients_match_torch(target, kind, mode):
     assert_close(y, activate(vmap(ref)(batch), "relu"), torch.float32, "vmapped output")
 
 
+@contextlib.contextmanager
+def without_vmap_fallback():
+    """vmap raises where it would run an op once per sample through torch's batched
+    fallback (which gives the same numbers, slowly): the op's own rule must run."""
+    before = torch._C._functorch._is_vmap_fallback_enabled()
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._functorch._set_vmap_fallback_enabled(before)
+
+
+def check_backward_rule(fwd, bwd, xs, dys, x_dim, mask, present):
+    """A backward op's vmap rule against the op called once per sample. fwd(x): one
+    sample's (mean, rstd); bwd(dy, x, mean, rstd): (dx, dweight, dbias); x_dim: x's batch
+    dim (None: one input shared by the samples, as jacrev's); present: which gradients can
+    exist (none for an absent parameter)."""
+    stats = [fwd(x) for x in xs]
+    mean, rstd = torch.stack([m for m, _ in stats]), torch.stack([r for _, r in stats])
+    want = [torch.stack(parts) for parts in zip(*(bwd(*a) for a in zip(dys, xs, mean, rstd)))]
+    with without_vmap_fallback():
+        if x_dim is None:
+            got = vmap(bwd, in_dims=(0, None, None, None))(dys, xs[0], mean[0], rstd[0])
+        else:
+            got = vmap(bwd, in_dims=(0, x_dim, 0, 0))(dys, xs.movedim(0, x_dim), mean, rstd)
+    for name, gv, wv, asked, there in zip(("dx", "dweight", "dbias"), got, want, mask, present):
+        if asked and there:
+            assert_close(gv, wv, torch.float32, name)
+        else:
+            assert gv.numel() == 0, name
+
+
 # vmap over group_norm_bwd (GroupNorm's and InstanceNorm's backward): which arguments are
 # batched, and how. The rule puts the samples side by side as channels (_vmap.py).
 BWD_VMAP = {
@@ -166,22 +199,56 @@ def test_vmap_group_norm_backward_matches_per_sample_calls(target, case):
     w, b = (rand(C), rand(C)) if cfg["affine"] else (None, None)
     with fusednorm.use_backend(backend):
         ops = fusednorm.backend.ops_for(xs)
-        stats = [ops.group_norm_fwd(x, G, w, b, 1e-5, 1, SLOPE)[1:] for x in xs]
-        mean, rstd = torch.stack([m for m, _ in stats]), torch.stack([r for _, r in stats])
+        check_backward_rule(lambda x: ops.group_norm_fwd(x, G, w, b, 1e-5, 1, SLOPE)[1:],
+                            lambda dy, x, mean, rstd: ops.group_norm_bwd(dy, x, G, mean, rstd, w, b, 1, SLOPE,
+                                                                         cfg["mask"]),
+                            xs, dys, cfg["x_dim"], cfg["mask"], (True, cfg["affine"], cfg["affine"]))
 
-        def bwd(dy, x, mean, rstd):
-            return ops.group_norm_bwd(dy, x, G, mean, rstd, w, b, 1, SLOPE, cfg["mask"])
-        want = [torch.stack(parts) for parts in zip(*(bwd(*a) for a in zip(dys, xs, mean, rstd)))]
-        if cfg["x_dim"] is None:
-            got = vmap(bwd, in_dims=(0, None, None, None))(dys, xs[0], mean[0], rstd[0])
-        else:
-            d = cfg["x_dim"]
-            got = vmap(bwd, in_dims=(0, d, 0, 0))(dys, xs.movedim(0, d), mean, rstd)
-    for name, gv, wv, asked in zip(("dx", "dweight", "dbias"), got, want, cfg["mask"]):
-        if asked and (name == "dx" or cfg["affine"]):
-            assert_close(gv, wv, torch.float32, name)
-        else:
-            assert gv.numel() == 0, name
+
+# vmap over layer_norm_bwd: the input gradient from one call on every sample's rows, the
+# parameter gradients summed per sample from the saved statistics (_vmap.py).
+LN_BWD_VMAP = {
+    "one-row-samples": dict(rows=1),
+    "three-row-samples": dict(rows=3),
+    "2-d-normalized-shape": dict(rows=2, shape=(3, 4)),
+    "no-activation": dict(rows=2, act=0),
+    "relu": dict(rows=2, act=1),
+    "no-affine": dict(rows=2, weight=False, bias=False),
+    "weight-only": dict(rows=2, bias=False),
+    "dx-only": dict(rows=2, mask=[True, False, False]),
+    "params-only": dict(rows=2, mask=[False, True, True]),
+    "batch-dim-1": dict(rows=2, x_dim=1),
+    "shared-input": dict(rows=2, x_dim=None),  # jacrev: batched cotangents, one input
+    # samples above _vmap._STACKED_LAYER_NORM_BWD_MAX elements (lowered here to keep the
+    # interpreter quick) go one op call per sample
+    "large-samples": dict(rows=2, stacked_max=8),
+}
+
+
+@pytest.mark.parametrize("case", list(LN_BWD_VMAP))
+@pytest.mark.parametrize("target", TARGETS)
+def test_vmap_layer_norm_backward_matches_per_sample_calls(target, case, monkeypatch):
+    """The vmap rule for layer_norm_bwd against the op called once per sample."""
+    device, backend = target
+    if "stacked_max" in LN_BWD_VMAP[case]:
+        monkeypatch.setattr(fusednorm._vmap, "_STACKED_LAYER_NORM_BWD_MAX", LN_BWD_VMAP[case]["stacked_max"])
+    cfg = {"shape": (6,), "act": 2, "weight": True, "bias": True, "mask": [True, True, True],
+           "x_dim": 0, **LN_BWD_VMAP[case]}
+    B, shape = 3, list(cfg["shape"])
+    g = torch.Generator().manual_seed(11)
+    rand = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    xs, dys = rand(B, cfg["rows"], *shape), rand(B, cfg["rows"], *shape)
+    if cfg["x_dim"] is None:
+        xs = xs[:1].expand(B, *xs.shape[1:])
+    w = rand(*shape) if cfg["weight"] else None
+    b = rand(*shape) if cfg["bias"] else None
+    act = cfg["act"]
+    with fusednorm.use_backend(backend):
+        ops = fusednorm.backend.ops_for(xs)
+        check_backward_rule(lambda x: ops.layer_norm_fwd(x, shape, w, b, 1e-5, act, SLOPE)[1:],
+                            lambda dy, x, mean, rstd: ops.layer_norm_bwd(dy, x, shape, mean, rstd, w, b, act,
+                                                                         SLOPE, cfg["mask"]),
+                            xs, dys, cfg["x_dim"], cfg["mask"], (True, w is not None, b is not None))
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

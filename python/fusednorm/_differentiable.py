@@ -8,6 +8,8 @@ do not have.
   differentiate again, as torch.nn's.
 - Forward mode (torch.func.jvp / jacfwd / hessian, forward_ad dual tensors): `tangent`,
   the output's directional derivative, for the Functions' jvp.
+- Per-sample parameter gradients of LayerNorm under vmap: `layer_norm_param_grads`, for
+  _vmap.py's rule (the backward op sums them over every sample's rows).
 Slower than the fused kernels and holding more memory, so they run only then.
 
 Statistics as the kernels compute them: in float32 (float64 for float64 input), two-pass
@@ -94,6 +96,40 @@ def _affine(norm, xhat, weight, bias):
     return xhat
 
 
+def _activation_backward(g, z, act, slope):
+    """g through the activation's derivative at the pre-activation z, as torch's relu /
+    leaky_relu backward: a select by the sign of z (0 or g * slope where z <= 0, also for an
+    inf or NaN g there), as the kernels' activation_backward."""
+    if act == _RELU:
+        return torch.where(z > 0, g, torch.zeros_like(g))
+    if act == _LEAKY_RELU:
+        return torch.where(z > 0, g, g * slope)
+    return g
+
+
+def layer_norm_param_grads(dy, x, normalized_shape, mean, rstd, weight, bias, act, slope):
+    """Per-sample LayerNorm parameter gradients from the forward's saved statistics (the
+    backward op's, whose sums run over every row): dy and x (B, *rows, *normalized_shape),
+    mean and rstd (B, rows). Returns dweight, dbias of shape (B, *normalized_shape) in the
+    parameters' dtype, None for an absent parameter. float32 sums (float64 for float64)."""
+    batch, length = x.shape[0], math.prod(normalized_shape)
+    # One temporary, updated in place: these tensors are as large as the whole batch.
+    xhat = _acc(x).reshape(batch, -1, length) - _acc(mean).reshape(batch, -1, 1)
+    xhat.mul_(_acc(rstd).reshape(batch, -1, 1))
+    g = _acc(dy).reshape(batch, -1, length)
+    if act in (_RELU, _LEAKY_RELU):
+        z = xhat
+        if weight is not None:
+            z = z * _acc(weight).reshape(length)
+        if bias is not None:
+            z = z + _acc(bias).reshape(length)
+        g = _activation_backward(g, z, act, slope)
+    shape = (batch, *normalized_shape)
+    dbias = None if bias is None else g.sum(1).reshape(shape).to(bias.dtype)
+    dweight = None if weight is None else xhat.mul_(g).sum(1).reshape(shape).to(weight.dtype)
+    return dweight, dbias
+
+
 def output(kind, ctx, x, weight, bias, mean, rstd):
     """act(norm(x)) in x's dtype, in differentiable torch ops."""
     norm = _Norm(ctx, kind, x, mean, rstd)
@@ -119,9 +155,4 @@ def tangent(kind, ctx, x, weight, bias, mean, rstd, x_t, weight_t, bias_t):
         z_t = z_t + _affine(norm, xhat, weight_t, None)
     if bias_t is not None:
         z_t = z_t + _param(bias_t, norm.param_shape)
-    # As torch's relu / leaky_relu derivatives: by the sign of the pre-activation z.
-    if ctx.act == _RELU:
-        z_t = torch.where(z > 0, z_t, torch.zeros_like(z_t))
-    elif ctx.act == _LEAKY_RELU:
-        z_t = torch.where(z > 0, z_t, z_t * ctx.slope)
-    return z_t.to(x.dtype)
+    return _activation_backward(z_t, z, ctx.act, ctx.slope).to(x.dtype)
