@@ -251,6 +251,37 @@ def test_vmap_layer_norm_backward_matches_per_sample_calls(target, case, monkeyp
                             xs, dys, cfg["x_dim"], cfg["mask"], (True, w is not None, b is not None))
 
 
+# vmap over zero samples, or over samples that are empty themselves (a batch dim of 0
+# inside each): the rules split the stacked results by explicit sizes (with B = 0,
+# unflatten(0, (B, -1)) cannot size the empty result, and raised).
+EMPTY_VMAP = {
+    "layer_norm, zero samples": (lambda m: m.LayerNorm(6), (0, 3, 6)),
+    "layer_norm, empty samples": (lambda m: m.LayerNorm(6), (3, 0, 6)),
+    "group_norm, zero samples": (lambda m: m.GroupNorm(2, 4), (0, 2, 4, 5)),
+    "group_norm, empty samples": (lambda m: m.GroupNorm(2, 4), (3, 0, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_VMAP))
+@pytest.mark.parametrize("target", TARGETS)
+def test_vmap_over_empty_batches_matches_torch(target, case):
+    device, backend = target
+    make, shape = EMPTY_VMAP[case]
+    ours, ref = make(fusednorm).to(device), make(torch.nn).to(device)
+    x = torch.randn(shape, device=device)
+
+    def per_sample_grads(module):
+        return vmap(grad(lambda p, xi: functional_call(module, p, (xi,)).square().sum()), in_dims=(None, 0))(
+            _params(module), x)
+    with fusednorm.use_backend(backend):
+        y, got = vmap(ours)(x), per_sample_grads(ours)
+    want = per_sample_grads(ref)
+    # torch.nn's GroupNorm over zero samples returns a (0, 0, ...) output: ours is (0, *sample)
+    assert y.shape == x.shape
+    for name in want:
+        assert_close(got[name], want[name], torch.float32, name)
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("target", TARGETS)
 def test_vmap_over_parameters_matches_torch(target, kind):

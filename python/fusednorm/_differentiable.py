@@ -98,8 +98,9 @@ def _affine(norm, xhat, weight, bias):
 
 def _activation_backward(g, z, act, slope):
     """g through the activation's derivative at the pre-activation z, as torch's relu /
-    leaky_relu backward: a select by the sign of z (0 or g * slope where z <= 0, also for an
-    inf or NaN g there), as the kernels' activation_backward."""
+    leaky_relu backward (and, with g a tangent, their jvp): a select by the sign of z, so
+    relu gives 0 where z <= 0 even for an inf or NaN g there, leaky_relu g * slope; as the
+    kernels' activation_backward."""
     if act == _RELU:
         return torch.where(z > 0, g, torch.zeros_like(g))
     if act == _LEAKY_RELU:
@@ -112,11 +113,11 @@ def layer_norm_param_grads(dy, x, normalized_shape, mean, rstd, weight, bias, ac
     backward op's, whose sums run over every row): dy and x (B, *rows, *normalized_shape),
     mean and rstd (B, rows). Returns dweight, dbias of shape (B, *normalized_shape) in the
     parameters' dtype, None for an absent parameter. float32 sums (float64 for float64)."""
-    batch, length = x.shape[0], math.prod(normalized_shape)
+    batch, rows, length = x.shape[0], mean.shape[1], math.prod(normalized_shape)  # sizes, not -1: any may be 0
     # One temporary, updated in place: these tensors are as large as the whole batch.
-    xhat = _acc(x).reshape(batch, -1, length) - _acc(mean).reshape(batch, -1, 1)
-    xhat.mul_(_acc(rstd).reshape(batch, -1, 1))
-    g = _acc(dy).reshape(batch, -1, length)
+    xhat = _acc(x).reshape(batch, rows, length) - _acc(mean).reshape(batch, rows, 1)
+    xhat.mul_(_acc(rstd).reshape(batch, rows, 1))
+    g = _acc(dy).reshape(batch, rows, length)
     if act in (_RELU, _LEAKY_RELU):
         z = xhat
         if weight is not None:

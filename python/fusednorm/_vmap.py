@@ -11,6 +11,8 @@ BatchNorm's training statistics are per sample's batch, and batched parameters d
 sample: one call per sample. Running statistics updated in place from batched statistics
 cannot be one tensor: refused as torch refuses it, unless they are batched themselves
 (then each sample's call updates its own slice)."""
+import math
+
 import torch
 
 from . import _differentiable
@@ -23,6 +25,9 @@ _REFUSED = ("fusednorm {op} under vmap: the running_mean and running_var, which 
 
 def _per_sample(op, batch_size, in_dims, args):
     """The op once per sample (args sliced on their batched dim), results stacked at 0."""
+    if batch_size == 0:  # no call to take the results' shapes from
+        raise RuntimeError(f"fusednorm: {op} under vmap over zero samples is only supported with "
+                           "parameters and statistics shared by the samples")
     outs = []
     for i in range(batch_size):
         sample = [a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
@@ -31,13 +36,24 @@ def _per_sample(op, batch_size, in_dims, args):
     return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0, 0)
 
 
+def _no_samples(x, x_dim, weight, bias, mask):
+    """A backward op's results under vmap over zero samples: gradients of (0, *sample's
+    shape), where one call on the (empty) stacked samples would have no channels or groups
+    left to check the arguments against."""
+    xb = x.movedim(x_dim, 0) if x_dim is not None else x.unsqueeze(0)[:0]
+    outs = [(torch.empty_like(xb, memory_format=torch.contiguous_format), 0) if mask[0] else (xb.new_empty((0,)), None)]
+    for asked, p in ((mask[1], weight), (mask[2], bias)):
+        outs.append((p.new_empty((0, *p.shape)), 0) if asked and p is not None else (xb.new_empty((0,)), None))
+    return tuple(t for t, _ in outs), tuple(d for _, d in outs)
+
+
 def _stacked(op, x, x_dim, args):
     """The op on the samples stacked along the batch dim: x (.., B at x_dim, ..) -> (B*N, ...);
     outputs (B*N, ...) split back into (B, N, ...)."""
     xb = x.movedim(x_dim, 0)
-    batch = xb.shape[0]
+    sizes = xb.shape[:2]  # (B, N), not (B, -1), which cannot be sized when B is 0
     outs = op(xb.flatten(0, 1), *args)
-    return tuple(t.unflatten(0, (batch, -1)) for t in outs), (0, 0, 0)
+    return tuple(t.unflatten(0, sizes) for t in outs), (0, 0, 0)
 
 
 def _layer_norm_fwd_rule(op):
@@ -47,7 +63,8 @@ def _layer_norm_fwd_rule(op):
             # The batch dim is one more leading dim: mean/rstd have one entry per row.
             xb = x.movedim(x_dim, 0)
             y, mean, rstd = op(xb, normalized_shape, weight, bias, eps, act, slope)
-            return (y, mean.unflatten(0, (xb.shape[0], -1)), rstd.unflatten(0, (xb.shape[0], -1))), (0, 0, 0)
+            stats = (xb.shape[0], math.prod(xb.shape[1:xb.dim() - len(normalized_shape)]))  # (B, rows)
+            return (y, mean.reshape(stats), rstd.reshape(stats)), (0, 0, 0)
         return _per_sample(op, info.batch_size, in_dims, (x, normalized_shape, weight, bias, eps, act, slope))
     return rule
 
@@ -87,7 +104,7 @@ def _batch_norm_fwd_rule(op):
             xb = x.movedim(x_dim, 0)
             y, mean, rstd = op(xb.flatten(0, 1), weight, bias, running_mean, running_var, training,
                                momentum, eps, act, slope)
-            return (y.unflatten(0, (xb.shape[0], -1)), mean, rstd), (0, None, None)
+            return (y.unflatten(0, xb.shape[:2]), mean, rstd), (0, None, None)
         args = (x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope)
         return _per_sample(op, info.batch_size, in_dims, args)
     return rule
@@ -105,6 +122,8 @@ def _group_norm_bwd_rule(op):
             return _per_sample(op, info.batch_size, in_dims,
                                (dy, x, num_groups, mean, rstd, weight, bias, act, slope, mask))
         B = info.batch_size
+        if B == 0:
+            return _no_samples(x, in_dims[1], weight, bias, mask)
 
         def side_by_side(t, d):  # (N, K, ...) per sample -> (N, B*K, ...)
             t = t.movedim(d, 1) if d is not None else t.unsqueeze(1).expand(t.shape[0], B, *t.shape[1:])
@@ -137,11 +156,11 @@ def _layer_norm_bwd_rule(op):
     statistics (_differentiable.layer_norm_param_grads). Large samples, and batched
     parameters, go one op call per sample."""
     def rule(info, in_dims, dy, x, normalized_shape, mean, rstd, weight, bias, act, slope, mask):
-        sample_numel = x.numel() // (x.shape[in_dims[1]] if in_dims[1] is not None else 1)
-        if in_dims[5] is not None or in_dims[6] is not None or sample_numel > _STACKED_LAYER_NORM_BWD_MAX:
-            return _per_sample(op, info.batch_size, in_dims,
-                               (dy, x, normalized_shape, mean, rstd, weight, bias, act, slope, mask))
         B = info.batch_size
+        sample_numel = x.numel() // B if in_dims[1] is not None and B else x.numel()
+        if in_dims[5] is not None or in_dims[6] is not None or sample_numel > _STACKED_LAYER_NORM_BWD_MAX:
+            return _per_sample(op, B, in_dims, (dy, x, normalized_shape, mean, rstd, weight, bias, act, slope,
+                                                mask))
 
         def leading(t, d):  # batch dim first; unbatched (jacrev's shared input): repeated
             return t.movedim(d, 0) if d is not None else t.expand(B, *t.shape)
