@@ -281,3 +281,28 @@ def test_convert_sync_batchnorm_keeps_activation_and_convert_sync_flag():
     torch_sync = nn.Sequential(nn.SyncBatchNorm(4))
     assert type(fusednorm.convert(torch_sync)[0]) is nn.SyncBatchNorm  # left alone by default
     assert isinstance(fusednorm.convert(torch_sync, sync=True)[0], fusednorm.SyncBatchNorm)
+
+
+def test_torch_convert_sync_batchnorm_keeps_fused_activations():
+    """torch.nn.SyncBatchNorm.convert_sync_batchnorm (the usual DDP recipe) on a model with
+    fusednorm BatchNorms: one with an activation becomes fusednorm.SyncBatchNorm (torch's
+    SyncBatchNorm has no activation and dropped it, silently changing the model), one
+    without becomes torch.nn.SyncBatchNorm as before; same outputs (eval: plain BatchNorm,
+    no process group needed) and state_dict keys as the model before conversion."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), fusednorm.BatchNorm2d(4, activation="leaky_relu", negative_slope=0.2),
+                          nn.Sequential(fusednorm.BatchNorm2d(4), fusednorm.BatchNorm2d(4, activation="relu")),
+                          nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0), m.weight.normal_(), m.bias.normal_()
+    x = torch.randn(2, 3, 8, 8)
+    want = model(x)
+    keys = list(model.state_dict())
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    kept = [converted[1], converted[2][1]]
+    assert all(isinstance(m, fusednorm.SyncBatchNorm) for m in kept)
+    assert [m.activation for m in kept] == ["leaky_relu", "relu"] and kept[0].negative_slope == 0.2
+    assert type(converted[2][0]) is nn.SyncBatchNorm and type(converted[3]) is nn.SyncBatchNorm
+    assert list(converted.state_dict()) == keys
+    torch.testing.assert_close(converted(x), want)

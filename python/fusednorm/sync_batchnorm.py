@@ -7,6 +7,8 @@ formula (uneven batches, empty ones included) and normalises with the global sta
 in the fused kernel. Backward: the local per-channel sums (sum dyhat, sum dyhat*xhat) from
 batch_norm_bwd, ONE all_reduce, then the local input gradient. Parameter gradients stay
 local, as torch.nn.SyncBatchNorm's: DistributedDataParallel's all-reduce combines them."""
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -158,3 +160,26 @@ class SyncBatchNorm(_BatchNorm, torch.nn.modules.batchnorm._BatchNorm):
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         del module
         return out
+
+
+def _keep_activations_in_torch_convert():
+    """torch.nn.SyncBatchNorm.convert_sync_batchnorm(model), the usual DDP recipe, rebuilds
+    every BatchNorm as a torch.nn.SyncBatchNorm, which has no activation: a fusednorm
+    BatchNorm with one would silently lose it. Wrapped (once, on import) so that those become
+    fusednorm.SyncBatchNorm, activation, parameters and buffers kept; every other module is
+    converted by torch's own code, whose recursion into children comes back through here."""
+    torch_convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm.__func__
+    if getattr(torch_convert, "keeps_fusednorm_activations", False):
+        return
+
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        if isinstance(module, _BatchNorm) and module.activation is not None:
+            return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        return torch_convert(cls, module, process_group)
+
+    functools.update_wrapper(convert_sync_batchnorm, torch_convert)
+    convert_sync_batchnorm.keeps_fusednorm_activations = True
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(convert_sync_batchnorm)
+
+
+_keep_activations_in_torch_convert()
