@@ -4,7 +4,6 @@ every norm, vmap(grad) per-sample gradients for LayerNorm and GroupNorm; and cle
 never wrong numbers, where fusednorm has no support (a second derivative, vmap over
 BatchNorm and InstanceNorm)."""
 import contextlib
-import warnings
 
 import pytest
 import torch
@@ -96,6 +95,18 @@ FUNCTIONAL = {"batch_norm": lambda F, x, rm, rv, w, b: F.batch_norm(x, rm, rv, w
               "instance_norm": lambda F, x, rm, rv, w, b: F.instance_norm(x, rm, rv, w, b, True, 0.3)}
 
 
+@contextlib.contextmanager
+def without_vmap_fallback():
+    """vmap raises where it would run an op once per sample through torch's batched
+    fallback (which gives the same numbers, slowly): the op's own rule must run."""
+    before = torch._C._functorch._is_vmap_fallback_enabled()
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._functorch._set_vmap_fallback_enabled(before)
+
+
 # LayerNorm and GroupNorm have no running statistics: their one mode is "train".
 VMAP_CASES = [pytest.param(t.values[0], k, m, marks=t.marks, id=f"{t.id}-{k}-{m}")
               for t in TARGETS for k in KINDS for m in VMAP_MODES
@@ -124,40 +135,29 @@ def test_vmap_per_sample_gradients_match_torch(target, kind, mode):
         with fusednorm.use_backend(backend), pytest.raises(RuntimeError):
             per_sample(ours)
         return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="There is a performance drop")
-        with fusednorm.use_backend(backend):
-            got = per_sample(ours)
-            y = vmap(ours)(batch)
+    with fusednorm.use_backend(backend), without_vmap_fallback():  # every op by its own rule
+        got = per_sample(ours)
+        y = vmap(ours)(batch)
     for name in want:
         assert got[name].shape[0] == 3, name
         assert_close(got[name], want[name], torch.float32, name)
     assert_close(y, activate(vmap(ref)(batch), "relu"), torch.float32, "vmapped output")
 
 
-@contextlib.contextmanager
-def without_vmap_fallback():
-    """vmap raises where it would run an op once per sample through torch's batched
-    fallback (which gives the same numbers, slowly): the op's own rule must run."""
-    before = torch._C._functorch._is_vmap_fallback_enabled()
-    torch._C._functorch._set_vmap_fallback_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._functorch._set_vmap_fallback_enabled(before)
-
-
-def check_backward_rule(fwd, bwd, xs, dys, x_dim, mask, present):
+def check_backward_rule(fwd, bwd, xs, dys, x_dim, mask, present, shared_stats=False):
     """A backward op's vmap rule against the op called once per sample. fwd(x): one
     sample's (mean, rstd); bwd(dy, x, mean, rstd): (dx, dweight, dbias); x_dim: x's batch
     dim (None: one input shared by the samples, as jacrev's); present: which gradients can
-    exist (none for an absent parameter)."""
+    exist (none for an absent parameter); shared_stats: one (mean, rstd) for every sample,
+    unbatched (eval BatchNorm's running statistics, as its forward rule returns them)."""
     stats = [fwd(x) for x in xs]
     mean, rstd = torch.stack([m for m, _ in stats]), torch.stack([r for _, r in stats])
     want = [torch.stack(parts) for parts in zip(*(bwd(*a) for a in zip(dys, xs, mean, rstd)))]
     with without_vmap_fallback():
         if x_dim is None:
             got = vmap(bwd, in_dims=(0, None, None, None))(dys, xs[0], mean[0], rstd[0])
+        elif shared_stats:
+            got = vmap(bwd, in_dims=(0, x_dim, None, None))(dys, xs.movedim(0, x_dim), mean[0], rstd[0])
         else:
             got = vmap(bwd, in_dims=(0, x_dim, 0, 0))(dys, xs.movedim(0, x_dim), mean, rstd)
     for name, gv, wv, asked, there in zip(("dx", "dweight", "dbias"), got, want, mask, present):
@@ -203,6 +203,48 @@ def test_vmap_group_norm_backward_matches_per_sample_calls(target, case):
                             lambda dy, x, mean, rstd: ops.group_norm_bwd(dy, x, G, mean, rstd, w, b, 1, SLOPE,
                                                                          cfg["mask"]),
                             xs, dys, cfg["x_dim"], cfg["mask"], (True, cfg["affine"], cfg["affine"]))
+
+
+# vmap over batch_norm_bwd: the samples side by side as channels, as for group_norm_bwd.
+BN_BWD_VMAP = {
+    "train-one-row-samples": dict(n=1),
+    "train-three-row-samples": dict(n=3),
+    "eval": dict(n=2, training=False),
+    "eval-shared-statistics": dict(n=2, training=False, shared_stats=True),
+    "no-affine": dict(n=2, affine=False),
+    "dx-only": dict(n=2, mask=[True, False, False]),
+    "params-only": dict(n=2, mask=[False, True, True]),
+    "channels-last": dict(n=2, channels_last=True),
+    "batch-dim-2": dict(n=2, x_dim=2),
+    "shared-input": dict(n=2, x_dim=None),
+    "1-d": dict(n=3, spatial=()),  # BatchNorm1d on (N, C)
+}
+
+
+@pytest.mark.parametrize("case", list(BN_BWD_VMAP))
+@pytest.mark.parametrize("target", TARGETS)
+def test_vmap_batch_norm_backward_matches_per_sample_calls(target, case):
+    """The vmap rule for batch_norm_bwd against the op called once per sample."""
+    device, backend = target
+    cfg = {"training": True, "affine": True, "mask": [True, True, True], "channels_last": False, "x_dim": 0,
+           "spatial": (3, 5), "shared_stats": False, **BN_BWD_VMAP[case]}
+    B, C = 3, 4
+    g = torch.Generator().manual_seed(5)
+    rand = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    xs, dys = rand(B, cfg["n"], C, *cfg["spatial"]), rand(B, cfg["n"], C, *cfg["spatial"])
+    if cfg["channels_last"]:
+        xs = torch.stack([x.to(memory_format=torch.channels_last) for x in xs])
+    if cfg["x_dim"] is None:
+        xs = xs[:1].expand(B, *xs.shape[1:])
+    w, b = (rand(C), rand(C)) if cfg["affine"] else (None, None)
+    running = (rand(C), rand(C).abs() + 0.5) if not cfg["training"] else (None, None)
+    with fusednorm.use_backend(backend):
+        ops = fusednorm.backend.ops_for(xs)
+        check_backward_rule(lambda x: ops.batch_norm_fwd(x, w, b, *running, cfg["training"], 0.1, 1e-5, 2, SLOPE)[1:],
+                            lambda dy, x, mean, rstd: ops.batch_norm_bwd(dy, x, w, b, mean, rstd, cfg["training"], 2,
+                                                                         SLOPE, cfg["mask"]),
+                            xs, dys, cfg["x_dim"], cfg["mask"], (True, cfg["affine"], cfg["affine"]),
+                            cfg["shared_stats"])
 
 
 # vmap over layer_norm_bwd: the input gradient from one call on every sample's rows, the

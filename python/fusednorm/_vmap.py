@@ -1,16 +1,16 @@
-"""torch.vmap rules for the forward ops and for group_norm_bwd and layer_norm_bwd. torch's
+"""torch.vmap rules for every fusednorm op but batch_norm_stats (SyncBatchNorm's). torch's
 batched fallback (one op call per sample) refuses ops that mutate arguments, as
-batch_norm_fwd and instance_norm_fwd may (running statistics), and is slow for the rest;
-batch_norm_bwd goes through it. The Functions in autograd.py set generate_vmap_rule so vmap
-reaches these rules.
+batch_norm_fwd and instance_norm_fwd may (running statistics), and is slow for the rest. The
+Functions in autograd.py set generate_vmap_rule so vmap reaches these rules.
 
 A vmapped call is B independent calls, one per sample. Where the norm's statistics do not
 mix samples it is one call on the samples stacked along the batch dim (N -> B*N):
 LayerNorm, GroupNorm, InstanceNorm, and BatchNorm in eval (running statistics, read only).
-BatchNorm's training statistics are per sample's batch, and batched parameters differ per
-sample: one call per sample. Running statistics updated in place from batched statistics
-cannot be one tensor: refused as torch refuses it, unless they are batched themselves
-(then each sample's call updates its own slice)."""
+BatchNorm's training statistics are per sample's batch: the samples side by side as
+channels (C -> B*C), as the backward rules of GroupNorm and BatchNorm do. Batched
+parameters differ per sample: one call per sample. Running statistics updated in place
+from batched statistics cannot be one tensor: refused as torch refuses it, unless they are
+batched themselves (then each sample's call updates its own slice)."""
 import math
 
 import torch
@@ -105,8 +105,15 @@ def _batch_norm_fwd_rule(op):
             y, mean, rstd = op(xb.flatten(0, 1), weight, bias, running_mean, running_var, training,
                                momentum, eps, act, slope)
             return (y.unflatten(0, xb.shape[:2]), mean, rstd), (0, None, None)
+        B = info.batch_size
+        if training and not tracked and x_dim is not None and w_dim is None and b_dim is None and B:
+            # Training statistics are per sample's batch: the samples side by side as
+            # channels, (N, C, ...) -> (N, B*C, ...), each (sample, channel) its own.
+            y, mean, rstd = op(_side_by_side(x, x_dim, B), _repeat(weight, B), _repeat(bias, B), None, None,
+                               training, momentum, eps, act, slope)
+            return (y.unflatten(1, (B, -1)), mean.unflatten(0, (B, -1)), rstd.unflatten(0, (B, -1))), (1, 0, 0)
         args = (x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope)
-        return _per_sample(op, info.batch_size, in_dims, args)
+        return _per_sample(op, B, in_dims, args)
     return rule
 
 
@@ -124,19 +131,54 @@ def _group_norm_bwd_rule(op):
         B = info.batch_size
         if B == 0:
             return _no_samples(x, in_dims[1], weight, bias, mask)
+        side = lambda t, d: _side_by_side(t, d, B)  # noqa: E731
+        dx, dw, db = op(side(dy, in_dims[0]), side(x, in_dims[1]), B * num_groups, side(mean, in_dims[3]),
+                        side(rstd, in_dims[4]), _repeat(weight, B), _repeat(bias, B), act, slope, mask)
+        return _split_channels(dx, dw, db, B, mask)
+    return rule
 
-        def side_by_side(t, d):  # (N, K, ...) per sample -> (N, B*K, ...)
-            t = t.movedim(d, 1) if d is not None else t.unsqueeze(1).expand(t.shape[0], B, *t.shape[1:])
-            return t.flatten(1, 2)
 
-        repeat = lambda p: None if p is None else p.repeat(B)  # noqa: E731
-        dx, dw, db = op(side_by_side(dy, in_dims[0]), side_by_side(x, in_dims[1]), B * num_groups,
-                        side_by_side(mean, in_dims[3]), side_by_side(rstd, in_dims[4]),
-                        repeat(weight), repeat(bias), act, slope, mask)
-        # Outputs not asked for (mask) are empty and unbatched.
-        outs = [(dx.unflatten(1, (B, -1)), 1) if mask[0] else (dx, None)]
-        outs += [(g.unflatten(0, (B, -1)), 0) if g.numel() else (g, None) for g in (dw, db)]
-        return tuple(t for t, _ in outs), tuple(d for _, d in outs)
+def _side_by_side(t, d, batch):
+    """(N, K, ...) per sample, batched at d (None: shared) -> (N, batch*K, ...): the samples
+    side by side along dim 1. A view for N = 1."""
+    t = t.movedim(d, 1) if d is not None else t.unsqueeze(1).expand(t.shape[0], batch, *t.shape[1:])
+    return t.flatten(1, 2)
+
+
+def _repeat(p, batch):
+    return None if p is None else p.repeat(batch)
+
+
+def _split_channels(dx, dw, db, batch, mask):
+    """A side-by-side call's gradients back per sample: dx (N, batch*C, ...) -> batched at
+    dim 1, dw/db (batch*C) -> batched at 0. Outputs not asked for (mask) are empty and
+    unbatched."""
+    outs = [(dx.unflatten(1, (batch, -1)), 1) if mask[0] else (dx, None)]
+    outs += [(g.unflatten(0, (batch, -1)), 0) if g.numel() else (g, None) for g in (dw, db)]
+    return tuple(t for t, _ in outs), tuple(d for _, d in outs)
+
+
+def _batch_norm_bwd_rule(op):
+    """BatchNorm's backward under vmap, with parameters shared by the samples: as
+    group_norm_bwd's, the samples side by side as channels, (N, C, ...) -> (N, B*C, ...).
+    Channel b*C + c has sample b's statistics of channel c (training: over that sample's
+    batch; eval: the running ones, repeated), so one call gives per-sample input and
+    parameter gradients."""
+    def rule(info, in_dims, dy, x, weight, bias, mean, rstd, training, act, slope, mask):
+        if in_dims[2] is not None or in_dims[3] is not None:  # batched parameters
+            return _per_sample(op, info.batch_size, in_dims,
+                               (dy, x, weight, bias, mean, rstd, training, act, slope, mask))
+        B = info.batch_size
+        if B == 0:
+            return _no_samples(x, in_dims[1], weight, bias, mask)
+
+        def per_channel(t, d):  # (C,) per sample -> (B*C,)
+            return t.movedim(d, 0).flatten() if d is not None else t.repeat(B)
+
+        dx, dw, db = op(_side_by_side(dy, in_dims[0], B), _side_by_side(x, in_dims[1], B), _repeat(weight, B),
+                        _repeat(bias, B), per_channel(mean, in_dims[4]), per_channel(rstd, in_dims[5]), training,
+                        act, slope, mask)
+        return _split_channels(dx, dw, db, B, mask)
     return rule
 
 
@@ -192,3 +234,4 @@ def register_vmap_rules(namespace):
     torch.library.register_vmap(f"{namespace}::batch_norm_fwd", _batch_norm_fwd_rule(ops.batch_norm_fwd))
     torch.library.register_vmap(f"{namespace}::group_norm_bwd", _group_norm_bwd_rule(ops.group_norm_bwd))
     torch.library.register_vmap(f"{namespace}::layer_norm_bwd", _layer_norm_bwd_rule(ops.layer_norm_bwd))
+    torch.library.register_vmap(f"{namespace}::batch_norm_bwd", _batch_norm_bwd_rule(ops.batch_norm_bwd))

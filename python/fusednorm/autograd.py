@@ -173,9 +173,8 @@ class _NormFunction(torch.autograd.Function):
     gradient means no input gradients: _backward).
 
     generate_vmap_rule: under torch.func.vmap (per-sample gradients: vmap(grad(f))) torch
-    vmaps forward and backward through the ops' own vmap rules: _vmap.py's for the forward
-    ops, group_norm_bwd and layer_norm_bwd, torch's batched fallback (one call per sample)
-    for batch_norm_bwd.
+    vmaps forward and backward through the ops' own vmap rules (_vmap.py), not torch's
+    batched fallback (one call per sample, with a performance warning).
 
     kind: the norm's name in _differentiable.py (recomputed output and tangent).
 
