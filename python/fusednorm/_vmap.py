@@ -117,24 +117,27 @@ def _batch_norm_fwd_rule(op):
     return rule
 
 
-def _group_norm_bwd_rule(op):
-    """GroupNorm's and InstanceNorm's backward under vmap (per-sample gradients), with
-    parameters shared by the samples: the B samples of (N, C, ...) side by side as one input
-    of (N, B*C, ...), with B*G groups and the parameters repeated B times. Each group's
-    statistics and input gradient are its sample's own, and the parameter gradient of
-    channel b*C + c is sample b's gradient of channel c: per-sample parameter gradients
-    from one call. For per-sample gradients' usual N = 1, side by side is a view."""
-    def rule(info, in_dims, dy, x, num_groups, mean, rstd, weight, bias, act, slope, mask):
-        if in_dims[5] is not None or in_dims[6] is not None:  # batched parameters
-            return _per_sample(op, info.batch_size, in_dims,
-                               (dy, x, num_groups, mean, rstd, weight, bias, act, slope, mask))
+def _side_by_side_bwd_rule(op, w_at, args_side_by_side):
+    """A backward op's vmap rule with the B samples side by side as channels: (N, C, ...)
+    per sample -> one input of (N, B*C, ...), the parameters repeated B times. Each channel
+    b*C + c keeps sample b's statistics, and its parameter gradient is sample b's gradient
+    of channel c: per-sample input and parameter gradients from one call (for per-sample
+    gradients' usual N = 1, side by side is a view). args_side_by_side(B, in_dims, *args)
+    gives the op's arguments for that call. Batched parameters go one call per sample.
+    The op's arguments: (dy, x, ...) first, weight and bias at w_at and w_at + 1, mask last."""
+    def rule(info, in_dims, *args):
+        weight, bias, mask = args[w_at], args[w_at + 1], args[-1]
+        if in_dims[w_at] is not None or in_dims[w_at + 1] is not None:  # batched parameters
+            return _per_sample(op, info.batch_size, in_dims, args)
         B = info.batch_size
         if B == 0:
-            return _no_samples(x, in_dims[1], weight, bias, mask)
-        side = lambda t, d: _side_by_side(t, d, B)  # noqa: E731
-        dx, dw, db = op(side(dy, in_dims[0]), side(x, in_dims[1]), B * num_groups, side(mean, in_dims[3]),
-                        side(rstd, in_dims[4]), _repeat(weight, B), _repeat(bias, B), act, slope, mask)
-        return _split_channels(dx, dw, db, B, mask)
+            return _no_samples(args[1], in_dims[1], weight, bias, mask)
+        dx, dw, db = op(*args_side_by_side(B, in_dims, *args))
+        # Back per sample: dx batched at dim 1, dw/db at 0; outputs not asked for (mask) are
+        # empty and unbatched.
+        outs = [(dx.unflatten(1, (B, -1)), 1) if mask[0] else (dx, None)]
+        outs += [(g.unflatten(0, (B, -1)), 0) if g.numel() else (g, None) for g in (dw, db)]
+        return tuple(t for t, _ in outs), tuple(d for _, d in outs)
     return rule
 
 
@@ -149,37 +152,23 @@ def _repeat(p, batch):
     return None if p is None else p.repeat(batch)
 
 
-def _split_channels(dx, dw, db, batch, mask):
-    """A side-by-side call's gradients back per sample: dx (N, batch*C, ...) -> batched at
-    dim 1, dw/db (batch*C) -> batched at 0. Outputs not asked for (mask) are empty and
-    unbatched."""
-    outs = [(dx.unflatten(1, (batch, -1)), 1) if mask[0] else (dx, None)]
-    outs += [(g.unflatten(0, (batch, -1)), 0) if g.numel() else (g, None) for g in (dw, db)]
-    return tuple(t for t, _ in outs), tuple(d for _, d in outs)
+def _group_norm_bwd_args(B, in_dims, dy, x, num_groups, mean, rstd, weight, bias, act, slope, mask):
+    """GroupNorm's and InstanceNorm's backward side by side: B*G groups, each group's
+    statistics (N, G per sample) its sample's own."""
+    side = lambda t, d: _side_by_side(t, d, B)  # noqa: E731
+    return (side(dy, in_dims[0]), side(x, in_dims[1]), B * num_groups, side(mean, in_dims[3]),
+            side(rstd, in_dims[4]), _repeat(weight, B), _repeat(bias, B), act, slope, mask)
 
 
-def _batch_norm_bwd_rule(op):
-    """BatchNorm's backward under vmap, with parameters shared by the samples: as
-    group_norm_bwd's, the samples side by side as channels, (N, C, ...) -> (N, B*C, ...).
-    Channel b*C + c has sample b's statistics of channel c (training: over that sample's
-    batch; eval: the running ones, repeated), so one call gives per-sample input and
-    parameter gradients."""
-    def rule(info, in_dims, dy, x, weight, bias, mean, rstd, training, act, slope, mask):
-        if in_dims[2] is not None or in_dims[3] is not None:  # batched parameters
-            return _per_sample(op, info.batch_size, in_dims,
-                               (dy, x, weight, bias, mean, rstd, training, act, slope, mask))
-        B = info.batch_size
-        if B == 0:
-            return _no_samples(x, in_dims[1], weight, bias, mask)
+def _batch_norm_bwd_args(B, in_dims, dy, x, weight, bias, mean, rstd, training, act, slope, mask):
+    """BatchNorm's backward side by side: the per-channel statistics (training: over the
+    sample's batch; eval: the running ones, repeated) as B*C channels'."""
+    def per_channel(t, d):  # (C,) per sample -> (B*C,)
+        return t.movedim(d, 0).flatten() if d is not None else t.repeat(B)
 
-        def per_channel(t, d):  # (C,) per sample -> (B*C,)
-            return t.movedim(d, 0).flatten() if d is not None else t.repeat(B)
-
-        dx, dw, db = op(_side_by_side(dy, in_dims[0], B), _side_by_side(x, in_dims[1], B), _repeat(weight, B),
-                        _repeat(bias, B), per_channel(mean, in_dims[4]), per_channel(rstd, in_dims[5]), training,
-                        act, slope, mask)
-        return _split_channels(dx, dw, db, B, mask)
-    return rule
+    return (_side_by_side(dy, in_dims[0], B), _side_by_side(x, in_dims[1], B), _repeat(weight, B),
+            _repeat(bias, B), per_channel(mean, in_dims[4]), per_channel(rstd, in_dims[5]), training, act,
+            slope, mask)
 
 
 # Largest sample (elements) whose LayerNorm backward under vmap runs stacked (below). The
@@ -232,6 +221,8 @@ def register_vmap_rules(namespace):
     torch.library.register_vmap(f"{namespace}::group_norm_fwd", _group_norm_fwd_rule(ops.group_norm_fwd))
     torch.library.register_vmap(f"{namespace}::instance_norm_fwd", _instance_norm_fwd_rule(ops.instance_norm_fwd))
     torch.library.register_vmap(f"{namespace}::batch_norm_fwd", _batch_norm_fwd_rule(ops.batch_norm_fwd))
-    torch.library.register_vmap(f"{namespace}::group_norm_bwd", _group_norm_bwd_rule(ops.group_norm_bwd))
+    torch.library.register_vmap(f"{namespace}::group_norm_bwd",
+                                _side_by_side_bwd_rule(ops.group_norm_bwd, 5, _group_norm_bwd_args))
     torch.library.register_vmap(f"{namespace}::layer_norm_bwd", _layer_norm_bwd_rule(ops.layer_norm_bwd))
-    torch.library.register_vmap(f"{namespace}::batch_norm_bwd", _batch_norm_bwd_rule(ops.batch_norm_bwd))
+    torch.library.register_vmap(f"{namespace}::batch_norm_bwd",
+                                _side_by_side_bwd_rule(ops.batch_norm_bwd, 2, _batch_norm_bwd_args))

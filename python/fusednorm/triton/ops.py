@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._layout import batch_norm_format, group_norm_format
-from .._ops import register_fakes
+from .._ops import _ln_rows, register_fakes
 from .._vmap import register_vmap_rules
 from . import channel_kernels as ck
 from . import row_kernels as rk
@@ -313,7 +313,7 @@ def layer_norm_fwd(input: Tensor, normalized_shape: List[int], weight: Optional[
                    negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
     length = check_layer_norm(input, normalized_shape, weight, bias)
     x = input.contiguous()
-    rows = math.prod(x.shape[: x.dim() - len(normalized_shape)])
+    rows = _ln_rows(x, normalized_shape)
     y, mean, rstd, _ = _rows_fwd(x, rows, length, 1, length, 1, _dense(weight), _dense(bias), eps,
                                  activation, negative_slope)
     return y, mean, rstd
@@ -324,7 +324,7 @@ def layer_norm_bwd(grad_out: Tensor, input: Tensor, normalized_shape: List[int],
                    rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
                    negative_slope: float, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     length = check_layer_norm(input, normalized_shape, weight, bias)
-    rows = math.prod(input.shape[: input.dim() - len(normalized_shape)])
+    rows = _ln_rows(input, normalized_shape)
     check_backward(grad_out, input, mean, rstd, rows, "layer_norm_bwd")
     x = input.contiguous()
     stat_dtype, acc = _acc(x)
