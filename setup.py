@@ -6,6 +6,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;9.0+PTX" when no GPU is visible
   FUSEDNORM_PTXAS_STRICT=1  fail the build if any kernel spills registers (CI)
   FUSEDNORM_PTXAS_VERBOSE=1 print each kernel's register and shared-memory use
+  FUSEDNORM_CXXFLAGS      extra C++ flags, e.g. "-O1" or "-fsanitize=address,undefined"
   MAX_JOBS                parallel compile jobs
 """
 import glob
@@ -73,7 +74,11 @@ def extension():
     # GCC may not compute `z * slope` in lanes where it is not selected (it could raise a
     # floating-point exception nobody listens to), so the activation selects became a
     # branch per element in the AVX2 and baseline kernels, 5-8x slower; results unchanged.
-    cxx = ["-O3", "-fno-trapping-math", "-fopenmp"]
+    # -ffp-contract=off: no fused multiply-adds the source does not ask for, so the
+    # forward and backward passes compute the pre-activation to the same bits (norm_math.h).
+    # FUSEDNORM_CXXFLAGS: extra flags, last (CI's low-optimisation and sanitizer builds).
+    cxx = ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
+    cxx += os.environ.get("FUSEDNORM_CXXFLAGS", "").split()
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not build_cuda():
         print("fusednorm: building CPU kernels only")
@@ -107,9 +112,10 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     # The extension is built against one torch ABI: pin the runtime torch to it.
     install_requires=[f"torch=={TORCH_VERSION}"],
-    # ninja: the CUDA-emulation tests compile a test-only extension; scikit-learn: the
+    # ninja: the CUDA-emulation tests compile a test-only extension; hypothesis: the fuzz
+    # suite (tests/test_fuzz.py); scikit-learn: the
     # training example's bundled digits data set (its test runs a short version).
-    extras_require={"test": ["pytest", "numpy", "ninja", "scikit-learn"],
+    extras_require={"test": ["pytest", "numpy", "ninja", "scikit-learn", "hypothesis"],
                     "examples": ["scikit-learn", "matplotlib"]},
     python_requires=">=3.9",
 )

@@ -31,3 +31,14 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=int(os.environ.get("FUSEDNORM_FUZZ_EXAMPLES", "150")),
+                     help="examples of the CPU fuzz suite (tests/test_fuzz.py); the interpreted and "
+                          "emulated backends run a tenth, at least 10")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a slower suite (interpreter, emulation, subprocess); "
+                                       "run by .ci/run, deselect with -m 'not slow'")

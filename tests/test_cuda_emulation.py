@@ -3,25 +3,20 @@ compiled for the host under csrc/cuda/emulation.h and registered as
 torch.ops.fusednorm_emu.*, compared with torch.nn on shapes small enough for the emulator
 but chosen (with lowered limits) to reach every row tier, both BatchNorm layouts, the
 vectorised and scalar elementwise paths, and the multi-block (grid-level) reductions."""
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from emulation import load_emulation
 from helpers import SLOPE, activate, assert_close, assert_same_where_finite
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACTS = {0: None, 1: "relu", 2: "leaky_relu"}
 
 
 @pytest.fixture(scope="module")
 def emu():
-    from torch.utils.cpp_extension import load
-    build = os.path.join(ROOT, "build", "emulation")
-    os.makedirs(build, exist_ok=True)
-    mod = load(name="fusednorm_emu", sources=[os.path.join(ROOT, "tests", "emulation", "emulated_ops.cpp")],
-               extra_cflags=["-O1"], build_directory=build, verbose=False)
+    mod = load_emulation()
     yield mod
     mod.set_limits(16, 48 * 1024, 16384, 256, 65535, 256)
 

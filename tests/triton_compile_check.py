@@ -39,7 +39,7 @@ def record(kernel, grid, *args, **meta):
     if key in seen:
         return
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=meta),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **tops.COMPILE_OPTIONS})
     seen[key] = compiled
     print(kernel.__name__, {k: v for k, v in meta.items()}, "warps", num_warps,
           "shared", compiled.metadata.shared, flush=True)

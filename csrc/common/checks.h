@@ -72,6 +72,17 @@ inline at::ScalarType acc_dtype(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// torch's batch_norm returns an empty input's output as input * weight[0] + bias[0], and
+// its instance_norm normalises through batch_norm with the parameters repeated N times:
+// with no channel (no sample, for InstanceNorm) to index, an IndexError.
+inline void check_empty_affine(const at::Tensor& input, int64_t channels,
+                               const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias) {
+  if (input.numel() != 0 || channels != 0) return;
+  TORCH_CHECK_INDEX(!has(weight) && !has(bias),
+                    "select(): index 0 out of range for tensor of size [0] at dimension 0");
+}
+
 inline void check_bn_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                    const c10::optional<at::Tensor>& bias,
                    const c10::optional<at::Tensor>& running_mean,
@@ -80,6 +91,7 @@ inline void check_bn_args(const at::Tensor& input, const c10::optional<at::Tenso
   TORCH_CHECK(input.dim() >= 2, "batch_norm: expected at least 2D input (got ", input.dim(),
               "D input)");
   const int64_t C = input.size(1);
+  check_empty_affine(input, C, weight, bias);
   check_param(running_mean, input, "running_mean", C, "batch_norm");
   check_param(running_var, input, "running_var", C, "batch_norm");
   check_param(weight, input, "weight", C, "batch_norm");
@@ -125,7 +137,7 @@ inline int64_t layer_norm_rows(const at::Tensor& input, at::IntArrayRef shape) {
 struct GnShape {
   int64_t N, C, G, S;
   bool channels_last;  // the kernels read it as (N, S, C)
-  int64_t cg() const { return C / G; }
+  int64_t cg() const { return G > 0 ? C / G : 0; }  // G = C = 0: InstanceNorm of no channel
   int64_t row_len() const { return cg() * S; }
 };
 
@@ -137,7 +149,7 @@ inline GnShape check_group_norm(const at::Tensor& input, int64_t G,
               input.dim());
   GnShape s{input.size(0), input.size(1), G, 1, false};
   for (int64_t d = 2; d < input.dim(); ++d) s.S *= input.size(d);
-  TORCH_CHECK(G > 0 && s.C % G == 0,
+  TORCH_CHECK((G > 0 && s.C % G == 0) || (G == 0 && s.C == 0),
               "Expected number of channels in input to be divisible by num_groups, but got input "
               "of shape ", input.sizes(), " and num_groups=", G);
   for (const auto* p : {&weight, &bias}) {
@@ -164,7 +176,15 @@ inline GnShape check_instance_norm(const at::Tensor& input, const c10::optional<
   const int64_t C = input.size(1);
   check_param(running_mean, input, "running_mean", C, "instance_norm");
   check_param(running_var, input, "running_var", C, "instance_norm");
+  check_empty_affine(input, input.size(0) * C, weight, bias);
   return check_group_norm(input, C, weight, bias, "instance_norm");
+}
+
+// GroupNorm's own refusals, torch's (InstanceNorm, GroupNorm with a group per channel,
+// takes empty inputs).
+inline void check_group_norm_sizes(const GnShape& s) {
+  TORCH_CHECK(s.C > 0, "Expected number of channels to be greater than 0, got ", s.C);
+  TORCH_CHECK(s.S > 0, "Expected HxW to be greater than 0, got ", s.S);
 }
 
 }  // namespace fusednorm

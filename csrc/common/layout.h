@@ -3,7 +3,8 @@
 // Output layout: what torch.nn gives for the same input (ATen's CPU kernels), so that a
 // module swap changes no strides downstream:
 //   BatchNorm: a contiguous input gives a contiguous output, a dense channels_last one a
-//              channels_last output, anything else follows suggest_memory_format();
+//              channels_last output, anything else follows suggest_memory_format(); an
+//              empty input, an output of its own strides (torch clones it);
 //   GroupNorm: suggest_memory_format() (which, for a channels_last-dense input whose size-1
 //              dimensions make its strides ambiguous, can say contiguous);
 //   InstanceNorm and LayerNorm: always contiguous.
@@ -22,6 +23,9 @@ inline at::MemoryFormat channels_last_format_of_rank(int64_t dim) {
 }
 
 inline at::MemoryFormat batch_norm_format(const at::Tensor& input) {
+  // An empty input's output keeps its strides (torch's batch_norm clones it); Preserve is
+  // only ever passed to empty_like.
+  if (input.numel() == 0) return at::MemoryFormat::Preserve;
   if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
   if ((input.dim() == 4 || input.dim() == 5) &&
       input.is_contiguous(channels_last_format_of_rank(input.dim())))
@@ -47,14 +51,15 @@ inline BnLayout bn_layout(const at::Tensor& input) {
   l.S = 1;
   for (int64_t d = 2; d < input.dim(); ++d) l.S *= input.size(d);
   l.format = batch_norm_format(input);
-  l.x = input.contiguous(l.format);
+  l.x = l.format == at::MemoryFormat::Preserve ? input : input.contiguous(l.format);
   l.cols = l.format != at::MemoryFormat::Contiguous || l.S == 1;
   return l;
 }
 
 // The gradient in the same memory layout as the input the kernels read.
 inline at::Tensor like_layout(const at::Tensor& g, const BnLayout& l) {
-  return g.contiguous(l.format);
+  return l.format == at::MemoryFormat::Preserve ? g : g.contiguous(l.format);
 }
+
 
 }  // namespace fusednorm

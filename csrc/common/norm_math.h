@@ -1,6 +1,7 @@
 // The maths every fusednorm kernel shares, written once for the CPU (C++) and CUDA
 // (__host__ __device__): Welford/Chan merging of partial statistics, the fused activation
-// and its derivative, and folding mean/rstd/gamma/beta into one multiply-add.
+// and its derivative, the pre-activation (x - mean)*alpha + bias and the input gradient's
+// coefficients.
 // No torch types here: the CPU kernels include it in their per-ISA translation units.
 #pragma once
 #include <cmath>
@@ -55,32 +56,59 @@ FN_HOST_DEVICE Moments<T> merge(Moments<T> a, Moments<T> b) {
   return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.count * wb};
 }
 
-// 1 / sqrt(var + eps) for the biased variance M2 / count.
+// 1 / sqrt(var + eps) for the biased variance M2 / count; an M2 rounded below 0 counts
+// as 0 (eps = 0 must not give NaN from rounding), and an empty set has variance 0.
 template <typename T>
 FN_HOST_DEVICE T rstd_from_m2(T m2, T count, T eps) {
-  T var = count > T(0) ? m2 / count : T(0);
+  T var = count > T(0) ? (m2 > T(0) ? m2 : T(0)) / count : T(0);
   return T(1) / std::sqrt(var + eps);
 }
 
-// The epilogue's fold: act(x * alpha + beta) == act((x - mean) * rstd * gamma + bias).
+// The unbiased variance M2 / (count - 1) that running statistics follow; NaN for a set
+// of fewer than two values, as torch's (0 / 0) there.
 template <typename T>
-FN_HOST_DEVICE void fold_affine(T mean, T rstd, T gamma, T bias, T* alpha, T* beta) {
-  *alpha = rstd * gamma;
-  *beta = bias - mean * (*alpha);
+FN_HOST_DEVICE T unbiased_var(T m2, T count) {
+  return count > T(1) ? (m2 > T(0) ? m2 : T(0)) / (count - T(1)) : T(NAN);
 }
 
-// The training-mode input gradient dx = A*dyhat + B*x + C, given over the normalised set
-// (M values, statistics mean/rstd, scale gamma) sum_dy = sum(dyhat*gamma) and
-// sum_dyxhat = sum(dyhat*gamma*xhat) (gamma already folded into both sums):
-//   dx = rstd * (gamma*dyhat - sum_dy/M - xhat * sum_dyxhat/M).
-// Here A's gamma is the element's own (per channel); B and C come from the set's sums.
+// Exactly rounded product and sum, never contracted into one fused multiply-add: the
+// forward and the backward compute the pre-activation with these and so get the same bits
+// (the activation's derivative must agree with the output's side of a kink). The CPU
+// kernels are compiled with -ffp-contract=off for the same reason.
+#if defined(__CUDA_ARCH__)
+FN_HOST_DEVICE float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+FN_HOST_DEVICE double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+FN_HOST_DEVICE float add_rn(float a, float b) { return __fadd_rn(a, b); }
+FN_HOST_DEVICE double add_rn(double a, double b) { return __dadd_rn(a, b); }
+#else
 template <typename T>
-FN_HOST_DEVICE void input_grad_coefficients(T mean, T rstd, T gamma, T sum_dy, T sum_dyxhat,
+FN_HOST_DEVICE T mul_rn(T a, T b) { return a * b; }
+template <typename T>
+FN_HOST_DEVICE T add_rn(T a, T b) { return a + b; }
+#endif
+
+// The pre-activation of one element, z = (x - mean) * alpha + bias with alpha = rstd*gamma.
+// Centred, not folded into x*alpha + (bias - mean*alpha): that form cancels when
+// |mean| >> std (a constant set, which normalises to exactly 0, came out nonzero), and
+// a constant set gives exactly z = bias here whatever the rounding mode of the rest.
+template <typename T>
+FN_HOST_DEVICE T pre_activation(T x, T mean, T alpha, T bias) {
+  return add_rn(mul_rn(x - mean, alpha), bias);
+}
+
+// The training-mode input gradient dx = A*dyhat + B*(x - mean) + C over a normalised set
+// of M values (statistics mean/rstd, the element's scale gamma), from the set's sums
+// sum_alpha_dy = sum(dyhat * rstd*gamma) and sum_dyxhat = sum(dyhat*gamma*xhat):
+//   dx = rstd*gamma*dyhat - sum(rstd*gamma*dyhat)/M - rstd*xhat * sum_dyxhat/M.
+// Centred on the mean (not B*x + C', which cancels when |mean| >> std), and A = rstd*gamma
+// is the factor the sum was taken with, so a set of one value gets exactly dx = 0.
+template <typename T>
+FN_HOST_DEVICE void input_grad_coefficients(T rstd, T gamma, T sum_alpha_dy, T sum_dyxhat,
                                             T count, T* A, T* B, T* C) {
   T inv_m = count > T(0) ? T(1) / count : T(0);
   *A = rstd * gamma;
   *B = -rstd * rstd * sum_dyxhat * inv_m;
-  *C = -rstd * sum_dy * inv_m - (*B) * mean;
+  *C = -sum_alpha_dy * inv_m;
 }
 
 }  // namespace fusednorm

@@ -35,13 +35,13 @@ void merge_channel_rows(int64_t N, int64_t S, Row&& row, A* mean, A* m2) {
   *m2 = A(acc.m2);
 }
 
-// Training-mode dx = A*dyhat + B*x + C of one channel from its sums of dyhat and
+// Training-mode dx = A*dyhat + B*(x - mean) + C of one channel from its sums of dyhat and
 // dyhat*(x - mean), gamma folded in here; both backward schedules use it.
 template <typename A>
-void training_coefficients(A mean, A rstd, A gamma, A sum_dy, A sum_dy_xmu, A count, A* cA,
-                           A* cB, A* cC) {
-  input_grad_coefficients<A>(mean, rstd, gamma, gamma * sum_dy, gamma * sum_dy_xmu * rstd,
-                             count, cA, cB, cC);
+void training_coefficients(A rstd, A gamma, A sum_dy, A sum_dy_xmu, A count, A* cA, A* cB,
+                           A* cC) {
+  input_grad_coefficients<A>(rstd, gamma, (rstd * gamma) * sum_dy, gamma * sum_dy_xmu * rstd, count,
+                             cA, cB, cC);
 }
 
 // Per-channel sums over the whole batch: moments (training forward) or gradient sums.
@@ -52,7 +52,7 @@ void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2
   const int64_t C = l.C;
   if (l.cols) {
     const int64_t M = l.N * l.S;
-    const int64_t chunks = num_chunks(M, std::max<int64_t>(1, kGrainElements / C));
+    const int64_t chunks = num_chunks(M, grain(C));
     std::vector<A> pm(chunks * C, A(0)), pq(chunks * C, A(0)), cnt(chunks, A(0));
     parallel_chunks(M, chunks, [&](int64_t ch, int64_t b, int64_t e) {
       k.moments_cols(x + b * C, e - b, C, A(0), &pm[ch * C], &pq[ch * C]);
@@ -68,7 +68,7 @@ void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2
   } else {
     const int64_t R = l.N * C, S = l.S;
     std::vector<A> rm(R), rq(R);
-    parallel_chunks(R, num_chunks(R, std::max<int64_t>(1, kGrainElements / S)),
+    parallel_chunks(R, num_chunks(R, grain(S)),
                     [&](int64_t, int64_t b, int64_t e) {
                       k.moments_rows(x + b * S, e - b, S, &rm[b], &rq[b]);
                     });
@@ -78,6 +78,21 @@ void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2
         *q = rq[n * C + c];
       }, &mean[c], &m2[c]);
   }
+}
+
+// An output (y or dx) in the layout of l's input (layout.h); an empty input's strides are
+// kept (Preserve), which the output allocator does not take.
+inline at::Tensor bn_output(const BnLayout& l) {
+  if (l.format == at::MemoryFormat::Preserve) return at::empty_like(l.x);
+  return empty_output_like(l.x, l.format);
+}
+
+// alpha = rstd * gamma per channel: the scale of the pre-activation (norm_math.h).
+template <typename A>
+std::vector<A> alphas(const std::vector<A>& rstd, const std::vector<A>& gamma) {
+  std::vector<A> alpha(rstd.size());
+  for (size_t c = 0; c < rstd.size(); ++c) alpha[c] = rstd[c] * gamma[c];
+  return alpha;
 }
 
 // Repeats a per-channel vector for every (n, c) row of the rows layout.
@@ -119,7 +134,7 @@ inline bool by_channel(const BnLayout& l, int64_t inputs, int64_t elem_bytes) {
 // channels' worth of lines do not fit a 1 MiB L2.)
 template <typename T, typename A>
 void forward_by_channel(const BnLayout& l, const T* x, T* out, const std::vector<A>& gamma,
-                        const std::vector<A>& beta, A eps, int64_t act, A slope,
+                        const std::vector<A>& bias, A eps, int64_t act, A slope,
                         std::vector<A>& mean, std::vector<A>& m2, std::vector<A>& rstd) {
   const auto& k = table<T>();
   const int64_t C = l.C, S = l.S, N = l.N;
@@ -129,11 +144,10 @@ void forward_by_channel(const BnLayout& l, const T* x, T* out, const std::vector
         k.moments_rows(x + (n * C + c) * S, 1, S, m, q);
       }, &mean[c], &m2[c]);
       rstd[c] = rstd_from_m2<A>(m2[c], A(N * S), eps);
-      A alpha, shift;
-      fold_affine(mean[c], rstd[c], gamma[c], beta[c], &alpha, &shift);
+      const A alpha = rstd[c] * gamma[c];
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = (n * C + c) * S;
-        k.apply_rows(x + row, out + row, 1, S, &alpha, &shift, act, slope, Ahead<T>{});
+        k.apply_rows(x + row, out + row, 1, S, &mean[c], &alpha, &bias[c], act, slope, Ahead<T>{});
       }
     }
   });
@@ -149,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
               "running_mean must be defined in evaluation mode");
   const BnLayout l = bn_layout(input);
   const int64_t C = l.C, M = l.N * l.S;
-  at::Tensor y = empty_output_like(l.x, l.format);
+  at::Tensor y = bn_output(l);
   at::Tensor mean_t = at::empty({C}, input.options().dtype(acc_dtype(input)));
   at::Tensor rstd_t = at::empty({C}, input.options().dtype(acc_dtype(input)));
 
@@ -179,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
         std::vector<double> unbiased(C), fresh_mean(C);
         for (int64_t c = 0; c < C; ++c) {
           fresh_mean[c] = mean[c];
-          unbiased[c] = double(m2[c]) / double(M - 1);
+          unbiased[c] = unbiased_var<double>(m2[c], double(M));
         }
         if (has(running_mean)) {
           at::Tensor rm = *running_mean;
@@ -199,20 +213,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     std::copy(rstd.begin(), rstd.end(), rstd_t.data_ptr<A>());
     if (M == 0 || written) return;
 
-    std::vector<A> alpha(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) fold_affine(mean[c], rstd[c], gamma[c], beta[c], &alpha[c], &shift[c]);
+    const std::vector<A> alpha = alphas(rstd, gamma);
     if (l.cols) {
-      parallel_chunks(M, num_chunks(M, std::max<int64_t>(1, kGrainElements / C)),
+      parallel_chunks(M, num_chunks(M, grain(C)),
                       [&](int64_t, int64_t b, int64_t e) {
-                        k.apply_cols(x + b * C, out + b * C, e - b, C, alpha.data(),
-                                     shift.data(), act, A(slope));
+                        k.apply_cols(x + b * C, out + b * C, e - b, C, mean.data(), alpha.data(),
+                                     beta.data(), act, A(slope));
                       });
     } else {
       const int64_t R = l.N * C, S = l.S;
-      std::vector<A> ra = per_row(alpha, l.N), rb = per_row(shift, l.N);
-      parallel_chunks(R, num_chunks(R, std::max<int64_t>(1, kGrainElements / S)),
+      std::vector<A> rm = per_row(mean, l.N), ra = per_row(alpha, l.N), rb = per_row(beta, l.N);
+      parallel_chunks(R, num_chunks(R, grain(S)),
                       [&](int64_t, int64_t b, int64_t e) {
-                        k.apply_rows(x + b * S, out + b * S, e - b, S, &ra[b], &rb[b], act,
+                        k.apply_rows(x + b * S, out + b * S, e - b, S, &rm[b], &ra[b], &rb[b], act,
                                      A(slope), Ahead<T>{});
                       });
     }
@@ -243,7 +256,7 @@ template <typename T, typename A>
 void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
                            const std::vector<A>& mean, const std::vector<A>& rstd,
                            const std::vector<A>& gamma, const std::vector<A>& alpha,
-                           const std::vector<A>& shift, int64_t act, A slope,
+                           const std::vector<A>& bias, int64_t act, A slope,
                            std::vector<A>& sum_dy, std::vector<A>& sum_dy_xmu) {
   const auto& k = table<T>();
   const int64_t C = l.C, S = l.S, N = l.N;
@@ -253,7 +266,7 @@ void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = (n * C + c) * S;
         A rs, rx;
-        k.grad_sums_rows(x + row, g + row, 1, S, &alpha[c], &shift[c], &mean[c], act, slope,
+        k.grad_sums_rows(x + row, g + row, 1, S, &mean[c], &alpha[c], &bias[c], act, slope,
                          &rs, &rx);
         s += rs;
         sx += rx;
@@ -261,11 +274,11 @@ void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
       sum_dy[c] = s;
       sum_dy_xmu[c] = sx;
       A cA, cB, cC;
-      training_coefficients<A>(mean[c], rstd[c], gamma[c], s, sx, A(N * S), &cA, &cB, &cC);
+      training_coefficients<A>(rstd[c], gamma[c], s, sx, A(N * S), &cA, &cB, &cC);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = (n * C + c) * S;
-        k.input_grad_rows(x + row, g + row, dx + row, 1, S, &alpha[c], &shift[c], &cA, &cB, &cC,
-                          act, slope, Ahead<T>{});
+        k.input_grad_rows(x + row, g + row, dx + row, 1, S, &mean[c], &alpha[c], &bias[c], &cA,
+                          &cB, &cC, act, slope, Ahead<T>{});
       }
     }
   });
@@ -280,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
   const BnLayout l = bn_layout(input);
   const int64_t C = l.C, M = l.N * l.S;
   const at::Tensor dy = like_layout(grad_out.to(input.scalar_type()), l);
-  at::Tensor dx = mask[0] ? empty_output_like(l.x, l.format) : at::empty({0}, input.options());
+  at::Tensor dx = mask[0] ? bn_output(l) : at::empty({0}, input.options());
   at::Tensor dweight, dbias;
 
   dispatch_storage(input.scalar_type(), [&](auto tag) {
@@ -293,14 +306,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     std::vector<A> rstd(rstd_c.data_ptr<A>(), rstd_c.data_ptr<A>() + C);
     std::vector<A> gamma = to_acc_vector<A>(weight, C, A(1));
     std::vector<A> beta = to_acc_vector<A>(bias, C, A(0));
-    std::vector<A> alpha(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) fold_affine(mean[c], rstd[c], gamma[c], beta[c], &alpha[c], &shift[c]);
+    const std::vector<A> alpha = alphas(rstd, gamma);
 
     const T* x = ptr<T>(l.x);
     const T* g = ptr<T>(dy);
     const int64_t R = l.N * C, S = l.S;
-    const int64_t col_chunks = num_chunks(M, std::max<int64_t>(1, kGrainElements / C));
-    const int64_t row_chunks = num_chunks(R, std::max<int64_t>(1, kGrainElements / S));
+    const int64_t col_chunks = num_chunks(M, grain(C));
+    const int64_t row_chunks = num_chunks(R, grain(S));
 
     // Pass 1: per-channel sum(dyhat) and sum(dyhat * (x - mean)).
     std::vector<A> sum_dy(C, A(0)), sum_dy_xmu(C, A(0));
@@ -308,14 +320,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     const bool one_pass = training && mask[0] && M > 0 && by_channel(l, 2, sizeof(T));
     T* d = mask[0] ? ptr<T>(dx) : nullptr;
     if (one_pass) {
-      input_grad_by_channel<T, A>(l, x, g, d, mean, rstd, gamma, alpha, shift, act, A(slope),
+      input_grad_by_channel<T, A>(l, x, g, d, mean, rstd, gamma, alpha, beta, act, A(slope),
                                   sum_dy, sum_dy_xmu);
     } else if (need_sums && M > 0) {
       if (l.cols) {
         std::vector<A> ps(col_chunks * C, A(0)), px(col_chunks * C, A(0));
         parallel_chunks(M, col_chunks, [&](int64_t ch, int64_t b, int64_t e) {
-          k.grad_sums_cols(x + b * C, g + b * C, e - b, C, alpha.data(), shift.data(),
-                           mean.data(), act, A(slope), &ps[ch * C], &px[ch * C]);
+          k.grad_sums_cols(x + b * C, g + b * C, e - b, C, mean.data(), alpha.data(),
+                           beta.data(), act, A(slope), &ps[ch * C], &px[ch * C]);
         });
         for (int64_t ch = 0; ch < col_chunks; ++ch)
           for (int64_t c = 0; c < C; ++c) {
@@ -323,10 +335,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
             sum_dy_xmu[c] += px[ch * C + c];
           }
       } else {
-        std::vector<A> ra = per_row(alpha, l.N), rb = per_row(shift, l.N), rm = per_row(mean, l.N);
+        std::vector<A> ra = per_row(alpha, l.N), rb = per_row(beta, l.N), rm = per_row(mean, l.N);
         std::vector<A> rs(R), rx(R);
         parallel_chunks(R, row_chunks, [&](int64_t, int64_t b, int64_t e) {
-          k.grad_sums_rows(x + b * S, g + b * S, e - b, S, &ra[b], &rb[b], &rm[b], act,
+          k.grad_sums_rows(x + b * S, g + b * S, e - b, S, &rm[b], &ra[b], &rb[b], act,
                            A(slope), &rs[b], &rx[b]);
         });
         for (int64_t n = 0; n < l.N; ++n)
@@ -349,8 +361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     std::vector<A> cA(C), cB(C), cC(C);
     for (int64_t c = 0; c < C; ++c) {
       if (training) {
-        training_coefficients<A>(mean[c], rstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], A(M), &cA[c],
-                                 &cB[c], &cC[c]);
+        training_coefficients<A>(rstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], A(M), &cA[c], &cB[c],
+                                 &cC[c]);
       } else {  // eval: the statistics are constants, dx = alpha * dyhat
         cA[c] = alpha[c];
         cB[c] = cC[c] = A(0);
@@ -358,14 +370,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     }
     if (l.cols) {
       parallel_chunks(M, col_chunks, [&](int64_t, int64_t b, int64_t e) {
-        k.input_grad_cols(x + b * C, g + b * C, d + b * C, e - b, C, alpha.data(), shift.data(),
-                          cA.data(), cB.data(), cC.data(), act, A(slope));
+        k.input_grad_cols(x + b * C, g + b * C, d + b * C, e - b, C, mean.data(), alpha.data(),
+                          beta.data(), cA.data(), cB.data(), cC.data(), act, A(slope));
       });
     } else {
-      std::vector<A> ra = per_row(alpha, l.N), rb = per_row(shift, l.N);
+      std::vector<A> rm = per_row(mean, l.N), ra = per_row(alpha, l.N), rb = per_row(beta, l.N);
       std::vector<A> rA = per_row(cA, l.N), rB = per_row(cB, l.N), rC = per_row(cC, l.N);
       parallel_chunks(R, row_chunks, [&](int64_t, int64_t b, int64_t e) {
-        k.input_grad_rows(x + b * S, g + b * S, d + b * S, e - b, S, &ra[b], &rb[b], &rA[b],
+        k.input_grad_rows(x + b * S, g + b * S, d + b * S, e - b, S, &rm[b], &ra[b], &rb[b], &rA[b],
                           &rB[b], &rC[b], act, A(slope), Ahead<T>{});
       });
     }

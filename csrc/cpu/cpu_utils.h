@@ -63,6 +63,12 @@ void parallel_chunks(int64_t n, int64_t chunks, F&& f) {
 // than it saves).
 constexpr int64_t kGrainElements = 32768;
 
+// Items of `item_len` elements each per parallel chunk: at least one, also for an empty
+// item (a zero-size dimension must not divide by zero).
+inline int64_t grain(int64_t item_len) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(item_len, 1));
+}
+
 // Rows per cache block: about 64 KiB of float input.
 inline int64_t block_rows(int64_t row_len) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
@@ -84,7 +90,7 @@ Ahead<T> next_block(const T* x, const T* dy, int64_t off, int64_t n, int64_t blo
 template <typename F>
 void for_row_blocks(int64_t rows, int64_t row_len, F&& f) {
   const int64_t blk = block_rows(row_len);
-  parallel_chunks(rows, num_chunks(rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(row_len, 1))),
+  parallel_chunks(rows, num_chunks(rows, grain(row_len)),
                   [&](int64_t, int64_t b, int64_t e) {
                     for (int64_t r = b; r < e; r += blk) f(r, std::min(e, r + blk));
                   });

@@ -7,9 +7,11 @@
 //         always reads and returns NCHW): sample n is an (S, C) matrix; per-channel
 //         column statistics merged over each group's channels, per sample.
 // Backward, in either layout: per-(n, c) sums of dyhat and dyhat*(x - mean), the group's
-// totals, then dx = A*dyhat + B*x + C with per-(n, c) coefficients.
+// totals, then dx = A*dyhat + B*(x - mean) + C with per-(n, c) coefficients.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "../common/checks.h"
 #include "../common/layout.h"
@@ -32,14 +34,14 @@ Moments<A> merge_channels(const A* cmean, const A* cm2, int64_t c0, int64_t cg, 
 // running variance needs it).
 template <typename T, typename A>
 void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>& gamma,
-                        const std::vector<A>& beta, A eps, int64_t act, A slope, A* mean,
+                        const std::vector<A>& bias, A eps, int64_t act, A slope, A* mean,
                         A* rstd, A* m2) {
   const auto& k = table<T>();
   const int64_t C = s.C, Cg = s.cg(), S = s.S, L = s.row_len(), G = s.G;
   if (s.channels_last) {
-    parallel_chunks(s.N, num_chunks(s.N, std::max<int64_t>(1, kGrainElements / (S * C))),
+    parallel_chunks(s.N, num_chunks(s.N, grain(S * C)),
                     [&](int64_t, int64_t b, int64_t e) {
-      std::vector<A> cmean(C), cm2(C), alpha(C), shift(C);
+      std::vector<A> cmean(C), cm2(C), alpha(C), gmean(C);
       for (int64_t n = b; n < e; ++n) {
         const T* xn = x + n * S * C;
         std::fill(cmean.begin(), cmean.end(), A(0));
@@ -51,34 +53,39 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
           mean[r] = st.mean;
           rstd[r] = rstd_from_m2<A>(st.m2, A(L), eps);
           if (m2) m2[r] = st.m2;
-          for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
-            fold_affine(mean[r], rstd[r], gamma[c], beta[c], &alpha[c], &shift[c]);
+          for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+            gmean[c] = mean[r];
+            alpha[c] = rstd[r] * gamma[c];
+          }
         }
-        k.apply_cols(xn, y + n * S * C, S, C, alpha.data(), shift.data(), act, slope);
+        k.apply_cols(xn, y + n * S * C, S, C, gmean.data(), alpha.data(), bias.data(), act, slope);
       }
     });
     return;
   }
   for_row_blocks(s.N * G, L, [&](int64_t b, int64_t e) {
     k.moments_rows(x + b * L, e - b, L, mean + b, rstd + b);
-    A alpha[64], shift[64];  // per-channel fold, in batches of 64 channels
+    A gmean[64], alpha[64];  // per channel, in batches of 64 channels
     for (int64_t r = b; r < e; ++r) {
       if (m2) m2[r] = rstd[r];
       rstd[r] = rstd_from_m2<A>(rstd[r], A(L), eps);
       const int64_t c0 = (r % G) * Cg;
       for (int64_t j0 = 0; j0 < Cg; j0 += 64) {
         const int64_t nj = std::min<int64_t>(64, Cg - j0);
-        for (int64_t j = 0; j < nj; ++j)
-          fold_affine(mean[r], rstd[r], gamma[c0 + j0 + j], beta[c0 + j0 + j], &alpha[j], &shift[j]);
+        for (int64_t j = 0; j < nj; ++j) {
+          gmean[j] = mean[r];
+          alpha[j] = rstd[r] * gamma[c0 + j0 + j];
+        }
         const int64_t off = r * L + j0 * S;
-        k.apply_rows(x + off, y + off, nj, S, alpha, shift, act, slope,
+        k.apply_rows(x + off, y + off, nj, S, gmean, alpha, &bias[c0 + j0], act, slope,
                      next_block<T>(x, nullptr, off, nj * S, (e - b) * L, s.N * G * L));
       }
     }
   });
 }
 
-// Backward coefficients of sample n, group g, from the per-(n, c) sums: dx = A*dyhat + B*x + C.
+// Backward coefficients of sample n, group g, from the per-(n, c) sums:
+// dx = A*dyhat + B*(x - mean) + C.
 template <typename A>
 void group_coefficients(const GnShape& s, int64_t r, const A* mean, const A* rstd,
                         const std::vector<A>& gamma, const A* sdy, const A* sdx, A* cA, A* cB,
@@ -86,30 +93,30 @@ void group_coefficients(const GnShape& s, int64_t r, const A* mean, const A* rst
   const int64_t Cg = s.cg(), c0 = (r % s.G) * Cg;
   A a = 0, bsum = 0;
   for (int64_t j = 0; j < Cg; ++j) {
-    a += gamma[c0 + j] * sdy[j];
+    a += (rstd[r] * gamma[c0 + j]) * sdy[j];
     bsum += gamma[c0 + j] * sdx[j] * rstd[r];
   }
   for (int64_t j = 0; j < Cg; ++j)
-    input_grad_coefficients<A>(mean[r], rstd[r], gamma[c0 + j], a, bsum, A(s.row_len()), &cA[j],
-                               &cB[j], &cC[j]);
+    input_grad_coefficients<A>(rstd[r], gamma[c0 + j], a, bsum, A(s.row_len()), &cA[j], &cB[j],
+                               &cC[j]);
 }
 
 // Backward. sdy/sdx: per-(n, c) sums of dyhat and dyhat*(x - mean), written here; dx if
 // non-null.
 template <typename T, typename A>
 void group_norm_backward(const GnShape& s, const T* x, const T* g, T* dx,
-                         const std::vector<A>& gamma, const std::vector<A>& beta, const A* mean,
+                         const std::vector<A>& gamma, const std::vector<A>& bias, const A* mean,
                          const A* rstd, int64_t act, A slope, A* sdy, A* sdx) {
   const auto& k = table<T>();
   const int64_t C = s.C, Cg = s.cg(), S = s.S, L = s.row_len(), G = s.G;
   if (s.channels_last) {
-    parallel_chunks(s.N, num_chunks(s.N, std::max<int64_t>(1, kGrainElements / (S * C))),
+    parallel_chunks(s.N, num_chunks(s.N, grain(S * C)),
                     [&](int64_t, int64_t b, int64_t e) {
-      std::vector<A> alpha(C), shift(C), cmean(C), cA(C), cB(C), cC(C);
+      std::vector<A> alpha(C), cmean(C), cA(C), cB(C), cC(C);
       for (int64_t n = b; n < e; ++n) {
         for (int64_t c = 0; c < C; ++c) {
           const int64_t r = n * G + c / Cg;
-          fold_affine(mean[r], rstd[r], gamma[c], beta[c], &alpha[c], &shift[c]);
+          alpha[c] = rstd[r] * gamma[c];
           cmean[c] = mean[r];
         }
         A* sdy_n = sdy + n * C;
@@ -117,37 +124,38 @@ void group_norm_backward(const GnShape& s, const T* x, const T* g, T* dx,
         std::fill(sdy_n, sdy_n + C, A(0));
         std::fill(sdx_n, sdx_n + C, A(0));
         const int64_t off = n * S * C;
-        k.grad_sums_cols(x + off, g + off, S, C, alpha.data(), shift.data(), cmean.data(), act,
+        k.grad_sums_cols(x + off, g + off, S, C, cmean.data(), alpha.data(), bias.data(), act,
                          slope, sdy_n, sdx_n);
         if (!dx) continue;
         for (int64_t gr = 0; gr < G; ++gr)
           group_coefficients(s, n * G + gr, mean, rstd, gamma, sdy_n + gr * Cg, sdx_n + gr * Cg,
                              &cA[gr * Cg], &cB[gr * Cg], &cC[gr * Cg]);
-        k.input_grad_cols(x + off, g + off, dx + off, S, C, alpha.data(), shift.data(),
-                          cA.data(), cB.data(), cC.data(), act, slope);
+        k.input_grad_cols(x + off, g + off, dx + off, S, C, cmean.data(), alpha.data(),
+                          bias.data(), cA.data(), cB.data(), cC.data(), act, slope);
       }
     });
     return;
   }
-  // NCHW: per (n, c) row of S elements; alpha/shift/row mean/coefficients per row.
+  // NCHW: per (n, c) row of S elements; row mean/alpha/bias/coefficients per row.
   const int64_t R = s.N * C;
-  std::vector<A> alpha(R), shift(R), rmean(R), cA(R), cB(R), cC(R);
+  std::vector<A> alpha(R), rbias(R), rmean(R), cA(R), cB(R), cC(R);
   for_row_blocks(s.N * G, L, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)
       for (int64_t j = 0; j < Cg; ++j) {
         const int64_t c = (r % G) * Cg + j, row = r * Cg + j;
-        fold_affine(mean[r], rstd[r], gamma[c], beta[c], &alpha[row], &shift[row]);
+        alpha[row] = rstd[r] * gamma[c];
+        rbias[row] = bias[c];
         rmean[row] = mean[r];
       }
     const int64_t rb = b * Cg, re = e * Cg;
-    k.grad_sums_rows(x + rb * S, g + rb * S, re - rb, S, &alpha[rb], &shift[rb], &rmean[rb], act,
+    k.grad_sums_rows(x + rb * S, g + rb * S, re - rb, S, &rmean[rb], &alpha[rb], &rbias[rb], act,
                      slope, &sdy[rb], &sdx[rb]);
     if (!dx) return;
     for (int64_t r = b; r < e; ++r)
       group_coefficients(s, r, mean, rstd, gamma, &sdy[r * Cg], &sdx[r * Cg], &cA[r * Cg],
                          &cB[r * Cg], &cC[r * Cg]);
-    k.input_grad_rows(x + rb * S, g + rb * S, dx + rb * S, re - rb, S, &alpha[rb], &shift[rb],
-                      &cA[rb], &cB[rb], &cC[rb], act, slope,
+    k.input_grad_rows(x + rb * S, g + rb * S, dx + rb * S, re - rb, S, &rmean[rb], &alpha[rb],
+                      &rbias[rb], &cA[rb], &cB[rb], &cC[rb], act, slope,
                       next_block<T>(x, g, b * L, (e - b) * L, (e - b) * L, s.N * G * L));
   });
 }
@@ -163,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_impl(
   at::Tensor y = empty_output_like(x, fmt);
   at::Tensor mean_t = at::empty({s.N, s.G}, x.options().dtype(acc_dtype(x)));
   at::Tensor rstd_t = at::empty({s.N, s.G}, x.options().dtype(acc_dtype(x)));
-  if (x.numel() == 0) return {y, mean_t, rstd_t};
+  if (x.numel() == 0) return {y, mean_t.zero_(), rstd_t.zero_()};  // no statistics to take
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -183,6 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cpu(
     const c10::optional<at::Tensor>& bias, double eps, int64_t act, double slope) {
   check_input_dtype(input, "group_norm");
   const GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
+  check_group_norm_sizes(s);
   return group_norm_impl(input, s, weight, bias, eps, act, slope, /*allow_channels_last=*/true,
                          nullptr);
 }
@@ -199,7 +208,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_fwd_cpu(
   // torch.nn.InstanceNorm returns a contiguous output whatever the input's layout.
   auto out = group_norm_impl(input, s, weight, bias, eps, act, slope,
                              /*allow_channels_last=*/false, update ? &m2 : nullptr);
-  if (update && s.N > 0 && s.S > 0) {
+  if (update && s.N == 0) {
+    // torch sets them to the average over no instances: NaN.
+    for (const auto* r : {&running_mean, &running_var})
+      if (has(*r)) (*r)->fill_(std::numeric_limits<double>::quiet_NaN());
+  } else if (update && s.S > 0) {  // (no spatial elements: no statistics, untouched)
     // Running statistics follow the batch average of the per-instance statistics, the
     // variance unbiased per instance (what torch's instance_norm does).
     const at::Tensor mean = std::get<1>(out).to(at::kDouble).contiguous();
@@ -208,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_fwd_cpu(
     for (int64_t n = 0; n < s.N; ++n)
       for (int64_t c = 0; c < C; ++c) {
         fresh_mean[c] += mp[n * C + c] / double(s.N);
-        fresh_var[c] += m2[n * C + c] / double(s.S - 1) / double(s.N);
+        fresh_var[c] += unbiased_var<double>(m2[n * C + c], double(s.S)) / double(s.N);
       }
     if (has(running_mean)) {
       at::Tensor rm = *running_mean;

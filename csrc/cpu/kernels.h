@@ -46,31 +46,32 @@ struct Ahead {
 
 // Layouts: "rows" = R contiguous rows of length S (NCHW channels, LN rows, GN groups);
 // "cols" = a (rows, C) matrix whose per-column statistics we need (channels_last BN).
-// alpha/beta: the folded affine (y = act(x*alpha + beta)); A/B/C: dx = A*dyhat + B*x + C;
-// sum_dy = sum(dyhat), sum_dy_xmu = sum(dyhat * (x - mean)), dyhat = dy * act'(x*alpha+beta).
+// mean/alpha/bias per row or column: the pre-activation z = (x - mean)*alpha + bias
+// (norm_math.h's pre_activation, alpha = rstd*gamma); dx = A*dyhat + B*(x - mean) + C;
+// sum_dy = sum(dyhat), sum_dy_xmu = sum(dyhat * (x - mean)), dyhat = dy * act'(z).
 template <typename T, typename A>
 struct KernelTable {
   // mean[r], m2[r] of each row.
   void (*moments_rows)(const T* x, int64_t rows, int64_t S, A* mean, A* m2);
   // Merge `rows` more rows into per-column (mean, m2) that already hold `count` rows.
   void (*moments_cols)(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2);
-  void (*apply_rows)(const T* x, T* y, int64_t rows, int64_t S, const A* alpha, const A* beta,
-                     int64_t act, A slope, Ahead<T> ahead);
-  void (*apply_cols)(const T* x, T* y, int64_t rows, int64_t C, const A* alpha, const A* beta,
-                     int64_t act, A slope);
+  void (*apply_rows)(const T* x, T* y, int64_t rows, int64_t S, const A* mean, const A* alpha,
+                     const A* bias, int64_t act, A slope, Ahead<T> ahead);
+  void (*apply_cols)(const T* x, T* y, int64_t rows, int64_t C, const A* mean, const A* alpha,
+                     const A* bias, int64_t act, A slope);
   // Per-row sums (written), per-column sums (accumulated).
-  void (*grad_sums_rows)(const T* x, const T* dy, int64_t rows, int64_t S, const A* alpha,
-                         const A* beta, const A* mean, int64_t act, A slope, A* sum_dy,
+  void (*grad_sums_rows)(const T* x, const T* dy, int64_t rows, int64_t S, const A* mean,
+                         const A* alpha, const A* bias, int64_t act, A slope, A* sum_dy,
                          A* sum_dy_xmu);
-  void (*grad_sums_cols)(const T* x, const T* dy, int64_t rows, int64_t C, const A* alpha,
-                         const A* beta, const A* mean, int64_t act, A slope, A* sum_dy,
+  void (*grad_sums_cols)(const T* x, const T* dy, int64_t rows, int64_t C, const A* mean,
+                         const A* alpha, const A* bias, int64_t act, A slope, A* sum_dy,
                          A* sum_dy_xmu);
   void (*input_grad_rows)(const T* x, const T* dy, T* dx, int64_t rows, int64_t S,
-                          const A* alpha, const A* beta, const A* cA, const A* cB, const A* cC,
-                          int64_t act, A slope, Ahead<T> ahead);
+                          const A* mean, const A* alpha, const A* bias, const A* cA,
+                          const A* cB, const A* cC, int64_t act, A slope, Ahead<T> ahead);
   void (*input_grad_cols)(const T* x, const T* dy, T* dx, int64_t rows, int64_t C,
-                          const A* alpha, const A* beta, const A* cA, const A* cB, const A* cC,
-                          int64_t act, A slope);
+                          const A* mean, const A* alpha, const A* bias, const A* cA,
+                          const A* cB, const A* cC, int64_t act, A slope);
   // LayerNorm: per-element gamma/beta (length L), statistics per row.
   void (*layer_norm_apply)(const T* x, T* y, int64_t rows, int64_t L, const A* mean,
                            const A* rstd, const A* gamma, const A* beta, int64_t act, A slope,

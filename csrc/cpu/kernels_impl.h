@@ -231,8 +231,7 @@ inline void column_block_moments(const T* xb, int64_t b, int64_t C, int64_t c0, 
 template <typename T, typename A>
 void moments_cols(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2) {
   constexpr int64_t W = kColBlock<A>;
-  int64_t block = kChunk / C;
-  if (block < 1) block = 1;
+  const int64_t block = C < kChunk ? kChunk / (C > 0 ? C : 1) : 1;
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
     const int64_t b = rows - r0 < block ? rows - r0 : block;
     const T* xb = x + r0 * C;
@@ -245,22 +244,23 @@ void moments_cols(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2) 
 }
 
 template <typename T, typename A>
-void apply_rows(const T* x, T* y, int64_t rows, int64_t S, const A* alpha, const A* beta,
-                int64_t act, A slope, Ahead<T> ahead) {
+void apply_rows(const T* x, T* y, int64_t rows, int64_t S, const A* mean, const A* alpha,
+                const A* bias, int64_t act, A slope, Ahead<T> ahead) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
-      const A a = alpha[r], b = beta[r];
+      const A m = mean[r], a = alpha[r], b = bias[r];
       const T* xr = x + r * S;
-      store_all(y + r * S, S, ahead,
-                [&](int64_t i) { return activate<A>(A(load(xr[i])) * a + b, ACT, slope); });
+      store_all(y + r * S, S, ahead, [&](int64_t i) {
+        return activate<A>(pre_activation<A>(A(load(xr[i])), m, a, b), ACT, slope);
+      });
     }
   });
 }
 
 template <typename T, typename A>
-void apply_cols(const T* x, T* y, int64_t rows, int64_t C, const A* alpha, const A* beta,
-                int64_t act, A slope) {
+void apply_cols(const T* x, T* y, int64_t rows, int64_t C, const A* mean, const A* alpha,
+                const A* bias, int64_t act, A slope) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
@@ -268,19 +268,20 @@ void apply_cols(const T* x, T* y, int64_t rows, int64_t C, const A* alpha, const
       T* yr = y + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c)
-        store(yr + c, activate<A>(A(load(xr[c])) * alpha[c] + beta[c], ACT, slope));
+        store(yr + c, activate<A>(pre_activation<A>(A(load(xr[c])), mean[c], alpha[c], bias[c]), ACT,
+                                  slope));
     }
   });
 }
 
 template <typename T, typename A>
-void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* alpha,
-                    const A* beta, const A* mean, int64_t act, A slope, A* sum_dy,
+void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* mean,
+                    const A* alpha, const A* bias, int64_t act, A slope, A* sum_dy,
                     A* sum_dy_xmu) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
-      const A a = ACT == kNone ? A(0) : alpha[r], b = ACT == kNone ? A(0) : beta[r];
+      const A a = ACT == kNone ? A(0) : alpha[r], b = ACT == kNone ? A(0) : bias[r];
       const A m = mean[r];
       const T* xr = x + r * S;
       const T* gr = dy + r * S;
@@ -288,7 +289,7 @@ void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* a
       lane_sums<2, A>(S, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) {
         const A xv = A(load(xr[i]));
         A g = A(load(gr[i]));
-        if (ACT != kNone) g = activation_backward<A>(g, xv * a + b, ACT, slope);
+        if (ACT != kNone) g = activation_backward<A>(g, pre_activation<A>(xv, m, a, b), ACT, slope);
         l[0][j] += g;
         l[1][j] += g * (xv - m);
       }, sums);
@@ -304,14 +305,14 @@ void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* a
 // in order.
 template <int64_t W, int64_t ACT, typename T, typename A>
 inline void column_block_grad_sums(const T* x, const T* dy, int64_t r0, int64_t r1, int64_t C,
-                                   int64_t c0, int64_t w, const A* alpha, const A* beta,
-                                   const A* mean, A slope, A* sum_dy, A* sum_dy_xmu) {
+                                   int64_t c0, int64_t w, const A* mean, const A* alpha,
+                                   const A* bias, A slope, A* sum_dy, A* sum_dy_xmu) {
   A s1[W], s2[W], a[W], b[W], m[W];
   for (int64_t j = 0; j < w; ++j) {
     s1[j] = sum_dy[c0 + j];
     s2[j] = sum_dy_xmu[c0 + j];
     a[j] = alpha[c0 + j];
-    b[j] = beta[c0 + j];
+    b[j] = bias[c0 + j];
     m[j] = mean[c0 + j];
   }
   for (int64_t r = r0; r < r1; ++r) {
@@ -321,7 +322,7 @@ inline void column_block_grad_sums(const T* x, const T* dy, int64_t r0, int64_t 
     for (int64_t j = 0; j < w; ++j) {
       const A xv = A(load(xr[j]));
       A g = A(load(gr[j]));
-      if (ACT != kNone) g = activation_backward<A>(g, xv * a[j] + b[j], ACT, slope);
+      if (ACT != kNone) g = activation_backward<A>(g, pre_activation<A>(xv, m[j], a[j], b[j]), ACT, slope);
       s1[j] += g;
       s2[j] += g * (xv - m[j]);
     }
@@ -335,51 +336,52 @@ inline void column_block_grad_sums(const T* x, const T* dy, int64_t r0, int64_t 
 // Per-column gradient sums over a (rows, C) matrix, in L1-sized blocks of rows (x and dy of
 // a block stay cached while each block of columns passes over it).
 template <typename T, typename A>
-void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* alpha,
-                    const A* beta, const A* mean, int64_t act, A slope, A* sum_dy,
+void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* mean,
+                    const A* alpha, const A* bias, int64_t act, A slope, A* sum_dy,
                     A* sum_dy_xmu) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     constexpr int64_t W = kColBlock<A>;
-    const int64_t block = 1 + 16384 / (2 * C * int64_t(sizeof(T)));
+    const int64_t block = 1 + 16384 / (2 * (C > 0 ? C : 1) * int64_t(sizeof(T)));
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       const int64_t r1 = rows - r0 < block ? rows : r0 + block;
       int64_t c0 = 0;
       for (; c0 + W <= C; c0 += W)
-        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, W, alpha, beta, mean, slope, sum_dy,
+        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, W, mean, alpha, bias, slope, sum_dy,
                                        sum_dy_xmu);
       if (c0 < C)  // the last C % W columns
-        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, C - c0, alpha, beta, mean, slope,
+        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, C - c0, mean, alpha, bias, slope,
                                        sum_dy, sum_dy_xmu);
     }
   });
 }
 
 template <typename T, typename A>
-void input_grad_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t S, const A* alpha,
-                     const A* beta, const A* cA, const A* cB, const A* cC, int64_t act,
-                     A slope, Ahead<T> ahead) {
+void input_grad_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t S, const A* mean,
+                     const A* alpha, const A* bias, const A* cA, const A* cB, const A* cC,
+                     int64_t act, A slope, Ahead<T> ahead) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
-      const A a = ACT == kNone ? A(0) : alpha[r], b = ACT == kNone ? A(0) : beta[r];
+      const A m = mean[r];
+      const A a = ACT == kNone ? A(0) : alpha[r], b = ACT == kNone ? A(0) : bias[r];
       const A ka = cA[r], kb = cB[r], kc = cC[r];
       const T* xr = x + r * S;
       const T* gr = dy + r * S;
       store_all(dx + r * S, S, ahead, [&](int64_t i) {
         const A xv = A(load(xr[i]));
         A g = A(load(gr[i]));
-        if (ACT != kNone) g = activation_backward<A>(g, xv * a + b, ACT, slope);
-        return ka * g + kb * xv + kc;
+        if (ACT != kNone) g = activation_backward<A>(g, pre_activation<A>(xv, m, a, b), ACT, slope);
+        return ka * g + kb * (xv - m) + kc;
       });
     }
   });
 }
 
 template <typename T, typename A>
-void input_grad_cols(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, const A* alpha,
-                     const A* beta, const A* cA, const A* cB, const A* cC, int64_t act,
-                     A slope) {
+void input_grad_cols(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, const A* mean,
+                     const A* alpha, const A* bias, const A* cA, const A* cB, const A* cC,
+                     int64_t act, A slope) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
@@ -390,8 +392,9 @@ void input_grad_cols(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, co
       for (int64_t c = 0; c < C; ++c) {
         const A xv = A(load(xr[c]));
         A g = A(load(gr[c]));
-        if (ACT != kNone) g = activation_backward<A>(g, xv * alpha[c] + beta[c], ACT, slope);
-        store(dr + c, cA[c] * g + cB[c] * xv + cC[c]);
+        if (ACT != kNone)
+          g = activation_backward<A>(g, pre_activation<A>(xv, mean[c], alpha[c], bias[c]), ACT, slope);
+        store(dr + c, cA[c] * g + cB[c] * (xv - mean[c]) + cC[c]);
       }
     }
   });
@@ -406,7 +409,7 @@ void layer_norm_apply(const T* x, T* y, int64_t rows, int64_t L, const A* mean, 
       const A m = mean[r], rs = rstd[r];
       const T* xr = x + r * L;
       store_all(y + r * L, L, ahead, [&](int64_t i) {
-        return activate<A>((A(load(xr[i])) - m) * rs * gamma[i] + beta[i], ACT, slope);
+        return activate<A>(pre_activation<A>(A(load(xr[i])), m, rs * gamma[i], beta[i]), ACT, slope);
       });
     }
   });
@@ -426,9 +429,11 @@ void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L
       // Pass 1 (row in cache afterwards): parameter-gradient partials and the row's sums.
       A sums[2];
       lane_sums<2, A>(L, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) {
-        const A xh = (A(load(xr[i])) - m) * rs;
+        const A xv = A(load(xr[i]));
+        const A xh = (xv - m) * rs;
         A g = A(load(gr[i]));
-        if (ACT != kNone) g = activation_backward<A>(g, xh * gamma[i] + beta[i], ACT, slope);
+        if (ACT != kNone)
+          g = activation_backward<A>(g, pre_activation<A>(xv, m, rs * gamma[i], beta[i]), ACT, slope);
         dgamma[i] += g * xh;
         dbeta[i] += g;
         const A gg = g * gamma[i];
@@ -442,9 +447,11 @@ void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L
       const A ms = s * inv_l, msx = sx * inv_l;
 #pragma omp simd
       for (int64_t i = 0; i < L; ++i) {
-        const A xh = (A(load(xr[i])) - m) * rs;
+        const A xv = A(load(xr[i]));
+        const A xh = (xv - m) * rs;
         A g = A(load(gr[i]));
-        if (ACT != kNone) g = activation_backward<A>(g, xh * gamma[i] + beta[i], ACT, slope);
+        if (ACT != kNone)
+          g = activation_backward<A>(g, pre_activation<A>(xv, m, rs * gamma[i], beta[i]), ACT, slope);
         store(dr + i, rs * (g * gamma[i] - ms - xh * msx));
       }
     }

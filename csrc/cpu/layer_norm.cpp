@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     std::vector<A> beta = to_acc_vector<A>(bias, L, A(0));
     const at::Tensor mean_c = mean_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
     const at::Tensor rstd_c = rstd_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
-    const int64_t chunks = num_chunks(R, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(L, 1)));
+    const int64_t chunks = num_chunks(R, grain(L));
     // One dgamma/dbeta partial per chunk, summed in chunk order.
     std::vector<A> pg(std::max<int64_t>(chunks, 1) * L, A(0)), pb(std::max<int64_t>(chunks, 1) * L, A(0));
     const T* xp = ptr<T>(x);

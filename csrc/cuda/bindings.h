@@ -110,14 +110,15 @@ inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<a
     at::Tensor m2;
     std::tie(mean, m2, rstd) = channel_moments(l, eps);
     update_running(running_mean, mean, momentum);
-    update_running(running_var, m2 / double(M - 1), momentum);
+    // Unbiased, NaN for a single value (norm_math.h's unbiased_var, as torch).
+    update_running(running_var, M > 1 ? m2 / double(M - 1) : at::full_like(m2, NAN), momentum);
   }
   if (M > 0) {
-    const at::Tensor alpha = rstd * gamma, shift = beta - mean * alpha;
+    const at::Tensor alpha = rstd * gamma;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_apply", [&] {
       using A = typename Acc<scalar_t>::type;
       apply<scalar_t>(l.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), l.x.numel(), C, l.S, l.cols,
-                      aptr<A>(alpha), aptr<A>(shift), act, A(slope), FN_STREAM());
+                      aptr<A>(mean), aptr<A>(alpha), aptr<A>(beta), act, A(slope), FN_STREAM());
     });
   }
   return {y, mean, rstd};
@@ -151,10 +152,10 @@ inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
       run_channel_reduce<scalar>(plan_channels(l.cols, l.N, C, l.S), op, l.x, &dy);
     }
     if (mask[0] && M > 0) {
-      const at::Tensor alpha = rstd * gamma, shift = beta - mean * alpha;
+      const at::Tensor alpha = rstd * gamma;
       if (!training) cA.copy_(alpha);  // eval: dx = alpha * dyhat
       input_grad<scalar>(l.x.data_ptr<scalar>(), dy.data_ptr<scalar>(), dx.data_ptr<scalar>(),
-                         l.x.numel(), C, l.S, l.cols, aptr<A>(alpha), aptr<A>(shift), aptr<A>(cA),
+                         l.x.numel(), C, l.S, l.cols, aptr<A>(mean), aptr<A>(alpha), aptr<A>(beta), aptr<A>(cA),
                          aptr<A>(cB), aptr<A>(cC), act, A(slope), FN_STREAM());
     }
   });
@@ -256,8 +257,8 @@ inline TensorList3 groups_forward(const at::Tensor& input, const GnShape& s,
                                   double slope, bool keep_channels_last, at::Tensor* m2) {
   const at::Tensor x = input.contiguous();
   const auto acc = x.options().dtype(acc_dtype(x));
-  at::Tensor y = at::empty_like(x), mean = at::empty({s.N, s.G}, acc), rstd = at::empty({s.N, s.G}, acc);
-  if (m2) *m2 = at::empty({s.N, s.G}, acc);
+  at::Tensor y = at::empty_like(x), mean = at::zeros({s.N, s.G}, acc), rstd = at::zeros({s.N, s.G}, acc);
+  if (m2) *m2 = at::zeros({s.N, s.G}, acc);
   if (x.numel() > 0)
     rows_forward(x, y, RowShape{s.N * s.G, s.cg() * s.S, s.G, s.cg(), s.S}, acc_param(weight, s.C, 1.0, x),
                  acc_param(bias, s.C, 0.0, x), eps, act, slope, mean, rstd, m2);
@@ -271,6 +272,7 @@ inline TensorList3 group_norm_fwd(const at::Tensor& input, int64_t G,
                                   double slope) {
   check_input_dtype(input, "group_norm");
   const GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
+  check_group_norm_sizes(s);
   FN_DEVICE_GUARD(input);
   return groups_forward(input, s, weight, bias, eps, act, slope, true, nullptr);
 }
@@ -284,10 +286,15 @@ inline TensorList3 instance_norm_fwd(const at::Tensor& input, const c10::optiona
   FN_DEVICE_GUARD(input);
   at::Tensor m2;
   auto out = groups_forward(input, s, weight, bias, eps, act, slope, false, &m2);
-  if ((has(running_mean) || has(running_var)) && s.N > 0 && s.S > 0) {
-    // Batch average of the per-instance statistics, variance unbiased per instance.
+  const bool update = has(running_mean) || has(running_var);
+  if (update && s.N == 0) {  // torch's average over no instances: NaN
+    for (const auto* r : {&running_mean, &running_var})
+      if (has(*r)) (*r)->fill_(NAN);
+  } else if (update && s.S > 0) {  // (no spatial elements: no statistics, untouched)
+    // Batch average of the per-instance statistics, variance unbiased per instance (NaN
+    // for one element, norm_math.h's unbiased_var).
     update_running(running_mean, std::get<1>(out).mean(0), momentum);
-    update_running(running_var, (m2 / double(s.S - 1)).mean(0), momentum);
+    update_running(running_var, s.S > 1 ? (m2 / double(s.S - 1)).mean(0) : at::full({s.C}, NAN, m2.options()), momentum);
   }
   return out;
 }

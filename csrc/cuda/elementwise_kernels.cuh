@@ -1,6 +1,7 @@
-// BatchNorm's elementwise passes, per channel:
-//   apply:      y  = act(x*alpha[c] + beta[c])
-//   input_grad: dx = cA[c]*dyhat + cB[c]*x + cC[c],  dyhat = dy * act'(x*alpha[c] + beta[c])
+// BatchNorm's elementwise passes, per channel, with z = (x - mean[c])*alpha[c] + beta[c]
+// (norm_math.h's pre_activation, alpha = rstd*gamma):
+//   apply:      y  = act(z)
+//   input_grad: dx = cA[c]*dyhat + cB[c]*(x - mean[c]) + cC[c],  dyhat = dy * act'(z)
 // Channel of element i: (i / S) % C in NCHW, i % C in NHWC (S = 1). Grid-stride loops with
 // 64-bit indices; VEC moves 16 bytes per access (the launcher checks the alignment and that
 // a pack never straddles two channels in NCHW).
@@ -12,7 +13,8 @@ namespace cuda {
 
 template <typename T, bool VEC>
 __global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t numel, int64_t C,
-                             int64_t S, const typename Acc<T>::type* __restrict__ alpha,
+                             int64_t S, const typename Acc<T>::type* __restrict__ mean,
+                             const typename Acc<T>::type* __restrict__ alpha,
                              const typename Acc<T>::type* __restrict__ beta, int64_t act,
                              typename Acc<T>::type slope) {
   using A = typename Acc<T>::type;
@@ -23,7 +25,7 @@ __global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t
     Pack<T, P> in = reinterpret_cast<const Pack<T, P>*>(x)[p], out;
     for (int k = 0; k < P; ++k) {
       const int64_t c = ((p * P + k) / S) % C;
-      out.v[k] = from_acc<T>(activate<A>(to_acc(in.v[k]) * alpha[c] + beta[c], act, slope));
+      out.v[k] = from_acc<T>(activate<A>(pre_activation<A>(to_acc(in.v[k]), mean[c], alpha[c], beta[c]), act, slope));
     }
     reinterpret_cast<Pack<T, P>*>(y)[p] = out;
   }
@@ -32,6 +34,7 @@ __global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t
 template <typename T, bool VEC>
 __global__ void input_grad_kernel(const T* __restrict__ x, const T* __restrict__ dy,
                                   T* __restrict__ dx, int64_t numel, int64_t C, int64_t S,
+                                  const typename Acc<T>::type* __restrict__ mean,
                                   const typename Acc<T>::type* __restrict__ alpha,
                                   const typename Acc<T>::type* __restrict__ beta,
                                   const typename Acc<T>::type* __restrict__ cA,
@@ -48,8 +51,8 @@ __global__ void input_grad_kernel(const T* __restrict__ x, const T* __restrict__
     for (int k = 0; k < P; ++k) {
       const int64_t c = ((p * P + k) / S) % C;
       const A xv = to_acc(xin.v[k]);
-      const A g = activation_backward<A>(to_acc(gin.v[k]), xv * alpha[c] + beta[c], act, slope);
-      out.v[k] = from_acc<T>(cA[c] * g + cB[c] * xv + cC[c]);
+      const A g = activation_backward<A>(to_acc(gin.v[k]), pre_activation<A>(xv, mean[c], alpha[c], beta[c]), act, slope);
+      out.v[k] = from_acc<T>(cA[c] * g + cB[c] * (xv - mean[c]) + cC[c]);
     }
     reinterpret_cast<Pack<T, P>*>(dx)[p] = out;
   }

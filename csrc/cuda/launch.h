@@ -51,7 +51,7 @@ void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type>
                  typename Acc<T>::type eps, typename Acc<T>::type* mean,
                  typename Acc<T>::type* rstd, typename Acc<T>::type* m2, fn_stream_t stream) {
   using A = typename Acc<T>::type;
-  if (sh.R == 0) return;
+  if (sh.R == 0 || sh.L == 0) return;  // nothing to normalise
   const Limits& lim = limits();
   const RowTier tier = row_tier<A>(sh.L, false);
   if (tier == RowTier::Warp4 || tier == RowTier::Warp16) {
@@ -76,7 +76,7 @@ void row_backward(const T* x, const T* dy, T* dx, RowShape sh, RowParams<typenam
                   const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd,
                   fn_stream_t stream) {
   using A = typename Acc<T>::type;
-  if (sh.R == 0) return;
+  if (sh.R == 0 || sh.L == 0) return;  // nothing to normalise
   const Limits& lim = limits();
   const RowTier tier = row_tier<A>(sh.L, true);
   if (tier == RowTier::Warp4 || tier == RowTier::Warp16) {
@@ -150,22 +150,22 @@ inline dim3 elementwise_grid(int64_t work) {
 
 template <typename T>
 void apply(const T* x, T* y, int64_t numel, int64_t C, int64_t S, bool nhwc,
-           const typename Acc<T>::type* alpha, const typename Acc<T>::type* beta, int64_t act,
+           const typename Acc<T>::type* mean, const typename Acc<T>::type* alpha, const typename Acc<T>::type* beta, int64_t act,
            typename Acc<T>::type slope, fn_stream_t stream) {
   if (numel == 0) return;
   const int64_t s = nhwc ? 1 : S;
   if (can_vectorize<T>(numel, s, nhwc, {x, y}))
     FN_LAUNCH((apply_kernel<T, true>), elementwise_grid(numel / pack_size<T>()), dim3(limits().threads), 0, stream,
-              x, y, numel, C, s, alpha, beta, act, slope);
+              x, y, numel, C, s, mean, alpha, beta, act, slope);
   else
     FN_LAUNCH((apply_kernel<T, false>), elementwise_grid(numel), dim3(limits().threads), 0, stream,
-              x, y, numel, C, s, alpha, beta, act, slope);
+              x, y, numel, C, s, mean, alpha, beta, act, slope);
   FN_LAUNCH_CHECK();
 }
 
 template <typename T>
 void input_grad(const T* x, const T* dy, T* dx, int64_t numel, int64_t C, int64_t S, bool nhwc,
-                const typename Acc<T>::type* alpha, const typename Acc<T>::type* beta,
+                const typename Acc<T>::type* mean, const typename Acc<T>::type* alpha, const typename Acc<T>::type* beta,
                 const typename Acc<T>::type* cA, const typename Acc<T>::type* cB,
                 const typename Acc<T>::type* cC, int64_t act, typename Acc<T>::type slope,
                 fn_stream_t stream) {
@@ -173,10 +173,10 @@ void input_grad(const T* x, const T* dy, T* dx, int64_t numel, int64_t C, int64_
   const int64_t s = nhwc ? 1 : S;
   if (can_vectorize<T>(numel, s, nhwc, {x, dy, dx}))
     FN_LAUNCH((input_grad_kernel<T, true>), elementwise_grid(numel / pack_size<T>()), dim3(limits().threads), 0,
-              stream, x, dy, dx, numel, C, s, alpha, beta, cA, cB, cC, act, slope);
+              stream, x, dy, dx, numel, C, s, mean, alpha, beta, cA, cB, cC, act, slope);
   else
     FN_LAUNCH((input_grad_kernel<T, false>), elementwise_grid(numel), dim3(limits().threads), 0, stream,
-              x, dy, dx, numel, C, s, alpha, beta, cA, cB, cC, act, slope);
+              x, dy, dx, numel, C, s, mean, alpha, beta, cA, cB, cC, act, slope);
   FN_LAUNCH_CHECK();
 }
 

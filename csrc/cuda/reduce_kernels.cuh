@@ -54,7 +54,8 @@ struct MomentsOp {
 };
 
 // Gradient sums per channel: sum(dyhat) and sum(dyhat * xhat), dyhat = dy * act'(z),
-// z = xhat*gamma + beta, xhat = (x - mean)*rstd with the statistics of element
+// z = (x - mean)*(rstd*gamma) + beta (the forward's pre_activation), xhat = (x - mean)*rstd,
+// with the statistics of element
 // (outer, c) at index outer*stat_outer + c/stat_div (BatchNorm: c; LayerNorm: the row;
 // GroupNorm: the sample's group).
 template <typename A>
@@ -69,7 +70,7 @@ struct GradSumsOp {
   A slope;
   A* dgamma;          // [C] out (nullable)
   A* dbeta;           // [C] out (nullable)
-  // BatchNorm's input-gradient coefficients (nullable): dx = cA*dyhat + cB*x + cC.
+  // BatchNorm's input-gradient coefficients (nullable): dx = cA*dyhat + cB*(x - mean) + cC.
   A* cA;
   A* cB;
   A* cC;
@@ -80,7 +81,7 @@ struct GradSumsOp {
   __device__ __forceinline__ void add(State& s, A x, A dy, int64_t outer, int64_t c) const {
     const int64_t k = outer * stat_outer + c / stat_div;
     const A xhat = (x - mean[k]) * rstd[k];
-    const A g = activation_backward<A>(dy, xhat * gamma[c] + beta[c], act, slope);
+    const A g = activation_backward<A>(dy, pre_activation<A>(x, mean[k], rstd[k] * gamma[c], beta[c]), act, slope);
     s.v[0] += g;
     s.v[1] += g * xhat;
   }
@@ -93,7 +94,7 @@ struct GradSumsOp {
     if (cA) {
       const A r = rstd[c], g = gamma[c];
       if (training) {
-        input_grad_coefficients<A>(mean[c], r, g, g * s.v[0], g * s.v[1], count, &cA[c], &cB[c], &cC[c]);
+        input_grad_coefficients<A>(r, g, (r * g) * s.v[0], g * s.v[1], count, &cA[c], &cB[c], &cC[c]);
       } else {
         cA[c] = r * g;
         cB[c] = cC[c] = A(0);

@@ -5,9 +5,9 @@
 //   warp:  one warp per row, the row in registers (L <= 32*COLS);
 //   block: one block per row, the row cached in shared memory (CACHE=true);
 //   long:  one block per row reading global memory twice (CACHE=false).
-// Forward: statistics then y = act(xhat*gamma + beta). Backward (dx only; parameter
-// gradients come from reduce_kernels.cuh): dx = rstd*(g - mean(g) - xhat*mean(g*xhat)),
-// g = dy*act'(z)*gamma.
+// Forward: statistics then y = act(z), z = (x - mean)*(rstd*gamma) + beta (norm_math.h's
+// pre_activation). Backward (dx only; parameter gradients come from reduce_kernels.cuh):
+// dx = rstd*(g - mean(g) - xhat*mean(g*xhat)), g = dy*act'(z)*gamma.
 #pragma once
 #include "device.h"
 
@@ -26,6 +26,12 @@ struct RowParams {
   int64_t act;
   A slope;
 };
+
+// z of element i (parameter index p) of a row with statistics (mean, rstd).
+template <typename A>
+__device__ __forceinline__ A row_pre_activation(A v, A mean, A rstd, int64_t p, const RowParams<A>& pr) {
+  return pre_activation<A>(v, mean, rstd * pr.gamma[p], pr.beta[p]);
+}
 
 template <typename A>
 __device__ __forceinline__ void welford_add(Moments<A>& m, A v) {
@@ -59,7 +65,7 @@ __global__ void row_fwd_warp(const T* __restrict__ x, T* __restrict__ y, RowShap
     const int64_t i = lane + int64_t(k) * kWarp;
     if (i < sh.L) {
       const int64_t p = sh.param(r, i);
-      y[r * sh.L + i] = from_acc<T>(activate<A>((v[k] - m.mean) * rstd * pr.gamma[p] + pr.beta[p], pr.act, pr.slope));
+      y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v[k], m.mean, rstd, p, pr), pr.act, pr.slope));
     }
   }
   if (lane == 0) {
@@ -90,7 +96,7 @@ __global__ void row_fwd_block(const T* __restrict__ x, T* __restrict__ y, RowSha
     for (int64_t i = tid; i < sh.L; i += nt) {
       const A v = CACHE ? cache[i] : to_acc(xr[i]);
       const int64_t p = sh.param(r, i);
-      y[r * sh.L + i] = from_acc<T>(activate<A>((v - m.mean) * rstd * pr.gamma[p] + pr.beta[p], pr.act, pr.slope));
+      y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v, m.mean, rstd, p, pr), pr.act, pr.slope));
     }
     if (tid == 0) {
       mean_out[r] = m.mean;
@@ -102,10 +108,10 @@ __global__ void row_fwd_block(const T* __restrict__ x, T* __restrict__ y, RowSha
 }
 
 // ---- backward (dx) ------------------------------------------------------------------------
-// g = (dy through act at xhat*gamma + beta) * gamma for element i of row r.
+// g = (dy through act at the forward's z) * gamma for element v (parameter index p).
 template <typename A>
-__device__ __forceinline__ A scaled_grad(A xhat, A dy, int64_t p, const RowParams<A>& pr) {
-  return activation_backward<A>(dy, xhat * pr.gamma[p] + pr.beta[p], pr.act, pr.slope) * pr.gamma[p];
+__device__ __forceinline__ A scaled_grad(A v, A mean, A rstd, A dy, int64_t p, const RowParams<A>& pr) {
+  return activation_backward<A>(dy, row_pre_activation(v, mean, rstd, p, pr), pr.act, pr.slope) * pr.gamma[p];
 }
 
 template <typename T, int COLS>
@@ -123,8 +129,9 @@ __global__ void row_bwd_warp(const T* __restrict__ x, const T* __restrict__ dy, 
     const int64_t i = lane + int64_t(k) * kWarp;
     xh[k] = g[k] = A(0);
     if (active && i < sh.L) {
-      xh[k] = (to_acc(x[r * sh.L + i]) - mu) * rs;
-      g[k] = scaled_grad(xh[k], to_acc(dy[r * sh.L + i]), sh.param(r, i), pr);
+      const A v = to_acc(x[r * sh.L + i]);
+      xh[k] = (v - mu) * rs;
+      g[k] = scaled_grad(v, mu, rs, to_acc(dy[r * sh.L + i]), sh.param(r, i), pr);
       sum_g += g[k];
       sum_gx += g[k] * xh[k];
     }
@@ -153,8 +160,9 @@ __global__ void row_bwd_block(const T* __restrict__ x, const T* __restrict__ dy,
     const A mu = mean[r], rs = rstd[r];
     A sum_g = 0, sum_gx = 0;
     for (int64_t i = tid; i < sh.L; i += nt) {
-      const A xh = (to_acc(xr[i]) - mu) * rs;
-      const A g = scaled_grad(xh, to_acc(gr[i]), sh.param(r, i), pr);
+      const A v = to_acc(xr[i]);
+      const A xh = (v - mu) * rs;
+      const A g = scaled_grad(v, mu, rs, to_acc(gr[i]), sh.param(r, i), pr);
       if (CACHE) {
         cache[i] = xh;
         cache[sh.L + i] = g;
@@ -169,8 +177,9 @@ __global__ void row_bwd_block(const T* __restrict__ x, const T* __restrict__ dy,
         xh = cache[i];
         g = cache[sh.L + i];
       } else {
-        xh = (to_acc(xr[i]) - mu) * rs;
-        g = scaled_grad(xh, to_acc(gr[i]), sh.param(r, i), pr);
+        const A v = to_acc(xr[i]);
+        xh = (v - mu) * rs;
+        g = scaled_grad(v, mu, rs, to_acc(gr[i]), sh.param(r, i), pr);
       }
       dx[r * sh.L + i] = from_acc<T>(rs * (g - sum_g * inv_l - xh * sum_gx * inv_l));
     }

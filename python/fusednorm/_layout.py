@@ -3,7 +3,8 @@ swap changes no strides downstream. The same rules as csrc/common/layout.h (the 
 CUDA ops); the Triton ops and the fake kernels use these.
 
 - BatchNorm: contiguous input -> contiguous; dense channels_last -> channels_last; anything
-  else follows suggest_memory_format (ATen's batch_norm).
+  else follows suggest_memory_format (ATen's batch_norm); an empty input keeps its strides
+  (preserve_format: torch clones it).
 - GroupNorm: suggest_memory_format (ATen's group_norm). For a channels_last-dense input whose
   size-1 dimensions make its strides ambiguous, that can be contiguous.
 - InstanceNorm, LayerNorm: always contiguous."""
@@ -16,6 +17,8 @@ def _channels_last_of_rank(x):
 
 
 def batch_norm_format(x):
+    if x.numel() == 0:  # torch clones an empty input: its strides are kept
+        return torch.preserve_format
     if x.is_contiguous():
         return torch.contiguous_format
     fmt = _channels_last_of_rank(x)

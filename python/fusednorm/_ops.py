@@ -17,6 +17,14 @@ def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _same_device(x, *tensors):
+    """The device check the compiled ops make, for inputs that reach the fake kernels (a
+    meta input beside CPU parameters): torch.nn's error."""
+    for t in tensors:
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"Tensor on device {t.device} is not on the expected device {x.device}!")
+
+
 def _empty_unless(flag, like, shape=None):
     if flag:
         return like.new_empty(like.shape if shape is None else shape)
@@ -24,6 +32,7 @@ def _empty_unless(flag, like, shape=None):
 
 
 def _fake_batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
+    _same_device(x, weight, bias, running_mean, running_var)
     c = x.shape[1]
     return torch.empty_like(x, memory_format=batch_norm_format(x)), x.new_empty((c,), dtype=_stat_dtype(x)), x.new_empty((c,), dtype=_stat_dtype(x))
 
@@ -34,6 +43,7 @@ def _fake_batch_norm_stats(x):
 
 
 def _fake_batch_norm_bwd(dy, x, weight, bias, mean, rstd, training, act, slope, mask):
+    _same_device(x, dy, weight, bias, mean, rstd)
     dx = torch.empty_like(x, memory_format=batch_norm_format(x)) if mask[0] else x.new_empty((0,))
     dw = _empty_unless(mask[1] and weight is not None, weight if weight is not None else x, (x.shape[1],))
     db = _empty_unless(mask[2] and bias is not None, bias if bias is not None else x, (x.shape[1],))
@@ -47,12 +57,14 @@ def _ln_rows(x, normalized_shape):
 
 
 def _fake_layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope):
+    _same_device(x, weight, bias)
     r = _ln_rows(x, normalized_shape)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     return y, x.new_empty((r,), dtype=_stat_dtype(x)), x.new_empty((r,), dtype=_stat_dtype(x))
 
 
 def _fake_layer_norm_bwd(dy, x, normalized_shape, mean, rstd, weight, bias, act, slope, mask):
+    _same_device(x, dy, mean, rstd, weight, bias)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if mask[0] else x.new_empty((0,))
     dw = _empty_unless(mask[1] and weight is not None, weight if weight is not None else x, tuple(normalized_shape))
     db = _empty_unless(mask[2] and bias is not None, bias if bias is not None else x, tuple(normalized_shape))
@@ -60,12 +72,14 @@ def _fake_layer_norm_bwd(dy, x, normalized_shape, mean, rstd, weight, bias, act,
 
 
 def _fake_group_norm_fwd(x, num_groups, weight, bias, eps, act, slope):
+    _same_device(x, weight, bias)
     y = torch.empty_like(x, memory_format=group_norm_format(x))
     n = x.shape[0]
     return y, x.new_empty((n, num_groups), dtype=_stat_dtype(x)), x.new_empty((n, num_groups), dtype=_stat_dtype(x))
 
 
 def _fake_group_norm_bwd(dy, x, num_groups, mean, rstd, weight, bias, act, slope, mask):
+    _same_device(x, dy, mean, rstd, weight, bias)
     dx = torch.empty_like(x, memory_format=group_norm_format(x)) if mask[0] else x.new_empty((0,))
     dw = _empty_unless(mask[1] and weight is not None, weight if weight is not None else x, (x.shape[1],))
     db = _empty_unless(mask[2] and bias is not None, bias if bias is not None else x, (x.shape[1],))
@@ -73,6 +87,7 @@ def _fake_group_norm_bwd(dy, x, num_groups, mean, rstd, weight, bias, act, slope
 
 
 def _fake_instance_norm_fwd(x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
+    _same_device(x, weight, bias, running_mean, running_var)
     n, c = x.shape[0], x.shape[1]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     return y, x.new_empty((n, c), dtype=_stat_dtype(x)), x.new_empty((n, c), dtype=_stat_dtype(x))

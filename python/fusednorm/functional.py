@@ -56,8 +56,17 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     # Normalising with running statistics is per channel: BatchNorm's eval path, on a
     # contiguous input since torch.nn.InstanceNorm's output is contiguous whatever the
     # input's layout (BatchNorm's keeps channels_last).
+    if input.dim() >= 2 and input.size(0) == 0:
+        _no_instances(weight, bias)
     return apply(BatchNormFunction, input.contiguous(), weight, bias, running_mean, running_var,
                  False, float(momentum), float(eps), act, float(negative_slope))
+
+
+def _no_instances(weight, bias):
+    """torch's instance_norm on a batch of no samples with running statistics (eval): it
+    repeats the parameters N times and indexes them, an IndexError."""
+    if weight is not None or bias is not None:
+        raise IndexError("select(): index 0 out of range for tensor of size [0] at dimension 0")
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None,

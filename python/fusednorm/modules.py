@@ -66,7 +66,8 @@ class _BatchNorm(_FusedActivation):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                if self.running_mean is not None and self.running_var is not None:
+                # (an empty batch leaves the running statistics as they are, as torch.nn's)
+                if self.running_mean is not None and self.running_var is not None and input.numel():
                     return self._cumulative_average_forward(input)
                 exponential_average_factor = 1.0 / float(self.num_batches_tracked)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)

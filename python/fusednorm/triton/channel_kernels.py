@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .math import activate, activation_backward, block_moments, input_grad_coefficients, \
-    load_scalars, merge, round_for, rstd_from_m2
+    load_scalars, merge, pre_activation, round_for, rstd_from_m2, unbiased_var
 
 
 @triton.jit
@@ -51,11 +51,12 @@ def channel_moments_kernel(x_ptr, part_mean_ptr, part_m2_ptr, M, C, S, sn, sc, s
 @triton.jit
 def channel_finish_kernel(part_mean_ptr, part_m2_ptr, splits, rows_per_split, M, C,
                           w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr, rstd_ptr, m2_ptr, alpha_ptr,
-                          shift_ptr, scalars_ptr, TRAINING: tl.constexpr, HAS_W: tl.constexpr,
+                          bias_ptr, scalars_ptr, TRAINING: tl.constexpr, HAS_W: tl.constexpr,
                           HAS_B: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
                           ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per channel: mean/rstd (merged partials in training, running statistics in eval),
-    the running statistics' update (unbiased variance), M2, and the fold alpha/shift."""
+    the running statistics' update (unbiased variance), M2, and the pre-activation's
+    alpha = rstd * gamma and bias (0 without one)."""
     eps, slope, momentum = load_scalars(scalars_ptr)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -75,7 +76,7 @@ def channel_finish_kernel(part_mean_ptr, part_m2_ptr, splits, rows_per_split, M,
             tl.store(rm_ptr + c, round_for((1.0 - momentum) * r + momentum * mean, rm_ptr), mask=cmask)
         if HAS_RV:
             r = tl.load(rv_ptr + c, mask=cmask).to(ACC)
-            unbiased = m2 / (count - 1.0)
+            unbiased = unbiased_var(m2, count)
             tl.store(rv_ptr + c, round_for((1.0 - momentum) * r + momentum * unbiased, rv_ptr), mask=cmask)
     else:
         mean = tl.load(rm_ptr + c, mask=cmask, other=0.0).to(ACC)
@@ -86,21 +87,23 @@ def channel_finish_kernel(part_mean_ptr, part_m2_ptr, splits, rows_per_split, M,
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(rstd_ptr + c, rstd, mask=cmask)
     tl.store(alpha_ptr + c, alpha, mask=cmask)
-    tl.store(shift_ptr + c, beta - mean * alpha, mask=cmask)
+    tl.store(bias_ptr + c, beta, mask=cmask)
 
 
 @triton.jit
-def channel_apply_kernel(x_ptr, y_ptr, alpha_ptr, shift_ptr, total, C, chan_div, scalars_ptr,
+def channel_apply_kernel(x_ptr, y_ptr, mean_ptr, alpha_ptr, bias_ptr, total, C, chan_div, scalars_ptr,
                          ACT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """y = act(x * alpha[c] + shift[c]) over the flat memory of a dense tensor."""
+    """y = act(pre_activation(x, mean[c], alpha[c], bias[c])) over the flat memory of a dense
+    tensor."""
     eps, slope, momentum = load_scalars(scalars_ptr)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
     c = (e // chan_div) % C
     x = tl.load(x_ptr + e, mask=mask, other=0.0).to(ACC)
+    mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
     alpha = tl.load(alpha_ptr + c, mask=mask, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=mask, other=0.0)
-    y = activate(x * alpha + shift, ACT, slope)
+    bias = tl.load(bias_ptr + c, mask=mask, other=0.0)
+    y = activate(pre_activation(x, mean, alpha, bias), ACT, slope)
     tl.store(y_ptr + e, round_for(y, y_ptr), mask=mask)
 
 
@@ -130,8 +133,7 @@ def channel_grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pa
         rstd = tl.load(rstd_ptr + stat, mask=mask, other=0.0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        alpha = rstd * gamma[None, :]
-        z = x * alpha + (beta[None, :] - mean * alpha)  # the forward's fold, so act' agrees
+        z = pre_activation(x, mean, rstd * gamma[None, :], beta[None, :])  # the forward's z
         g = tl.where(mask, activation_backward(dy, z, ACT, slope), 0.0)
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * (x - mean) * rstd, axis=0)
@@ -157,12 +159,12 @@ def channel_input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, 
     gamma = tl.load(w_ptr + c, mask=mask, other=1.0).to(ACC) if HAS_W else 1.0
     beta = tl.load(b_ptr + c, mask=mask, other=0.0).to(ACC) if HAS_B else 0.0
     alpha = rstd * gamma
-    g = activation_backward(dy, x * alpha + (beta - mean * alpha), ACT, slope)
+    g = activation_backward(dy, pre_activation(x, mean, alpha, beta), ACT, slope)
     if TRAINING:
-        sum_dy = tl.load(sum_g_ptr + c, mask=mask, other=0.0) * gamma
+        sum_dy = tl.load(sum_g_ptr + c, mask=mask, other=0.0) * alpha
         sum_dyxhat = tl.load(sum_gx_ptr + c, mask=mask, other=0.0) * gamma
-        a, b, k = input_grad_coefficients(mean, rstd, gamma, sum_dy, sum_dyxhat, count.to(ACC))
-        dx = a * g + b * x + k
+        a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, count.to(ACC))
+        dx = a * g + b * (x - mean) + k
     else:
         dx = alpha * g
     tl.store(dx_ptr + e, round_for(dx, dx_ptr), mask=mask)

@@ -29,11 +29,19 @@ def _param(p, x, what, numel, op):
         raise RuntimeError(f"{op}: {what} should contain {numel} elements not {p.numel()}")
 
 
+def check_empty_affine(x, channels, weight, bias):
+    """checks.h's: torch indexes weight[0] / bias[0] of an empty input's parameters (repeated
+    N times by InstanceNorm): with no channel (or sample), an IndexError."""
+    if x.numel() == 0 and channels == 0 and (weight is not None or bias is not None):
+        raise IndexError("select(): index 0 out of range for tensor of size [0] at dimension 0")
+
+
 def check_bn(x, weight, bias, running_mean, running_var):
     _input_dtype(x, "batch_norm", True)
     if x.dim() < 2:
         raise RuntimeError(f"batch_norm: expected at least 2D input (got {x.dim()}D input)")
     c = x.shape[1]
+    check_empty_affine(x, c, weight, bias)
     for p, what in ((running_mean, "running_mean"), (running_var, "running_var"),
                     (weight, "weight"), (bias, "bias")):
         _param(p, x, what, c, "batch_norm")
@@ -63,7 +71,7 @@ def check_group_norm(x, groups, weight, bias, op="group_norm"):
     if op == "group_norm":
         _input_dtype(x, op, False)
     c = x.shape[1]
-    if groups <= 0 or c % groups:
+    if not ((groups > 0 and c % groups == 0) or (groups == 0 and c == 0)):
         raise RuntimeError("Expected number of channels in input to be divisible by num_groups, "
                            f"but got input of shape {list(x.shape)} and num_groups={groups}")
     for p, what in ((weight, "weight"), (bias, "bias")):
@@ -81,7 +89,16 @@ def check_instance_norm(x, weight, bias, running_mean, running_var):
     c = x.shape[1]
     _param(running_mean, x, "running_mean", c, "instance_norm")
     _param(running_var, x, "running_var", c, "instance_norm")
+    check_empty_affine(x, x.shape[0] * c, weight, bias)
     check_group_norm(x, c, weight, bias, "instance_norm")
+
+
+def check_group_norm_sizes(x):
+    """GroupNorm's own refusals, torch's (checks.h)."""
+    if x.shape[1] == 0:
+        raise RuntimeError("Expected number of channels to be greater than 0, got 0")
+    if math.prod(x.shape[2:]) == 0:
+        raise RuntimeError("Expected HxW to be greater than 0, got 0")
 
 
 def check_backward(grad_out, x, mean, rstd, count, op):

@@ -1,6 +1,6 @@
 """The maths every fusednorm Triton kernel shares, the Triton twin of csrc/common/norm_math.h
 (same formulas, same names): Chan's merge of partial statistics, the fused activation and
-its derivative, the alpha/beta fold and the training-mode input-gradient coefficients.
+its derivative, the pre-activation and the training-mode input-gradient coefficients.
 Activation codes are norm_math.h's: 0 none, 1 relu, 2 leaky_relu."""
 import triton
 import triton.language as tl
@@ -52,18 +52,34 @@ def block_moments(x, mask, axis: tl.constexpr):
 
 @triton.jit
 def rstd_from_m2(m2, count, eps):
-    var = tl.where(count > 0, m2 / tl.maximum(count, 1.0), 0.0)
+    """1 / sqrt(var + eps), var = M2 / count; an M2 rounded below 0 counts as 0."""
+    var = tl.where(count > 0, tl.maximum(m2, 0.0) / tl.maximum(count, 1.0), 0.0)
     return 1.0 / tl.sqrt(var + eps)
 
 
 @triton.jit
-def input_grad_coefficients(mean, rstd, gamma, sum_dy, sum_dyxhat, count):
-    """dx = A*dyhat + B*x + C over a normalised set of `count` values whose sums (gamma
-    folded in) are sum_dy = sum(dyhat*gamma), sum_dyxhat = sum(dyhat*gamma*xhat)."""
+def unbiased_var(m2, count):
+    """M2 / (count - 1); NaN for fewer than two values, as torch."""
+    return tl.where(count > 1, tl.maximum(m2, 0.0) / tl.maximum(count - 1, 1.0), float("nan"))
+
+
+@triton.jit
+def pre_activation(x, mean, alpha, bias):
+    """z = (x - mean) * alpha + bias, alpha = rstd * gamma: centred, so a constant set gives
+    exactly z = bias. The kernels are compiled without fp fusion (ops._launch), so the
+    forward and backward compute it to the same bits."""
+    return (x - mean) * alpha + bias
+
+
+@triton.jit
+def input_grad_coefficients(rstd, gamma, sum_alpha_dy, sum_dyxhat, count):
+    """dx = A*dyhat + B*(x - mean) + C over a normalised set of `count` values, from its
+    sums sum_alpha_dy = sum(dyhat * rstd*gamma) and sum_dyxhat = sum(dyhat*gamma*xhat);
+    A = rstd*gamma is the factor the sum was taken with (a set of one value: dx = 0)."""
     inv_m = tl.where(count > 0, 1.0 / tl.maximum(count, 1.0), 0.0)
     a = rstd * gamma
     b = -rstd * rstd * sum_dyxhat * inv_m
-    c = -rstd * sum_dy * inv_m - b * mean
+    c = -sum_alpha_dy * inv_m
     return a, b, c
 
 

@@ -21,7 +21,8 @@ from .._ops import _ln_rows, register_fakes
 from .._vmap import register_vmap_rules
 from . import channel_kernels as ck
 from . import row_kernels as rk
-from .checks import check_backward, check_bn, check_group_norm, check_instance_norm, check_layer_norm
+from .checks import (check_backward, check_bn, check_group_norm, check_group_norm_sizes, check_instance_norm,
+                     check_layer_norm)
 
 Tensor = torch.Tensor
 _NS = "fusednorm_triton"
@@ -52,15 +53,21 @@ def kernels_interpreted():
     return isinstance(rk.row_fwd_kernel, InterpretedFunction)
 
 
+# No fused multiply-adds the source does not ask for: the forward and backward kernels then
+# compute the pre-activation (math.pre_activation) to the same bits, so the activation's
+# derivative agrees with the output's side of a kink. The interpreter ignores it.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
+
 def _launch(kernel, grid, *args, **meta):
     """Launches on the input's GPU and that GPU's current stream: Triton launches on the
     current device, so without the guard a tensor on cuda:1 would be handed to a kernel
-    running on cuda:0."""
+    running on cuda:0. Compiled with COMPILE_OPTIONS."""
     launches[kernel.__name__] += 1
     device = args[0].device
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        kernel[grid](*args, **meta)
+        kernel[grid](*args, **meta, **COMPILE_OPTIONS)
 
 
 def _acc(x):
@@ -83,6 +90,8 @@ def _channel_view(x):
     made dense in the memory format of BatchNorm's output (_layout.py)."""
     n, c, s = x.shape[0], x.shape[1], _spatial(x)
     fmt = batch_norm_format(x)
+    if fmt == torch.preserve_format:  # empty: nothing is read
+        return x, n, c, s, (c * s, s, 1), max(s, 1)
     x = x.contiguous(memory_format=fmt)
     if fmt != torch.contiguous_format:
         return x, n, c, s, (s * c, 1, c), 1
@@ -91,7 +100,8 @@ def _channel_view(x):
 
 def _like_view(t, x):
     """t in the memory layout of x, a _channel_view input."""
-    return t.contiguous(memory_format=batch_norm_format(x))
+    fmt = batch_norm_format(x)
+    return t if fmt == torch.preserve_format else t.contiguous(memory_format=fmt)
 
 
 def _reduce_tiles(m, c, strides):
@@ -118,18 +128,18 @@ def _channel_stats(x, n, c, s, strides, stat_dtype, acc):
 
 
 def _channel_finish(x, c, parts, m, weight, bias, rm, rv, training, momentum, eps, stat_dtype, acc):
-    """(mean, rstd, M2, alpha, shift) per channel; updates the running statistics in training."""
+    """(mean, rstd, M2, alpha, bias) per channel; updates the running statistics in training."""
     out = [torch.empty(c, dtype=stat_dtype, device=x.device) for _ in range(5)]
-    mean, rstd, m2, alpha, shift = out
+    mean, rstd, m2, alpha, bias_acc = out
     part_mean, part_m2, rows, splits = parts if parts is not None else (mean, mean, 1, 0)
     dummy = mean
     block_c = min(256, triton.next_power_of_2(max(c, 1)))
     _launch(ck.channel_finish_kernel, (triton.cdiv(c, block_c),), part_mean, part_m2, splits, rows,
             m, c, _or(weight, dummy), _or(bias, dummy), _or(rm, dummy), _or(rv, dummy), mean,
-            rstd, m2, alpha, shift, _scalars(x, stat_dtype, eps=eps, momentum=momentum),
+            rstd, m2, alpha, bias_acc, _scalars(x, stat_dtype, eps=eps, momentum=momentum),
             TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RM=rm is not None,
             HAS_RV=rv is not None, ACC=acc, BLOCK_C=block_c)
-    return mean, rstd, m2, alpha, shift
+    return mean, rstd, m2, alpha, bias_acc
 
 
 def _scalars(x, stat_dtype, eps=0.0, slope=0.0, momentum=0.0):
@@ -176,17 +186,19 @@ def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     stat_dtype, acc = _acc(x)
     y = torch.empty_like(x, memory_format=batch_norm_format(x))
     m = n * s
-    if training and m == 0:  # empty batch: running statistics untouched, as the C++ kernels
-        return y, x.new_zeros(c, dtype=stat_dtype), x.new_full((c,), eps ** -0.5, dtype=stat_dtype)
+    if x.numel() == 0:  # empty batch: running statistics untouched, as the C++ kernels
+        if training:
+            return y, x.new_zeros(c, dtype=stat_dtype), x.new_full((c,), eps ** -0.5, dtype=stat_dtype)
+        return y, running_mean.to(stat_dtype, copy=True), (running_var.to(stat_dtype) + eps).rsqrt()
     parts = _channel_stats(x, n, c, s, strides, stat_dtype, acc) if training else None
     rm, rv = _running(running_mean), _running(running_var)
-    mean, rstd, _, alpha, shift = _channel_finish(x, c, parts, m, weight, bias, rm, rv, training,
+    mean, rstd, _, alpha, bias_acc = _channel_finish(x, c, parts, m, weight, bias, rm, rv, training,
                                                   momentum, eps, stat_dtype, acc)
     _write_back(running_mean, rm)
     _write_back(running_var, rv)
     if x.numel():
         block = _LIMITS["elementwise_block"]
-        _launch(ck.channel_apply_kernel, (triton.cdiv(x.numel(), block),), x, y, alpha, shift,
+        _launch(ck.channel_apply_kernel, (triton.cdiv(x.numel(), block),), x, y, mean, alpha, bias_acc,
                 x.numel(), c, chan_div, _scalars(x, stat_dtype, slope=negative_slope),
                 ACT=activation, ACC=acc, BLOCK=block)
     return y, mean, rstd
@@ -197,7 +209,7 @@ def batch_norm_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
     check_bn(input, None, None, None, None)
     x, n, c, s, strides, _ = _channel_view(input)
     stat_dtype, acc = _acc(x)
-    if n * s == 0:
+    if x.numel() == 0:
         return x.new_zeros(c, dtype=stat_dtype), x.new_zeros(c, dtype=stat_dtype)
     parts = _channel_stats(x, n, c, s, strides, stat_dtype, acc)
     # rstd is not returned; eps = 1 keeps it finite for constant channels.
@@ -248,7 +260,7 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
     dy = _like_view(grad_out.to(x.dtype), x)
     mean, rstd = mean.to(stat_dtype).contiguous(), rstd.to(stat_dtype).contiguous()
     need_sums = output_mask[1] or output_mask[2] or (training and output_mask[0])
-    if need_sums and n * s > 0:
+    if need_sums and x.numel() > 0:
         sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, weight, bias, (n, c, s, strides), (0, 1),
                                    activation, negative_slope, acc)
     else:
@@ -356,6 +368,7 @@ def _group_layout(input):
 def group_norm_fwd(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float, activation: int, negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
     check_group_norm(input, num_groups, weight, bias)
+    check_group_norm_sizes(input)
     x, fmt = _group_layout(input)
     n, c, s = x.shape[0], x.shape[1], _spatial(x)
     per_group = c // num_groups
@@ -374,7 +387,7 @@ def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, mean: Tenso
     x, fmt = _group_layout(input)
     stat_dtype, acc = _acc(x)
     n, c, s = x.shape[0], x.shape[1], _spatial(x)
-    per_group = c // num_groups
+    per_group = c // num_groups if num_groups else 0  # InstanceNorm of no channel: no groups
     dy = grad_out.to(x.dtype).contiguous()
     mean, rstd = mean.to(stat_dtype).contiguous(), rstd.to(stat_dtype).contiguous()
     dx = None
@@ -384,7 +397,7 @@ def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, mean: Tenso
         dx = dx.contiguous(memory_format=fmt)
     dw = db = None
     if output_mask[1] or output_mask[2]:
-        if n * s:
+        if x.numel():
             sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, weight, bias, (n, c, s, (c * s, s, 1)),
                                        (num_groups, per_group), activation, negative_slope, acc)
         else:
@@ -404,7 +417,11 @@ def instance_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
     update = running_mean is not None or running_var is not None
     y, mean, rstd, m2 = _rows_fwd(x, n * c, s, c, 1, s, weight, bias, eps, activation,
                                   negative_slope, store_m2=update)
-    if update and n * s:
+    if update and n == 0:  # torch's average over no instances: NaN
+        for r in (running_mean, running_var):
+            if r is not None:
+                r.fill_(float("nan"))
+    elif update and s and c:  # (no spatial elements: no statistics, untouched)
         _, acc = _acc(x)
         block_c = min(256, triton.next_power_of_2(c))
         rm, rv = _running(running_mean), _running(running_var)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .math import activate, activation_backward, block_moments, input_grad_coefficients, \
-    load_scalars, merge, round_for, rstd_from_m2
+    load_scalars, merge, pre_activation, round_for, rstd_from_m2, unbiased_var
 
 
 @triton.jit
@@ -50,8 +50,7 @@ def row_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G,
         mask = i < L
         x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
         gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
-        alpha = rstd * gamma
-        y = activate(x * alpha + (beta - mean * alpha), ACT, slope)
+        y = activate(pre_activation(x, mean, rstd * gamma, beta), ACT, slope)
         tl.store(y_ptr + row + i, round_for(y, y_ptr), mask=mask)
 
 
@@ -65,8 +64,7 @@ def _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S, mean, r
     x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + row + i, mask=mask, other=0.0).to(ACC)
     gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
-    alpha = rstd * gamma
-    g = tl.where(mask, activation_backward(dy, x * alpha + (beta - mean * alpha), ACT, slope), 0.0)
+    g = tl.where(mask, activation_backward(dy, pre_activation(x, mean, rstd * gamma, beta), ACT, slope), 0.0)
     return i, mask, x, g, gamma
 
 
@@ -85,13 +83,13 @@ def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G
     for i0 in range(0, L, BLOCK):
         i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
                                            mean, rstd, slope, ACT, HAS_W, HAS_B, ACC, BLOCK)
-        sum_dy += tl.sum(g * gamma, axis=0)
+        sum_dy += tl.sum(g * (rstd * gamma), axis=0)
         sum_dyxhat += tl.sum(g * gamma * (x - mean) * rstd, axis=0)
     for i0 in range(0, L, BLOCK):
         i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
                                            mean, rstd, slope, ACT, HAS_W, HAS_B, ACC, BLOCK)
-        a, b, k = input_grad_coefficients(mean, rstd, gamma, sum_dy, sum_dyxhat, L.to(ACC))
-        tl.store(dx_ptr + row + i, round_for(a * g + b * x + k, dx_ptr), mask=mask)
+        a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, L.to(ACC))
+        tl.store(dx_ptr + row + i, round_for(a * g + b * (x - mean) + k, dx_ptr), mask=mask)
 
 
 @triton.jit
@@ -107,7 +105,7 @@ def instance_running_kernel(mean_ptr, m2_ptr, rm_ptr, rv_ptr, N, C, S, scalars_p
     fresh_var = tl.zeros([BLOCK_C], ACC)
     for n in range(0, N):
         fresh_mean += tl.load(mean_ptr + n * C + c, mask=cmask, other=0.0)
-        fresh_var += tl.load(m2_ptr + n * C + c, mask=cmask, other=0.0) / (S - 1).to(ACC)
+        fresh_var += unbiased_var(tl.load(m2_ptr + n * C + c, mask=cmask, other=0.0), S.to(ACC))
     fresh_mean = fresh_mean / N.to(ACC)
     fresh_var = fresh_var / N.to(ACC)
     if HAS_RM:
