@@ -79,10 +79,11 @@ def extension():
     # FUSEDNORM_CXXFLAGS: extra flags, last (CI's low-optimisation and sanitizer builds).
     cxx = ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
     cxx += os.environ.get("FUSEDNORM_CXXFLAGS", "").split()
+    link = ["-fopenmp"] + [f for f in cxx if f.startswith("-fsanitize")]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not build_cuda():
         print("fusednorm: building CPU kernels only")
-        return CppExtension("fusednorm._C", srcs, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        return CppExtension("fusednorm._C", srcs, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
     ptxas = ["-warn-spills", "-warn-lmem-usage"]
@@ -98,7 +99,7 @@ def extension():
         srcs + sources("csrc/cuda/*.cu"),
         define_macros=[("FUSEDNORM_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 

@@ -56,11 +56,18 @@ FN_HOST_DEVICE Moments<T> merge(Moments<T> a, Moments<T> b) {
   return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.count * wb};
 }
 
+// 1 / count of a set of `count` elements, 0 for an empty set. The count is an integer,
+// divided in double: a float would round counts above 2^24.
+template <typename T>
+FN_HOST_DEVICE T inverse_count(int64_t count) {
+  return count > 0 ? T(1.0 / double(count)) : T(0);
+}
+
 // 1 / sqrt(var + eps) for the biased variance M2 / count; an M2 rounded below 0 counts
 // as 0 (eps = 0 must not give NaN from rounding), and an empty set has variance 0.
 template <typename T>
-FN_HOST_DEVICE T rstd_from_m2(T m2, T count, T eps) {
-  T var = count > T(0) ? (m2 > T(0) ? m2 : T(0)) / count : T(0);
+FN_HOST_DEVICE T rstd_from_m2(T m2, int64_t count, T eps) {
+  T var = (m2 > T(0) ? m2 : T(0)) * inverse_count<T>(count);
   return T(1) / std::sqrt(var + eps);
 }
 
@@ -104,8 +111,8 @@ FN_HOST_DEVICE T pre_activation(T x, T mean, T alpha, T bias) {
 // is the factor the sum was taken with, so a set of one value gets exactly dx = 0.
 template <typename T>
 FN_HOST_DEVICE void input_grad_coefficients(T rstd, T gamma, T sum_alpha_dy, T sum_dyxhat,
-                                            T count, T* A, T* B, T* C) {
-  T inv_m = count > T(0) ? T(1) / count : T(0);
+                                            int64_t count, T* A, T* B, T* C) {
+  const T inv_m = inverse_count<T>(count);
   *A = rstd * gamma;
   *B = -rstd * rstd * sum_dyxhat * inv_m;
   *C = -sum_alpha_dy * inv_m;

@@ -38,7 +38,7 @@ void merge_channel_rows(int64_t N, int64_t S, Row&& row, A* mean, A* m2) {
 // Training-mode dx = A*dyhat + B*(x - mean) + C of one channel from its sums of dyhat and
 // dyhat*(x - mean), gamma folded in here; both backward schedules use it.
 template <typename A>
-void training_coefficients(A rstd, A gamma, A sum_dy, A sum_dy_xmu, A count, A* cA, A* cB,
+void training_coefficients(A rstd, A gamma, A sum_dy, A sum_dy_xmu, int64_t count, A* cA, A* cB,
                            A* cC) {
   input_grad_coefficients<A>(rstd, gamma, (rstd * gamma) * sum_dy, gamma * sum_dy_xmu * rstd, count,
                              cA, cB, cC);
@@ -143,7 +143,7 @@ void forward_by_channel(const BnLayout& l, const T* x, T* out, const std::vector
       merge_channel_rows<A>(N, S, [&](int64_t n, A* m, A* q) {
         k.moments_rows(x + (n * C + c) * S, 1, S, m, q);
       }, &mean[c], &m2[c]);
-      rstd[c] = rstd_from_m2<A>(m2[c], A(N * S), eps);
+      rstd[c] = rstd_from_m2<A>(m2[c], N * S, eps);
       const A alpha = rstd[c] * gamma[c];
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = (n * C + c) * S;
@@ -178,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     std::vector<A> mean(C), rstd(C);
     bool written = false;  // y already written (the channel-by-channel path)
     if (training) {
-      if (M == 0) {  // empty batch: nothing to normalise, running statistics untouched
+      if (M * C == 0) {  // empty (no sample, no channel): running statistics untouched
         std::fill(mean.begin(), mean.end(), A(0));
         std::fill(rstd.begin(), rstd.end(), A(1) / std::sqrt(A(eps)));
       } else {
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
           written = true;
         } else {
           channel_moments<T, A>(l, mean, m2);
-          for (int64_t c = 0; c < C; ++c) rstd[c] = rstd_from_m2<A>(m2[c], A(M), A(eps));
+          for (int64_t c = 0; c < C; ++c) rstd[c] = rstd_from_m2<A>(m2[c], M, A(eps));
         }
         std::vector<double> unbiased(C), fresh_mean(C);
         for (int64_t c = 0; c < C; ++c) {
@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     }
     std::copy(mean.begin(), mean.end(), mean_t.data_ptr<A>());
     std::copy(rstd.begin(), rstd.end(), rstd_t.data_ptr<A>());
-    if (M == 0 || written) return;
+    if (M * C == 0 || written) return;
 
     const std::vector<A> alpha = alphas(rstd, gamma);
     if (l.cols) {
@@ -238,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input)
   const BnLayout l = bn_layout(input);
   at::Tensor mean_t = at::zeros({l.C}, input.options().dtype(acc_dtype(input)));
   at::Tensor m2_t = at::zeros({l.C}, input.options().dtype(acc_dtype(input)));
-  if (l.N * l.S == 0) return {mean_t, m2_t};
+  if (l.x.numel() == 0) return {mean_t, m2_t};
   dispatch_storage(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -274,7 +274,7 @@ void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
       sum_dy[c] = s;
       sum_dy_xmu[c] = sx;
       A cA, cB, cC;
-      training_coefficients<A>(rstd[c], gamma[c], s, sx, A(N * S), &cA, &cB, &cC);
+      training_coefficients<A>(rstd[c], gamma[c], s, sx, N * S, &cA, &cB, &cC);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = (n * C + c) * S;
         k.input_grad_rows(x + row, g + row, dx + row, 1, S, &mean[c], &alpha[c], &bias[c], &cA,
@@ -317,12 +317,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     // Pass 1: per-channel sum(dyhat) and sum(dyhat * (x - mean)).
     std::vector<A> sum_dy(C, A(0)), sum_dy_xmu(C, A(0));
     const bool need_sums = training ? (mask[0] || mask[1] || mask[2]) : (mask[1] || mask[2]);
-    const bool one_pass = training && mask[0] && M > 0 && by_channel(l, 2, sizeof(T));
+    const bool one_pass = training && mask[0] && M * C > 0 && by_channel(l, 2, sizeof(T));
     T* d = mask[0] ? ptr<T>(dx) : nullptr;
     if (one_pass) {
       input_grad_by_channel<T, A>(l, x, g, d, mean, rstd, gamma, alpha, beta, act, A(slope),
                                   sum_dy, sum_dy_xmu);
-    } else if (need_sums && M > 0) {
+    } else if (need_sums && M * C > 0) {
       if (l.cols) {
         std::vector<A> ps(col_chunks * C, A(0)), px(col_chunks * C, A(0));
         parallel_chunks(M, col_chunks, [&](int64_t ch, int64_t b, int64_t e) {
@@ -357,11 +357,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     if (mask[2] && has(bias)) dbias = from_acc_vector(sum_dy, bias->scalar_type());
 
     // Pass 2: dx = A*dyhat + B*x + C per channel.
-    if (!mask[0] || M == 0 || one_pass) return;
+    if (!mask[0] || M * C == 0 || one_pass) return;
     std::vector<A> cA(C), cB(C), cC(C);
     for (int64_t c = 0; c < C; ++c) {
       if (training) {
-        training_coefficients<A>(rstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], A(M), &cA[c], &cB[c],
+        training_coefficients<A>(rstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], M, &cA[c], &cB[c],
                                  &cC[c]);
       } else {  // eval: the statistics are constants, dx = alpha * dyhat
         cA[c] = alpha[c];

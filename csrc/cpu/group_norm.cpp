@@ -51,7 +51,7 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
           const int64_t r = n * G + g;
           const Moments<A> st = merge_channels(cmean.data(), cm2.data(), g * Cg, Cg, S);
           mean[r] = st.mean;
-          rstd[r] = rstd_from_m2<A>(st.m2, A(L), eps);
+          rstd[r] = rstd_from_m2<A>(st.m2, L, eps);
           if (m2) m2[r] = st.m2;
           for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
             gmean[c] = mean[r];
@@ -68,7 +68,7 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
     A gmean[64], alpha[64];  // per channel, in batches of 64 channels
     for (int64_t r = b; r < e; ++r) {
       if (m2) m2[r] = rstd[r];
-      rstd[r] = rstd_from_m2<A>(rstd[r], A(L), eps);
+      rstd[r] = rstd_from_m2<A>(rstd[r], L, eps);
       const int64_t c0 = (r % G) * Cg;
       for (int64_t j0 = 0; j0 < Cg; j0 += 64) {
         const int64_t nj = std::min<int64_t>(64, Cg - j0);
@@ -97,7 +97,7 @@ void group_coefficients(const GnShape& s, int64_t r, const A* mean, const A* rst
     bsum += gamma[c0 + j] * sdx[j] * rstd[r];
   }
   for (int64_t j = 0; j < Cg; ++j)
-    input_grad_coefficients<A>(rstd[r], gamma[c0 + j], a, bsum, A(s.row_len()), &cA[j], &cB[j],
+    input_grad_coefficients<A>(rstd[r], gamma[c0 + j], a, bsum, s.row_len(), &cA[j], &cB[j],
                                &cC[j]);
 }
 

@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     A* rstd = rstd_t.data_ptr<A>();
     for_row_blocks(R, L, [&](int64_t b, int64_t e) {
       k.moments_rows(xp + b * L, e - b, L, mean + b, rstd + b);  // rstd holds m2 for now
-      for (int64_t r = b; r < e; ++r) rstd[r] = rstd_from_m2<A>(rstd[r], A(L), A(eps));
+      for (int64_t r = b; r < e; ++r) rstd[r] = rstd_from_m2<A>(rstd[r], L, A(eps));
       k.layer_norm_apply(xp + b * L, yp + b * L, e - b, L, mean + b, rstd + b, gamma.data(),
                          beta.data(), act, A(slope),
                          next_block<T>(xp, nullptr, b * L, (e - b) * L, (e - b) * L, R * L));

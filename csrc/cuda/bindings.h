@@ -67,7 +67,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_moments(const BnLa
   at::Tensor mean = at::empty({l.C}, acc), m2 = at::empty({l.C}, acc), rstd = at::empty({l.C}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.x.scalar_type(), "channel_moments", [&] {
     using A = typename Acc<scalar_t>::type;
-    MomentsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(m2), A(eps)};
+    MomentsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(m2), A(eps), l.N * l.S};
     run_channel_reduce<scalar_t>(plan_channels(l.cols, l.N, l.C, l.S), op, l.x, nullptr);
   });
   return {mean, m2, rstd};
@@ -77,7 +77,7 @@ inline std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& inp
   check_bn_args(input, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt);
   FN_DEVICE_GUARD(input);
   const BnLayout l = bn_layout(input);
-  if (l.N * l.S == 0) {
+  if (l.x.numel() == 0) {
     const auto acc = input.options().dtype(acc_dtype(input));
     return {at::zeros({l.C}, acc), at::zeros({l.C}, acc)};
   }
@@ -103,7 +103,7 @@ inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<a
   if (!training) {
     mean = running_mean->to(acc.dtype());
     rstd = (running_var->to(acc.dtype()) + eps).rsqrt();
-  } else if (M == 0) {  // empty batch: running statistics untouched
+  } else if (M * C == 0) {  // empty batch (or no channel): running statistics untouched
     mean = at::zeros({C}, acc);
     rstd = at::full({C}, 1.0 / std::sqrt(eps), acc);
   } else {
@@ -113,7 +113,7 @@ inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<a
     // Unbiased, NaN for a single value (norm_math.h's unbiased_var, as torch).
     update_running(running_var, M > 1 ? m2 / double(M - 1) : at::full_like(m2, NAN), momentum);
   }
-  if (M > 0) {
+  if (M * C > 0) {
     const at::Tensor alpha = rstd * gamma;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_apply", [&] {
       using A = typename Acc<scalar_t>::type;
@@ -145,13 +145,13 @@ inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_bwd", [&] {
     using scalar = scalar_t;
     using A = typename Acc<scalar>::type;
-    if (need_sums && M > 0) {
+    if (need_sums && M * C > 0) {
       GradSumsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), 0, 1, act, A(slope),
                        aptr<A>(dgamma), aptr<A>(dbeta),
-                       mask[0] ? aptr<A>(cA) : nullptr, aptr<A>(cB), aptr<A>(cC), training, A(M)};
+                       mask[0] ? aptr<A>(cA) : nullptr, aptr<A>(cB), aptr<A>(cC), training, M};
       run_channel_reduce<scalar>(plan_channels(l.cols, l.N, C, l.S), op, l.x, &dy);
     }
-    if (mask[0] && M > 0) {
+    if (mask[0] && M * C > 0) {
       const at::Tensor alpha = rstd * gamma;
       if (!training) cA.copy_(alpha);  // eval: dx = alpha * dyhat
       input_grad<scalar>(l.x.data_ptr<scalar>(), dy.data_ptr<scalar>(), dx.data_ptr<scalar>(),
@@ -203,7 +203,7 @@ inline TensorList3 rows_backward(const at::Tensor& grad_out, const at::Tensor& x
                            row_params<A>(gamma, beta, act, slope), aptr<A>(mean), aptr<A>(rstd), FN_STREAM());
     if ((mask[1] || mask[2]) && x.numel() > 0) {
       GradSumsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), stat_outer, stat_div,
-                       act, A(slope), aptr<A>(dgamma), aptr<A>(dbeta), nullptr, nullptr, nullptr, false, A(0)};
+                       act, A(slope), aptr<A>(dgamma), aptr<A>(dbeta), nullptr, nullptr, nullptr, false, 0};
       run_channel_reduce<scalar>(plan, op, x, &dy);
     }
   });

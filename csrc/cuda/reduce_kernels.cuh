@@ -35,6 +35,7 @@ struct MomentsOp {
   A* rstd;            // [C] out
   A* m2;              // [C] out: sum((x - mean)^2)
   A eps;
+  int64_t count;      // elements per channel (the state's float count rounds above 2^24)
   __device__ __forceinline__ static State identity() { return {{A(0), A(0), A(0)}}; }
   __device__ __forceinline__ void add(State& s, A x, A, int64_t, int64_t) const {
     s.v[0] += A(1);
@@ -48,7 +49,7 @@ struct MomentsOp {
   }
   __device__ __forceinline__ void finalize(int64_t c, State s) const {
     mean[c] = s.v[1];
-    rstd[c] = rstd_from_m2<A>(s.v[2], s.v[0], eps);
+    rstd[c] = rstd_from_m2<A>(s.v[2], count, eps);
     m2[c] = s.v[2];
   }
 };
@@ -75,7 +76,7 @@ struct GradSumsOp {
   A* cB;
   A* cC;
   bool training;
-  A count;            // elements per channel (training coefficients)
+  int64_t count;      // elements per channel (training coefficients)
 
   __device__ __forceinline__ static State identity() { return {{A(0), A(0)}}; }
   __device__ __forceinline__ void add(State& s, A x, A dy, int64_t outer, int64_t c) const {

@@ -59,7 +59,7 @@ __global__ void row_fwd_warp(const T* __restrict__ x, T* __restrict__ y, RowShap
     if (active && i < sh.L) welford_add(m, v[k]);
   }
   m = warp_merge(m);
-  const A rstd = rstd_from_m2<A>(m.m2, A(sh.L), eps);
+  const A rstd = rstd_from_m2<A>(m.m2, sh.L, eps);
   if (!active) return;  // after the last shuffle
   for (int k = 0; k < COLS; ++k) {
     const int64_t i = lane + int64_t(k) * kWarp;
@@ -92,7 +92,7 @@ __global__ void row_fwd_block(const T* __restrict__ x, T* __restrict__ y, RowSha
       welford_add(m, v);
     }
     m = block_merge(m);
-    const A rstd = rstd_from_m2<A>(m.m2, A(sh.L), eps);
+    const A rstd = rstd_from_m2<A>(m.m2, sh.L, eps);
     for (int64_t i = tid; i < sh.L; i += nt) {
       const A v = CACHE ? cache[i] : to_acc(xr[i]);
       const int64_t p = sh.param(r, i);
