@@ -39,7 +39,7 @@ if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME  # before torch.utils.cpp_extension reads it
 
 import torch  # noqa: E402
-from setuptools import find_packages, setup  # noqa: E402
+from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -103,20 +103,11 @@ def extension():
     )
 
 
+# Name, version, extras and the rest of the metadata: pyproject.toml.
 setup(
-    name="fusednorm",
-    version="0.1.0",
-    description="Fused normalisation (+ activation) kernels for PyTorch",
     package_dir={"": "python"},
-    packages=find_packages("python"),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     # The extension is built against one torch ABI: pin the runtime torch to it.
     install_requires=[f"torch=={TORCH_VERSION}"],
-    # ninja: the CUDA-emulation tests compile a test-only extension; hypothesis: the fuzz
-    # suite (tests/test_fuzz.py); scikit-learn: the
-    # training example's bundled digits data set (its test runs a short version).
-    extras_require={"test": ["pytest", "numpy", "ninja", "scikit-learn", "hypothesis"],
-                    "examples": ["scikit-learn", "matplotlib"]},
-    python_requires=">=3.9",
 )

@@ -184,7 +184,8 @@ def run_case(case, compile_ref, min_run_time):
     row["speedup_vs_eager"] = row["eager_s"] / row["fusednorm_s"]
     row["speedup_vs_compile"] = row["compile_s"] / row["fusednorm_s"] if row["compile_s"] else None
     row["bandwidth_GBps"] = nbytes / row["fusednorm_s"] / 1e9
-    row["fraction_of_copy"] = nbytes / row["fusednorm_s"] / copy_bandwidth(x.numel(), x.dtype, case.device, min_run_time)
+    copy_bw = copy_bandwidth(x.numel(), x.dtype, case.device, min_run_time)
+    row["fraction_of_copy"] = nbytes / row["fusednorm_s"] / copy_bw
     row["peak_mem_MiB_fusednorm"] = row["peak_mem_MiB_eager"] = None
     if case.backward:
         for impl, m in (("fusednorm", ours), ("eager", ref)):
@@ -217,7 +218,8 @@ def default_cases():
                 Case("LayerNorm", (8192, 1024), None, True, True, dtype, device=dev, backend=backend),
             ]
         cases += [
-            Case("BatchNorm2d", big, "leaky_relu", True, False, "float32", "channels_last", device=dev, backend=backend),
+            Case("BatchNorm2d", big, "leaky_relu", True, False, "float32", "channels_last", device=dev,
+                 backend=backend),
             Case("GroupNorm", big, "relu", True, False, "float32", "channels_last", device=dev, backend=backend),
             Case("LayerNorm", (8192, 1024), "relu", True, False, "float32", device=dev, backend=backend),
         ]
@@ -231,7 +233,8 @@ def full_cases():
         for n, c, hw in [(1, 8, 4), (2, 16, 8), (4, 32, 14), (8, 64, 28), (16, 64, 56), (32, 64, 56), (64, 128, 56)]:
             for backward in (False, True):
                 cases.append(Case("BatchNorm2d", (n, c, hw, hw), "relu", True, backward, device=dev, backend=backend))
-                cases.append(Case("GroupNorm", (n, c, hw, hw), "relu", True, backward, device=dev, backend=backend, groups=min(8, c)))
+                cases.append(Case("GroupNorm", (n, c, hw, hw), "relu", True, backward, device=dev, backend=backend,
+                                  groups=min(8, c)))
                 cases.append(Case("InstanceNorm2d", (n, c, hw, hw), None, True, backward, device=dev, backend=backend))
         for rows, cols in [(4, 64), (64, 256), (512, 512), (2048, 1024), (8192, 1024), (8192, 4096)]:
             for backward in (False, True):
@@ -277,6 +280,7 @@ def _sync_rank(rank, world, port, shape, rounds, queue):
 def sync_case(shape=(16, 64, 28, 28), world=2, rounds=20):
     """Median step times on rank 0 of `world` gloo processes (one thread each)."""
     import socket
+
     import torch.multiprocessing as mp
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -363,7 +367,8 @@ def main(argv=None):
     compile_ref = not args.no_compile and not args.full
     warnings.filterwarnings("ignore")
     steady = args.steady_malloc and steady_malloc()
-    header = (f"fusednorm {fusednorm.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    cpu = platform.processor() or platform.machine()
+    header = (f"fusednorm {fusednorm.__version__}, torch {torch.__version__}, {cpu}, "
               f"{torch.get_num_threads()} threads, CPU kernels: {fusednorm.cpu_isa()}, "
               f"{datetime.date.today().isoformat()}, "
               f"{'steady malloc (freed memory kept)' if steady else 'system malloc'}")

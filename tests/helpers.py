@@ -1,11 +1,10 @@
 """Shared test helpers: the torch.nn reference (norm then a separate activation),
 dtype-derived tolerances, and builders for paired fusednorm / torch.nn modules."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 import fusednorm
-
-import pytest
 
 ACTIVATIONS = [None, "relu", "leaky_relu"]
 
@@ -15,14 +14,25 @@ NO_GPU = ("no CUDA GPU on this machine: the CUDA kernels' logic is checked on th
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU))]
 
 
+def triton_installed():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def triton_runs_on_cpu():
     from fusednorm.triton import kernels_interpreted
     return kernels_interpreted()
 
 
+NO_TRITON = "the triton package is not installed: the Triton backend's tests need it"
 NO_INTERPRETER = ("the Triton kernels were compiled for the GPU (TRITON_INTERPRET is not 1), so they "
                   "cannot run on CPU tensors; the triton-cuda cases cover them")
-TRITON_CPU = pytest.mark.skipif(not triton_runs_on_cpu(), reason=NO_INTERPRETER)
+# Triton's interpreter on CPU tensors; skipped (with the reason) without triton.
+TRITON_CPU = (pytest.mark.skipif(not triton_runs_on_cpu(), reason=NO_INTERPRETER) if triton_installed()
+              else pytest.mark.skip(reason=NO_TRITON))
 # (device, backend) pairs: the compiled kernels on each device, and the Triton kernels in
 # the interpreter on CPU tensors (the CI's way) or on the GPU.
 TARGETS = [

@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_bench_writes_table_json_and_csv(tmp_path):
     out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--filter", "LayerNorm+relu",

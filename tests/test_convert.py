@@ -101,7 +101,8 @@ def assert_same_function(original, converted, x):
 
 
 def norms(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))}
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    return {n: m for n, m in model.named_modules() if isinstance(m, norms)}
 
 
 def test_resnet_basic_block():

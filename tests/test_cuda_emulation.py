@@ -11,6 +11,10 @@ import torch.nn.functional as F
 from emulation import load_emulation
 from helpers import SLOPE, activate, assert_close, assert_same_where_finite
 
+# The emulation build takes a minute or two: the slow tier (the fuzz suite's default run
+# covers no emulation either; CI runs every tier).
+pytestmark = pytest.mark.slow
+
 ACTS = {0: None, 1: "relu", 2: "leaky_relu"}
 
 

@@ -9,8 +9,17 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import fusednorm.functional as FF
-from helpers import (ACTIVATIONS, DEVICES, KINDS, SLOPE, activate, assert_close,
-                     assert_same_buffers, make_input, make_pair)
+from helpers import (
+    ACTIVATIONS,
+    DEVICES,
+    KINDS,
+    SLOPE,
+    activate,
+    assert_close,
+    assert_same_buffers,
+    make_input,
+    make_pair,
+)
 
 # (kind, train): every norm, and the modes whose statistics differ (BatchNorm and
 # InstanceNorm with running statistics in eval mode; their statistics are then constants).

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import fusednorm
-from helpers import (TARGETS, TRITON_CPU, activate, assert_close, assert_same_where_finite, make_input,
-                     tolerances)
+from helpers import TARGETS, TRITON_CPU, activate, assert_close, assert_same_where_finite, make_input, tolerances
 
 
 def compare(ours, ref, x, dtype=torch.float32, steps=2, train=True):

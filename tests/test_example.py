@@ -9,6 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 
+@pytest.mark.slow
 def test_train_digits_short_run_matches():
     pytest.importorskip("sklearn", reason="scikit-learn is part of the test extra: pip install '.[test]'")
     import train_digits

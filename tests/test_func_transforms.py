@@ -10,7 +10,17 @@ import torch
 from torch.func import functional_call, grad, jacrev, vjp, vmap
 
 import fusednorm
-from helpers import ACTIVATIONS, KINDS, TARGETS, activate, assert_close, assert_same_buffers, make_input, make_pair, SLOPE
+from helpers import (
+    ACTIVATIONS,
+    KINDS,
+    SLOPE,
+    TARGETS,
+    activate,
+    assert_close,
+    assert_same_buffers,
+    make_input,
+    make_pair,
+)
 
 
 def _loss_fns(kind, activation, device, **kwargs):

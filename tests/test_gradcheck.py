@@ -7,7 +7,6 @@ import fusednorm
 import fusednorm.functional as FF
 from helpers import ACTIVATIONS, SLOPE, TARGETS
 
-
 DEVICE = "cpu"
 FAST = False
 

@@ -62,6 +62,7 @@ def supported():
     return isas
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", supported())
 def test_every_instruction_set_variant_matches_torch(isa):
     env = dict(os.environ, FUSEDNORM_CPU_ISA=isa)
@@ -76,6 +77,7 @@ def test_best_variant_is_picked_by_default():
     assert fusednorm.cpu_isa() == supported()[-1]
 
 
+@pytest.mark.slow
 def test_unknown_isa_request_is_an_error():
     env = dict(os.environ, FUSEDNORM_CPU_ISA="sse9")
     code = "import torch, fusednorm; fusednorm.LayerNorm(4)(torch.randn(2, 4))"

@@ -11,7 +11,6 @@ import torch
 import fusednorm
 from helpers import TARGETS, activate, assert_close, assert_same_buffers
 
-
 # name: (storage elements, view of that storage as an (N, C, ...) input).
 LAYOUTS = {
     # channels_last-dense; suggest_memory_format() says contiguous for the first three.

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fusednorm
@@ -48,6 +49,7 @@ def test_outputs_behave_like_ordinary_tensors():
     assert_close(ln(x), z, torch.float32, "after emptying the cache")
 
 
+@pytest.mark.slow
 def test_cache_can_be_disabled():
     code = ("import torch, fusednorm\n"
             "bn = fusednorm.BatchNorm2d(128)\n"

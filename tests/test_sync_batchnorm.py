@@ -127,6 +127,7 @@ WORLDS = [(2, [3, 5]), (3, [4, 1, 2]), (3, [3, 0, 4])]
 WORLD_IDS = ["2-ranks-uneven", "3-ranks-uneven", "3-ranks-one-empty"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,sizes", WORLDS, ids=WORLD_IDS)
 @pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
 def test_sync_matches_full_batch(world, sizes, activation, backend="auto"):
@@ -149,6 +150,7 @@ def test_sync_matches_full_batch(world, sizes, activation, backend="auto"):
         lo = hi
 
 
+@pytest.mark.slow
 @TRITON_CPU
 @pytest.mark.parametrize("world,sizes", [WORLDS[0], WORLDS[2]], ids=[WORLD_IDS[0], WORLD_IDS[2]])
 def test_sync_on_triton_backend(world, sizes):
@@ -157,6 +159,7 @@ def test_sync_on_triton_backend(world, sizes):
     test_sync_matches_full_batch(world, sizes, "relu", backend="triton")
 
 
+@pytest.mark.slow
 def test_bfloat16_input_float32_statistics():
     """bfloat16 activations, float32 parameters and statistics: against float32 BatchNorm on
     the same (rounded) values, to bfloat16's precision."""
@@ -176,6 +179,7 @@ def test_bfloat16_input_float32_statistics():
         lo = hi
 
 
+@pytest.mark.slow
 def test_channels_last_kept():
     results = run_ranks(_sync_step, 2, [2, 3], "relu", True)
     assert all(r["cl"] for r in results)
@@ -247,6 +251,7 @@ def _double_backward(rank, world):
     return "no error"
 
 
+@pytest.mark.slow
 def test_double_backward_is_refused():
     """Differentiating SyncBatchNorm's gradient must raise (its backward op has no
     derivative), not give zeros."""

@@ -35,6 +35,10 @@ CASES = {
     "in-n0-affine-indexerror": dict(BN, kind="InstanceNorm1d", shape=[0, 3, 5]),
     "in-n0-running-nan": dict(BN, kind="InstanceNorm2d", shape=[0, 3, 2, 5], affine=False),
     "in-n0-eval-affine": dict(BN, kind="InstanceNorm2d", shape=[0, 3, 2, 5], train=False),
+    # LayerNorm over a normalized_shape holding a 0: parameter gradients of that shape
+    # (the CUDA bindings returned them flat).
+    "ln-empty-normalized-shape": dict(BASE, kind="LayerNorm", shape=[3, 0, 2], normalized_shape=[0, 2],
+                                      affine=True, bias=True, dtype="float16", float32_params=True),
     # Empty channels_last batch: torch.nn keeps its strides.
     "bn-empty-channels-last": dict(BN, kind="BatchNorm2d", shape=[2, 4, 0, 3], layout="channels_last"),
     # Numerics: the folded forward / backward cancelled for a large offset or a tiny

@@ -245,7 +245,8 @@ inline TensorList3 layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
                                     weight.has_value() ? c10::optional<at::Tensor>(weight->view(-1)) : weight,
                                     bias.has_value() ? c10::optional<at::Tensor>(bias->view(-1)) : bias,
                                     L, plan_channels(true, R, L, 1), 1, std::max<int64_t>(L, 1), act, slope, mask);
-  return {dx, dw.numel() ? dw.view(shape) : dw, db.numel() ? db.view(shape) : db};
+  // (a normalized_shape holding a 0 has empty parameter gradients of that shape)
+  return {dx, mask[1] && has(weight) ? dw.view(shape) : dw, mask[2] && has(bias) ? db.view(shape) : db};
 }
 
 // GroupNorm-shaped forward (GroupNorm, and InstanceNorm with G = C). The input is

@@ -3,12 +3,13 @@
 Drop-in modules (fusednorm.BatchNorm2d, ...), a functional API (fusednorm.functional) and
 the ops underneath (torch.ops.fusednorm.*; torch.ops.fusednorm_triton.* for the Triton
 backend, chosen with fusednorm.set_backend / fusednorm.use_backend)."""
+from importlib import metadata as _metadata
+
 from . import functional
 from ._C import cpu_isa, empty_cpu_cache
 from ._ops import ops
 from .backend import get_backend, set_backend, use_backend
 from .convert import convert
-from .sync_batchnorm import SyncBatchNorm
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -19,8 +20,12 @@ from .modules import (
     InstanceNorm3d,
     LayerNorm,
 )
+from .sync_batchnorm import SyncBatchNorm
 
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml
+    __version__ = _metadata.version("fusednorm")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",

@@ -6,9 +6,9 @@ import math
 
 import torch
 
+from . import _C  # noqa: F401  (importing registers the ops)
 from ._layout import batch_norm_format, group_norm_format
 from ._vmap import register_vmap_rules
-from . import _C  # noqa: F401  (importing registers the ops)
 
 ops = torch.ops.fusednorm
 
@@ -34,7 +34,8 @@ def _empty_unless(flag, like, shape=None):
 def _fake_batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
     _same_device(x, weight, bias, running_mean, running_var)
     c = x.shape[1]
-    return torch.empty_like(x, memory_format=batch_norm_format(x)), x.new_empty((c,), dtype=_stat_dtype(x)), x.new_empty((c,), dtype=_stat_dtype(x))
+    y = torch.empty_like(x, memory_format=batch_norm_format(x))
+    return y, x.new_empty((c,), dtype=_stat_dtype(x)), x.new_empty((c,), dtype=_stat_dtype(x))
 
 
 def _fake_batch_norm_stats(x):

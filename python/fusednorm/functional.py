@@ -7,8 +7,7 @@ import math
 import torch
 
 from ._activation import activation_code
-from .autograd import (BatchNormFunction, GroupNormFunction, InstanceNormFunction, LayerNormFunction,
-                       apply)
+from .autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction, LayerNormFunction, apply
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm"]
 

@@ -47,7 +47,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         count, mean, m2 = _merge_across(gathered)
         total = int(count[0].item()) if C else 0
         if total <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got {total} over the process group")
+            raise ValueError(f"Expected more than 1 value per channel when training, got {total} over the "
+                             "process group")
         var = m2 / count
         with torch.no_grad():
             if running_mean is not None:

@@ -18,6 +18,7 @@ def setup(backend):
     if backend == "triton":
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     import torch
+
     import fusednorm
     if backend == "triton":
         fusednorm.set_backend("triton")

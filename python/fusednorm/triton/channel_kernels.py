@@ -10,8 +10,18 @@ dense tensors: channel = (e // chan_div) % C, chan_div = S for NCHW and 1 for ch
 import triton
 import triton.language as tl
 
-from .math import activate, activation_backward, block_moments, input_grad_coefficients, \
-    load_scalars, merge, pre_activation, round_for, rstd_from_m2, unbiased_var
+from .math import (
+    activate,
+    activation_backward,
+    block_moments,
+    input_grad_coefficients,
+    load_scalars,
+    merge,
+    pre_activation,
+    round_for,
+    rstd_from_m2,
+    unbiased_var,
+)
 
 
 @triton.jit

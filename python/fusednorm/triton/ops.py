@@ -21,8 +21,14 @@ from .._ops import _ln_rows, register_fakes
 from .._vmap import register_vmap_rules
 from . import channel_kernels as ck
 from . import row_kernels as rk
-from .checks import (check_backward, check_bn, check_group_norm, check_group_norm_sizes, check_instance_norm,
-                     check_layer_norm)
+from .checks import (
+    check_backward,
+    check_bn,
+    check_group_norm,
+    check_group_norm_sizes,
+    check_instance_norm,
+    check_layer_norm,
+)
 
 Tensor = torch.Tensor
 _NS = "fusednorm_triton"

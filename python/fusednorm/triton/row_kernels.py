@@ -12,8 +12,18 @@ parameter gradients are channel_grad_sums_kernel's (channel_kernels.py)."""
 import triton
 import triton.language as tl
 
-from .math import activate, activation_backward, block_moments, input_grad_coefficients, \
-    load_scalars, merge, pre_activation, round_for, rstd_from_m2, unbiased_var
+from .math import (
+    activate,
+    activation_backward,
+    block_moments,
+    input_grad_coefficients,
+    load_scalars,
+    merge,
+    pre_activation,
+    round_for,
+    rstd_from_m2,
+    unbiased_var,
+)
 
 
 @triton.jit
