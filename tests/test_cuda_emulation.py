@@ -270,3 +270,54 @@ def test_inf_and_nan_gradients_through_the_activation(emu, case, act):
     g.view(-1)[negative[3]] = float("nan")
     _, expected = reference_grads(lambda x, w, b: activate(norm(x, w, b), ACTS[act]), x, [w, b], g)
     assert_same_where_finite(backward(g), [e.float() for e in expected], all_finite=act == 1)
+
+
+# ---- production launch parameters at every row-tier boundary ---------------------------------
+
+PRODUCTION = dict(warp_cols=16, smem=48 * 1024, per_split=16384, max_splits=256, max_blocks=65535, threads=256)
+
+
+def tier_edges(dtype, backward):
+    """Row lengths at and one above each tier's top for the production limits: the warp
+    tiers (128, 512 elements) and the block tier, whose row cache plus static reduction
+    slots must fit CUDA's 48 KiB (row_kernels.cuh), and the common hidden sizes 6144 and
+    12288 that a block tier counting only the cache admitted at the limit."""
+    acc = 8 if dtype == torch.float64 else 4
+    cache_per_element = acc * (2 if backward else 1)
+    static = (2 if backward else 3) * 32 * acc
+    top = (48 * 1024 - static) // cache_per_element
+    return sorted({128, 129, 512, 513, top, top + 1, 6144, 12288})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_layer_norm_tier_edges_at_production_limits(emu, dtype, backward):
+    """LayerNorm rows at every tier edge, with the production launch parameters (the
+    emulation's launch checks are CUDA's): each launch must be accepted and the results
+    match torch.nn."""
+    limits(emu, **PRODUCTION)
+    for L in tier_edges(dtype, backward):
+        x = data((2, L), dtype)
+        w, b = data((L,), torch.float32, 1) + 1, data((L,), torch.float32, 2)
+        if dtype == torch.float64:
+            w, b = w.double(), b.double()
+        y, mean, rstd = ops().layer_norm_fwd(x, [L], w, b, 1e-5, 1, SLOPE)
+        ref = lambda x, w, b: activate(F.layer_norm(x, (L,), w, b, 1e-5), "relu")
+        g = data(x.shape, dtype, 3)
+        yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
+        td = tol_dtype(dtype)
+        assert_close(y, yr.to(td), dtype, f"L={L} output ({emu.row_tier(L, False, dtype == torch.float64)})")
+        if backward:
+            dx, dw, db = ops().layer_norm_bwd(g, x, [L], mean, rstd, w, b, 1, SLOPE, [True, True, True])
+            assert_close(dx, dxr.to(td), dtype, f"L={L} dx ({emu.row_tier(L, True, dtype == torch.float64)})")
+            assert_close(dw, dwr.to(w.dtype), w.dtype, f"L={L} dweight")
+
+
+def test_over_limit_launch_is_refused(emu):
+    """A block tier allowed more than CUDA's 48 KiB per block (its row cache counted, its
+    static slots not: the rule before the fix) is refused at launch, as a GPU refuses it."""
+    limits(emu, **dict(PRODUCTION, smem=48 * 1024 + 4096))
+    x = data((2, 12280), torch.float32)
+    with pytest.raises(RuntimeError, match="shared memory"):
+        ops().layer_norm_fwd(x, [12280], None, None, 1e-5, 0, 0.0)

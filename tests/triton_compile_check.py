@@ -1,6 +1,10 @@
-"""Compiles every Triton kernel variant the ops launch for an NVIDIA GPU (sm_90) without
-one: Triton's compiler runs ahead of time (ASTSource + GPUTarget, its bundled ptxas), so
-type errors that the interpreter tolerates fail here. Run as a script, without
+"""Compiles every Triton kernel variant the ops launch for NVIDIA GPUs (sm_90 and sm_80)
+without one, as Triton's runtime would compile it: the signature, the constants and the
+divisibility hints come from Triton's own specialisation of the launch's real arguments
+(the binder JITFunction.run uses: an int equal to 1 becomes a constant, other ints are typed
+i32 or i64 by value, pointers and ints divisible by 16 get hints), not a hand-written
+signature. Then Triton's compiler runs ahead of time (ASTSource + GPUTarget, its bundled
+ptxas): type errors the interpreter tolerates fail here. Run as a script, without
 TRITON_INTERPRET (tests/test_triton.py does). Prints one line per compiled variant."""
 import os
 import sys
@@ -10,39 +14,72 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTER
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import fusednorm.triton.ops as tops  # noqa: E402
 
-_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 seen = {}
 
 
-def _type(v):
-    if isinstance(v, torch.Tensor):
-        return "*" + _TYPES[v.dtype]
-    if isinstance(v, bool):
-        return "i1"
-    if isinstance(v, int):
-        return "i64"
-    raise TypeError(f"unexpected kernel argument {v!r}")
-
-
 def record(kernel, grid, *args, **meta):
-    """Stands in for ops._launch: compiles instead of launching."""
-    num_warps = meta.pop("num_warps", 4)
-    runtime = [p for p in kernel.params if not p.is_constexpr]
-    assert len(runtime) == len(args), (kernel.__name__, len(runtime), len(args))
-    signature = {p.name: _type(a) for p, a in zip(runtime, args)}
-    signature.update({p.name: "constexpr" for p in kernel.params if p.is_constexpr})
-    key = (kernel.__name__, tuple(signature.items()), tuple(sorted((k, str(v)) for k, v in meta.items())), num_warps)
-    if key in seen:
-        return
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=meta),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **tops.COMPILE_OPTIONS})
-    seen[key] = compiled
-    print(kernel.__name__, {k: v for k, v in meta.items()}, "warps", num_warps,
-          "shared", compiled.metadata.shared, flush=True)
+    """Stands in for ops._launch: compiles instead of launching, for each target."""
+    meta = dict(meta, **tops.COMPILE_OPTIONS)
+    assert all(0 < g < 2 ** 31 for g in grid), (kernel.__name__, grid)  # CUDA's grid limits
+    assert len(grid) < 2 or all(g < 65536 for g in grid[1:]), (kernel.__name__, grid)
+    for target in TARGETS:
+        backend = make_backend(target)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*args, **meta)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound, specialization, options)
+        key = (target.arch, kernel.__name__, tuple(signature.items()), tuple(sorted(map(str, constexprs.items()))),
+               tuple(sorted(map(str, attrs.items()))), options.num_warps)
+        if key in seen:
+            continue
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        seen[key] = compiled
+        consts = {k[0] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
+        print(f"sm_{target.arch}", kernel.__name__, consts, "warps", options.num_warps,
+              "shared", compiled.metadata.shared, flush=True)
+
+
+def edge_sizes(ops):
+    """Real calls at the sizes where the runtime's specialisation changes: 1-element rows, a
+    batch of one, one channel, spatial size one; every dtype, NCHW and channels_last, with
+    and without parameters, running statistics and an activation."""
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        pd = torch.float64 if dtype == torch.float64 else torch.float32
+        for shape in ((1, 1, 1, 1), (1, 3, 1, 1), (2, 1, 1, 3), (1, 1, 2, 2), (3, 2, 1, 1), (2, 2)):
+            c = shape[1]
+            x = torch.randn(shape).to(dtype)
+            layouts = [x] + ([x.to(memory_format=torch.channels_last)] if x.dim() == 4 else [])
+            for xi in layouts:
+                # float32 every combination; the other dtypes (their own pointer types, the
+                # same integer specialisation) with parameters and an activation.
+                for affine in (True, False) if dtype == torch.float32 else (True,):
+                    w = torch.ones(c, dtype=pd) if affine else None
+                    b = torch.zeros(c, dtype=pd) if affine else None
+                    rm, rv = torch.zeros(c, dtype=pd), torch.ones(c, dtype=pd)
+                    for act in (0, 2) if dtype == torch.float32 else (2,):
+                        for training in (True, False):
+                            ops.batch_norm_fwd(xi, w, b, rm, rv, training, 0.1, 1e-5, act, 0.2)
+                            ops.batch_norm_bwd(xi, xi, w, b, rm, rv, training, act, 0.2, [True, affine, affine])
+                        ops.batch_norm_stats(xi)
+                        ops.instance_norm_fwd(xi, w, b, rm, rv, 0.1, 1e-5, act, 0.2)
+                        ops.instance_norm_fwd(xi, w, b, None, None, 0.1, 1e-5, act, 0.2)
+                        n = xi.shape[0]
+                        st = torch.zeros(n, c, dtype=pd)
+                        ops.group_norm_bwd(xi, xi, c, st, st + 1, w, b, act, 0.2, [True, affine, affine])
+                        ops.group_norm_fwd(xi, 1, w, b, 1e-5, act, 0.2)
+                        last = list(xi.shape[-1:])
+                        lw = torch.ones(last, dtype=pd) if affine else None
+                        lb = torch.zeros(last, dtype=pd) if affine else None
+                        rows = xi.numel() // last[0]
+                        ops.layer_norm_fwd(xi, last, lw, lb, 1e-5, act, 0.2)
+                        ops.layer_norm_bwd(xi, xi, last, torch.zeros(rows, dtype=pd), torch.ones(rows, dtype=pd),
+                                           lw, lb, act, 0.2, [True, affine, affine])
 
 
 def main():
@@ -71,8 +108,9 @@ def main():
     big = torch.randn(2, 5000)  # a row longer than one block: the largest BLOCK, more warps
     ops.layer_norm_fwd(big, [5000], None, None, 1e-5, 0, 0.0)
     ops.layer_norm_bwd(big, big, [5000], torch.zeros(2), torch.ones(2), None, None, 0, 0.0, [True, False, False])
-    print(f"compiled {len(seen)} kernel variants for sm_90")
-    names = {k[0] for k in seen}
+    edge_sizes(ops)
+    print(f"compiled {len(seen)} kernel variants for sm_90 and sm_80")
+    names = {k[1] for k in seen}
     expected = {"channel_moments_kernel", "channel_finish_kernel", "channel_apply_kernel",
                 "channel_grad_sums_kernel", "channel_input_grad_kernel", "row_fwd_kernel",
                 "row_bwd_kernel", "instance_running_kernel"}

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -74,6 +75,12 @@ T atomic_add(T* p, T v) {
 // blocks in order, with a barrier between blocks.
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
+  // The runtime's own launch checks (launch.h's check_launch also counts static shared
+  // memory, which only the launcher knows).
+  if (uint64_t(block.x) * block.y * block.z > 1024 || block.x * block.y * block.z == 0 ||
+      grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
+      grid.z > 65535 || smem > 48 * 1024)
+    throw std::runtime_error("emulated CUDA launch outside the runtime's limits");
   const int threads = int(block.x * block.y * block.z);
   Block b(threads, smem);
   std::vector<std::thread> pool;

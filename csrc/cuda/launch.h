@@ -1,6 +1,8 @@
 // Launch code shared by the GPU build and the CPU emulation: grid/block sizes, tier choice,
 // split counts. Takes raw pointers (allocation and checks live in bindings.h).
 #pragma once
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 
 #include "elementwise_kernels.cuh"
@@ -26,13 +28,41 @@ inline Limits& limits() {
 
 enum class RowTier { Warp4, Warp16, Block, Long };
 
+// Shared memory a block-tier row kernel needs: its dynamic row cache (the row, and in
+// backward its gradient too) plus its static reduction slots.
+template <typename A>
+inline int64_t row_block_smem(int64_t L, bool backward) {
+  return L * int64_t(sizeof(A)) * (backward ? 2 : 1) +
+         int64_t(backward ? kRowBwdStaticSmem<A> : kRowFwdStaticSmem<A>);
+}
+
 template <typename A>
 inline RowTier row_tier(int64_t L, bool backward) {
   const Limits& lim = limits();
   if (L <= 4 * kWarp && lim.warp_cols >= 4) return RowTier::Warp4;
   if (L <= lim.warp_cols * kWarp && lim.warp_cols >= 16) return RowTier::Warp16;
-  const int64_t bytes = L * int64_t(sizeof(A)) * (backward ? 2 : 1);
-  return bytes <= lim.smem_bytes ? RowTier::Block : RowTier::Long;
+  return row_block_smem<A>(L, backward) <= lim.smem_bytes ? RowTier::Block : RowTier::Long;
+}
+
+// What the CUDA runtime checks at a launch (no kernel here opts in to more than the default
+// shared memory): outside these limits a launch fails with an invalid-configuration or
+// invalid-value error. Checked before every launch, in the GPU build and in the emulation,
+// so that an over-limit launch fails the tests as it would fail on a GPU.
+constexpr int64_t kMaxThreadsPerBlock = 1024;
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kMaxGridYZ = 65535;
+constexpr int64_t kMaxSharedPerBlock = 48 * 1024;  // static + dynamic, without opt-in
+
+inline void check_launch(const char* kernel, int64_t grid_x, int64_t grid_y, int64_t threads,
+                         int64_t dynamic_smem, int64_t static_smem) {
+  TORCH_CHECK(threads >= 1 && threads <= kMaxThreadsPerBlock, kernel, ": ", threads,
+              " threads per block (CUDA allows 1 to ", kMaxThreadsPerBlock, ")");
+  TORCH_CHECK(grid_x >= 1 && grid_x <= kMaxGridX && grid_y >= 1 && grid_y <= kMaxGridYZ, kernel,
+              ": grid (", grid_x, ", ", grid_y, ") outside CUDA's limits (x up to ", kMaxGridX,
+              ", y up to ", kMaxGridYZ, ")");
+  TORCH_CHECK(dynamic_smem + static_smem <= kMaxSharedPerBlock, kernel, ": ", static_smem,
+              " bytes of static and ", dynamic_smem, " of dynamic shared memory per block (CUDA "
+              "allows ", kMaxSharedPerBlock, " in all without opting in)");
 }
 
 inline const char* row_tier_name(RowTier t) {
@@ -55,18 +85,22 @@ void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type>
   const Limits& lim = limits();
   const RowTier tier = row_tier<A>(sh.L, false);
   if (tier == RowTier::Warp4 || tier == RowTier::Warp16) {
-    const dim3 block(kWarp, 4);
-    const dim3 grid(unsigned(ceil_div(sh.R, 4)));
+    const dim3 block(kWarp, 4);  // a warp per row, grid-stride over the rows
+    const int64_t blocks = std::min(ceil_div(sh.R, 4), lim.max_blocks);
+    check_launch("row_fwd_warp", blocks, 1, 4 * kWarp, 0, 0);
     if (tier == RowTier::Warp4)
-      FN_LAUNCH((row_fwd_warp<T, 4>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2);
+      FN_LAUNCH((row_fwd_warp<T, 4>), dim3(unsigned(blocks)), block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2);
     else
-      FN_LAUNCH((row_fwd_warp<T, 16>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2);
+      FN_LAUNCH((row_fwd_warp<T, 16>), dim3(unsigned(blocks)), block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2);
   } else {
-    const dim3 grid(unsigned(std::min(sh.R, lim.max_blocks)));
-    if (tier == RowTier::Block)
-      FN_LAUNCH((row_fwd_block<T, true>), grid, dim3(lim.threads), sh.L * sizeof(A), stream, x, y, sh, pr, eps, mean, rstd, m2);
+    const int64_t blocks = std::min(sh.R, lim.max_blocks);
+    const bool cache = tier == RowTier::Block;
+    const int64_t smem = cache ? sh.L * int64_t(sizeof(A)) : 0;
+    check_launch("row_fwd_block", blocks, 1, lim.threads, smem, kRowFwdStaticSmem<A>);
+    if (cache)
+      FN_LAUNCH((row_fwd_block<T, true>), dim3(unsigned(blocks)), dim3(lim.threads), smem, stream, x, y, sh, pr, eps, mean, rstd, m2);
     else
-      FN_LAUNCH((row_fwd_block<T, false>), grid, dim3(lim.threads), 0, stream, x, y, sh, pr, eps, mean, rstd, m2);
+      FN_LAUNCH((row_fwd_block<T, false>), dim3(unsigned(blocks)), dim3(lim.threads), 0, stream, x, y, sh, pr, eps, mean, rstd, m2);
   }
   FN_LAUNCH_CHECK();
 }
@@ -80,18 +114,22 @@ void row_backward(const T* x, const T* dy, T* dx, RowShape sh, RowParams<typenam
   const Limits& lim = limits();
   const RowTier tier = row_tier<A>(sh.L, true);
   if (tier == RowTier::Warp4 || tier == RowTier::Warp16) {
-    const dim3 block(kWarp, 4);
-    const dim3 grid(unsigned(ceil_div(sh.R, 4)));
+    const dim3 block(kWarp, 4);  // a warp per row, grid-stride over the rows
+    const int64_t blocks = std::min(ceil_div(sh.R, 4), lim.max_blocks);
+    check_launch("row_bwd_warp", blocks, 1, 4 * kWarp, 0, 0);
     if (tier == RowTier::Warp4)
-      FN_LAUNCH((row_bwd_warp<T, 4>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd);
+      FN_LAUNCH((row_bwd_warp<T, 4>), dim3(unsigned(blocks)), block, 0, stream, x, dy, dx, sh, pr, mean, rstd);
     else
-      FN_LAUNCH((row_bwd_warp<T, 16>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd);
+      FN_LAUNCH((row_bwd_warp<T, 16>), dim3(unsigned(blocks)), block, 0, stream, x, dy, dx, sh, pr, mean, rstd);
   } else {
-    const dim3 grid(unsigned(std::min(sh.R, lim.max_blocks)));
-    if (tier == RowTier::Block)
-      FN_LAUNCH((row_bwd_block<T, true>), grid, dim3(lim.threads), 2 * sh.L * sizeof(A), stream, x, dy, dx, sh, pr, mean, rstd);
+    const int64_t blocks = std::min(sh.R, lim.max_blocks);
+    const bool cache = tier == RowTier::Block;
+    const int64_t smem = cache ? 2 * sh.L * int64_t(sizeof(A)) : 0;
+    check_launch("row_bwd_block", blocks, 1, lim.threads, smem, kRowBwdStaticSmem<A>);
+    if (cache)
+      FN_LAUNCH((row_bwd_block<T, true>), dim3(unsigned(blocks)), dim3(lim.threads), smem, stream, x, dy, dx, sh, pr, mean, rstd);
     else
-      FN_LAUNCH((row_bwd_block<T, false>), grid, dim3(lim.threads), 0, stream, x, dy, dx, sh, pr, mean, rstd);
+      FN_LAUNCH((row_bwd_block<T, false>), dim3(unsigned(blocks)), dim3(lim.threads), 0, stream, x, dy, dx, sh, pr, mean, rstd);
   }
   FN_LAUNCH_CHECK();
 }
@@ -119,6 +157,9 @@ void channel_reduce(const ChannelPlan& plan, const Op& op, const T* x, const T* 
                     typename Op::State* partials, int* tickets, fn_stream_t stream) {
   if (plan.C == 0) return;
   const Limits& lim = limits();
+  check_launch(plan.nhwc ? "channel_reduce_nhwc" : "channel_reduce_nchw",
+               plan.nhwc ? plan.groups() : plan.C, plan.splits, plan.nhwc ? kWarp * 8 : lim.threads, 0,
+               0);  // static slots: a few KiB at most (reduce_kernels.cuh)
   if (plan.nhwc) {
     const dim3 grid(unsigned(plan.groups()), unsigned(plan.splits));
     FN_LAUNCH((channel_reduce_nhwc<T, Op>), grid, dim3(kWarp, 8), 0, stream, op, x, dy,

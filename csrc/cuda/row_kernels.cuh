@@ -2,7 +2,7 @@
 // statistics per row, affine parameter of element i of row r at (r % G)*P + i/S
 // (LayerNorm: G=1, P=L, S=1; GroupNorm: P=C/G channels of S elements; InstanceNorm: G=C).
 // Three tiers by row length, as in OneFlow's layer_norm.cuh:
-//   warp:  one warp per row, the row in registers (L <= 32*COLS);
+//   warp:  one warp per row, the row in registers (L <= 32*COLS), grid-stride over rows;
 //   block: one block per row, the row cached in shared memory (CACHE=true);
 //   long:  one block per row reading global memory twice (CACHE=false).
 // Forward: statistics then y = act(z), z = (x - mean)*(rstd*gamma) + beta (norm_math.h's
@@ -18,6 +18,14 @@ struct RowShape {
   int64_t R, L, G, P, S;
   __device__ __forceinline__ int64_t param(int64_t r, int64_t i) const { return (r % G) * P + i / S; }
 };
+
+// Static shared memory of the block-tier kernels (block_merge's and block_sum2's slots,
+// device.h). CUDA counts it with the dynamic row cache against the per-block limit, so the
+// tier choice (launch.h) counts it too.
+template <typename A>
+constexpr size_t kRowFwdStaticSmem = 3 * kWarp * sizeof(A);
+template <typename A>
+constexpr size_t kRowBwdStaticSmem = 2 * kWarp * sizeof(A);
 
 template <typename A>
 struct RowParams {
@@ -49,29 +57,33 @@ __global__ void row_fwd_warp(const T* __restrict__ x, T* __restrict__ y, RowShap
                              typename Acc<T>::type* m2_out) {
   using A = typename Acc<T>::type;
   const int lane = threadIdx.x;
-  const int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
-  const bool active = r < sh.R;  // inactive warps still join the shuffles
-  A v[COLS];
-  Moments<A> m{A(0), A(0), A(0)};
-  for (int k = 0; k < COLS; ++k) {
-    const int64_t i = lane + int64_t(k) * kWarp;
-    v[k] = active && i < sh.L ? to_acc(x[r * sh.L + i]) : A(0);
-    if (active && i < sh.L) welford_add(m, v[k]);
-  }
-  m = warp_merge(m);
-  const A rstd = rstd_from_m2<A>(m.m2, sh.L, eps);
-  if (!active) return;  // after the last shuffle
-  for (int k = 0; k < COLS; ++k) {
-    const int64_t i = lane + int64_t(k) * kWarp;
-    if (i < sh.L) {
-      const int64_t p = sh.param(r, i);
-      y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v[k], m.mean, rstd, p, pr), pr.act, pr.slope));
+  // Grid-stride over groups of blockDim.y rows (the grid is capped); r0 is uniform across
+  // the block, so every warp takes part in every shuffle.
+  for (int64_t r0 = int64_t(blockIdx.x) * blockDim.y; r0 < sh.R; r0 += int64_t(gridDim.x) * blockDim.y) {
+    const int64_t r = r0 + threadIdx.y;
+    const bool active = r < sh.R;  // inactive warps still join the shuffles
+    A v[COLS];
+    Moments<A> m{A(0), A(0), A(0)};
+    for (int k = 0; k < COLS; ++k) {
+      const int64_t i = lane + int64_t(k) * kWarp;
+      v[k] = active && i < sh.L ? to_acc(x[r * sh.L + i]) : A(0);
+      if (active && i < sh.L) welford_add(m, v[k]);
     }
-  }
-  if (lane == 0) {
-    mean_out[r] = m.mean;
-    rstd_out[r] = rstd;
-    if (m2_out) m2_out[r] = m.m2;
+    m = warp_merge(m);
+    const A rstd = rstd_from_m2<A>(m.m2, sh.L, eps);
+    if (!active) continue;  // after the last shuffle
+    for (int k = 0; k < COLS; ++k) {
+      const int64_t i = lane + int64_t(k) * kWarp;
+      if (i < sh.L) {
+        const int64_t p = sh.param(r, i);
+        y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v[k], m.mean, rstd, p, pr), pr.act, pr.slope));
+      }
+    }
+    if (lane == 0) {
+      mean_out[r] = m.mean;
+      rstd_out[r] = rstd;
+      if (m2_out) m2_out[r] = m.m2;
+    }
   }
 }
 
@@ -120,29 +132,31 @@ __global__ void row_bwd_warp(const T* __restrict__ x, const T* __restrict__ dy, 
                              const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd) {
   using A = typename Acc<T>::type;
   const int lane = threadIdx.x;
-  const int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
-  const bool active = r < sh.R;
-  const A mu = active ? mean[r] : A(0), rs = active ? rstd[r] : A(0);
-  A xh[COLS], g[COLS];
-  A sum_g = 0, sum_gx = 0;
-  for (int k = 0; k < COLS; ++k) {
-    const int64_t i = lane + int64_t(k) * kWarp;
-    xh[k] = g[k] = A(0);
-    if (active && i < sh.L) {
-      const A v = to_acc(x[r * sh.L + i]);
-      xh[k] = (v - mu) * rs;
-      g[k] = scaled_grad(v, mu, rs, to_acc(dy[r * sh.L + i]), sh.param(r, i), pr);
-      sum_g += g[k];
-      sum_gx += g[k] * xh[k];
+  const A inv_l = inverse_count<A>(sh.L);
+  for (int64_t r0 = int64_t(blockIdx.x) * blockDim.y; r0 < sh.R; r0 += int64_t(gridDim.x) * blockDim.y) {
+    const int64_t r = r0 + threadIdx.y;
+    const bool active = r < sh.R;
+    const A mu = active ? mean[r] : A(0), rs = active ? rstd[r] : A(0);
+    A xh[COLS], g[COLS];
+    A sum_g = 0, sum_gx = 0;
+    for (int k = 0; k < COLS; ++k) {
+      const int64_t i = lane + int64_t(k) * kWarp;
+      xh[k] = g[k] = A(0);
+      if (active && i < sh.L) {
+        const A v = to_acc(x[r * sh.L + i]);
+        xh[k] = (v - mu) * rs;
+        g[k] = scaled_grad(v, mu, rs, to_acc(dy[r * sh.L + i]), sh.param(r, i), pr);
+        sum_g += g[k];
+        sum_gx += g[k] * xh[k];
+      }
     }
-  }
-  sum_g = warp_sum(sum_g);
-  sum_gx = warp_sum(sum_gx);
-  if (!active) return;
-  const A inv_l = A(1) / A(sh.L);
-  for (int k = 0; k < COLS; ++k) {
-    const int64_t i = lane + int64_t(k) * kWarp;
-    if (i < sh.L) dx[r * sh.L + i] = from_acc<T>(rs * (g[k] - sum_g * inv_l - xh[k] * sum_gx * inv_l));
+    sum_g = warp_sum(sum_g);
+    sum_gx = warp_sum(sum_gx);
+    if (!active) continue;
+    for (int k = 0; k < COLS; ++k) {
+      const int64_t i = lane + int64_t(k) * kWarp;
+      if (i < sh.L) dx[r * sh.L + i] = from_acc<T>(rs * (g[k] - sum_g * inv_l - xh[k] * sum_gx * inv_l));
+    }
   }
 }
 
@@ -153,7 +167,7 @@ __global__ void row_bwd_block(const T* __restrict__ x, const T* __restrict__ dy,
   using A = typename Acc<T>::type;
   FN_DYNAMIC_SMEM(A, cache);  // CACHE: xhat in [0, L), g in [L, 2L)
   const int tid = threadIdx.x, nt = blockDim.x;
-  const A inv_l = A(1) / A(sh.L);
+  const A inv_l = inverse_count<A>(sh.L);
   for (int64_t r = blockIdx.x; r < sh.R; r += gridDim.x) {
     const T* xr = x + r * sh.L;
     const T* gr = dy + r * sh.L;

@@ -75,7 +75,7 @@ def channel_finish_kernel(part_mean_ptr, part_m2_ptr, splits, rows_per_split, M,
         mean = tl.zeros([BLOCK_C], ACC)
         m2 = tl.zeros([BLOCK_C], ACC)
         for s in range(0, splits):
-            n_s = tl.minimum(rows_per_split, M - s * rows_per_split).to(ACC)
+            n_s = tl.cast(tl.minimum(rows_per_split, M - s * rows_per_split), ACC)
             p_mean = tl.load(part_mean_ptr + s * C + c, mask=cmask, other=0.0)
             p_m2 = tl.load(part_m2_ptr + s * C + c, mask=cmask, other=0.0)
             count, mean, m2 = merge(count, mean, m2, tl.zeros([BLOCK_C], ACC) + n_s, p_mean, p_m2)
@@ -173,7 +173,7 @@ def channel_input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, 
     if TRAINING:
         sum_dy = tl.load(sum_g_ptr + c, mask=mask, other=0.0) * alpha
         sum_dyxhat = tl.load(sum_gx_ptr + c, mask=mask, other=0.0) * gamma
-        a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, count.to(ACC))
+        a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, tl.cast(count, ACC))
         dx = a * g + b * (x - mean) + k
     else:
         dx = alpha * g

@@ -98,7 +98,7 @@ def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G
     for i0 in range(0, L, BLOCK):
         i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
                                            mean, rstd, slope, ACT, HAS_W, HAS_B, ACC, BLOCK)
-        a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, L.to(ACC))
+        a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, tl.cast(L, ACC))
         tl.store(dx_ptr + row + i, round_for(a * g + b * (x - mean) + k, dx_ptr), mask=mask)
 
 
@@ -115,9 +115,9 @@ def instance_running_kernel(mean_ptr, m2_ptr, rm_ptr, rv_ptr, N, C, S, scalars_p
     fresh_var = tl.zeros([BLOCK_C], ACC)
     for n in range(0, N):
         fresh_mean += tl.load(mean_ptr + n * C + c, mask=cmask, other=0.0)
-        fresh_var += unbiased_var(tl.load(m2_ptr + n * C + c, mask=cmask, other=0.0), S.to(ACC))
-    fresh_mean = fresh_mean / N.to(ACC)
-    fresh_var = fresh_var / N.to(ACC)
+        fresh_var += unbiased_var(tl.load(m2_ptr + n * C + c, mask=cmask, other=0.0), tl.cast(S, ACC))
+    fresh_mean = fresh_mean / tl.cast(N, ACC)
+    fresh_var = fresh_var / tl.cast(N, ACC)
     if HAS_RM:
         r = tl.load(rm_ptr + c, mask=cmask).to(ACC)
         tl.store(rm_ptr + c, round_for((1.0 - momentum) * r + momentum * fresh_mean, rm_ptr), mask=cmask)
