@@ -61,5 +61,4 @@ inline at::Tensor like_layout(const at::Tensor& g, const BnLayout& l) {
   return l.format == at::MemoryFormat::Preserve ? g : g.contiguous(l.format);
 }
 
-
 }  // namespace fusednorm
