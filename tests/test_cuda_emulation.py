@@ -4,6 +4,8 @@ torch.ops.fusednorm_emu.*, compared with torch.nn on shapes small enough for the
 but chosen (with lowered limits) to reach every row tier, both BatchNorm layouts, the
 vectorised and scalar elementwise paths, and the multi-block (grid-level) reductions."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -321,3 +323,51 @@ def test_over_limit_launch_is_refused(emu):
     x = data((2, 12280), torch.float32)
     with pytest.raises(RuntimeError, match="shared memory"):
         ops().layer_norm_fwd(x, [12280], None, None, 1e-5, 0, 0.0)
+
+
+def cubin_shared_memory(so_path):
+    """{demangled kernel name: SHARED bytes} from `cuobjdump -res-usage` (the one in the triton
+    wheel) of a built extension; None if the tool is missing."""
+    import re
+    import shutil
+    import subprocess
+    try:
+        import triton
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    except ImportError:
+        tool = shutil.which("cuobjdump")
+    if not tool or not os.path.exists(tool):
+        return None
+    out = subprocess.run([tool, "-res-usage", so_path], capture_output=True, text=True, timeout=300)
+    lines = out.stdout.splitlines()
+    mangled = {}
+    for line, nxt in zip(lines, lines[1:]):
+        m, sh = re.match(r"\s*Function (\S+):", line), re.search(r"SHARED:(\d+)", nxt)
+        if m and sh:
+            mangled[m.group(1)] = int(sh.group(1))
+    names = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True).stdout.split("\n")
+    return {n: v for n, v in zip(names, mangled.values())}
+
+
+# sm_80 and newer reserve 1 KiB of shared memory per block for the system; cuobjdump counts
+# it in SHARED, the 48 KiB a launch may use without opting in does not.
+RESERVED_SMEM = 1024
+
+
+def test_static_shared_memory_matches_the_cubin(emu):
+    """What launch.h counts as the block-tier row kernels' static shared memory (and the
+    emulation checks launches with) is what the compiler allotted them in the CUDA build."""
+    import fusednorm
+    if not fusednorm._C.with_cuda:
+        pytest.skip("this fusednorm was built without its CUDA kernels: no cubin to read")
+    usage = cubin_shared_memory(fusednorm._C.__file__)
+    if usage is None:
+        pytest.skip("cuobjdump not found (it ships in the triton wheel)")
+    checked = 0
+    for name, shared in usage.items():
+        for direction, backward in (("row_fwd_block<", False), ("row_bwd_block<", True)):
+            if direction in name:
+                double = "<double," in name
+                assert shared - RESERVED_SMEM == emu.row_static_smem(backward, double), (name, shared)
+                checked += 1
+    assert checked >= 16, usage  # 4 dtypes x cache on/off x 2 directions

@@ -29,6 +29,13 @@ std::string tier_name(int64_t L, bool backward, bool double_precision) {
   return row_tier_name(double_precision ? row_tier<double>(L, backward) : row_tier<float>(L, backward));
 }
 
+// The static shared memory launch.h counts for a block-tier row kernel (row_kernels.cuh).
+int64_t row_static_smem(bool backward, bool double_precision) {
+  using namespace fusednorm::cuda;
+  if (double_precision) return int64_t(backward ? kRowBwdStaticSmem<double> : kRowFwdStaticSmem<double>);
+  return int64_t(backward ? kRowBwdStaticSmem<float> : kRowFwdStaticSmem<float>);
+}
+
 int64_t splits(bool nhwc, int64_t N, int64_t C, int64_t S) {
   return fusednorm::cuda::plan_channels(nhwc, N, C, S).splits;
 }
@@ -39,4 +46,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_limits", &set_limits);
   m.def("row_tier", &tier_name);
   m.def("splits", &splits);
+  m.def("row_static_smem", &row_static_smem);
 }
