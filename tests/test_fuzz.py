@@ -63,6 +63,18 @@ class Worker:
             self.proc.wait(timeout=60)
 
 
+def make_worker(backend):
+    """A Worker for `backend` ("cpu", "triton" or "emulation"): skips without triton; builds
+    the emulation here (once, cached), so that a worker start only loads it."""
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+    if backend == "emulation":
+        from emulation import build_dir, load_emulation
+        load_emulation()
+        return Worker(backend, build_dir())
+    return Worker(backend)
+
+
 def examples(config, backend):
     n = config.getoption("--fuzz-examples")
     return n if backend == "cpu" else max(10, n // 10)
@@ -76,8 +88,10 @@ def workers():
         w.close()
 
 
-def fuzz(backend, workers, request, first_line=None):
-    worker = workers.setdefault(backend, Worker(backend, first_line))
+def fuzz(backend, workers, request):
+    if backend not in workers:
+        workers[backend] = make_worker(backend)
+    worker = workers[backend]
 
     @settings(max_examples=examples(request.config, backend), deadline=None, database=None,
               suppress_health_check=list(HealthCheck), print_blob=True)
@@ -96,12 +110,9 @@ def test_fuzz_cpu(workers, request):
 
 @pytest.mark.slow
 def test_fuzz_triton_interpreter(workers, request):
-    pytest.importorskip("triton", reason="the Triton backend needs the triton package")
     fuzz("triton", workers, request)
 
 
 @pytest.mark.slow
 def test_fuzz_cuda_emulation(workers, request):
-    from emulation import build_dir, load_emulation
-    load_emulation()  # build here (once, cached), so a worker start only loads it
-    fuzz("emulation", workers, request, first_line=build_dir())
+    fuzz("emulation", workers, request)

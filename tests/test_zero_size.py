@@ -9,7 +9,7 @@ import torch
 
 import fusednorm
 from helpers import TRITON_CPU
-from test_fuzz import Worker
+from test_fuzz import make_worker
 
 # Each: a fuzz case (tests/fuzz/cases.py) that failed before the fix.
 BASE = {"seed": 3, "dtype": "float32", "train": True, "activation": "relu", "slope": 0.2,
@@ -59,7 +59,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def cpu_worker():
-    w = Worker("cpu")
+    w = make_worker("cpu")
     yield w
     w.close()
 
@@ -73,13 +73,7 @@ def test_regression_case_matches_torch(cpu_worker, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["triton", "emulation"])
 def test_regression_cases_other_backends(backend):
-    pytest.importorskip("triton") if backend == "triton" else None
-    first = None
-    if backend == "emulation":
-        from emulation import build_dir, load_emulation
-        load_emulation()
-        first = build_dir()
-    w = Worker(backend, first)
+    w = make_worker(backend)
     try:
         errors = {name: w.run(case) for name, case in CASES.items()}
     finally:

@@ -28,12 +28,17 @@ inline Limits& limits() {
 
 enum class RowTier { Warp4, Warp16, Block, Long };
 
-// Shared memory a block-tier row kernel needs: its dynamic row cache (the row, and in
-// backward its gradient too) plus its static reduction slots.
+// A block-tier row kernel's dynamic row cache: the row, and in backward its gradient too.
+template <typename A>
+inline int64_t row_cache_bytes(int64_t L, bool backward) {
+  return L * int64_t(sizeof(A)) * (backward ? 2 : 1);
+}
+
+// All the shared memory a block-tier row kernel needs: the cache and its static reduction
+// slots.
 template <typename A>
 inline int64_t row_block_smem(int64_t L, bool backward) {
-  return L * int64_t(sizeof(A)) * (backward ? 2 : 1) +
-         int64_t(backward ? kRowBwdStaticSmem<A> : kRowFwdStaticSmem<A>);
+  return row_cache_bytes<A>(L, backward) + int64_t(backward ? kRowBwdStaticSmem<A> : kRowFwdStaticSmem<A>);
 }
 
 template <typename A>
@@ -95,7 +100,7 @@ void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type>
   } else {
     const int64_t blocks = std::min(sh.R, lim.max_blocks);
     const bool cache = tier == RowTier::Block;
-    const int64_t smem = cache ? sh.L * int64_t(sizeof(A)) : 0;
+    const int64_t smem = cache ? row_cache_bytes<A>(sh.L, false) : 0;
     check_launch("row_fwd_block", blocks, 1, lim.threads, smem, kRowFwdStaticSmem<A>);
     if (cache)
       FN_LAUNCH((row_fwd_block<T, true>), dim3(unsigned(blocks)), dim3(lim.threads), smem, stream, x, y, sh, pr, eps, mean, rstd, m2);
@@ -124,7 +129,7 @@ void row_backward(const T* x, const T* dy, T* dx, RowShape sh, RowParams<typenam
   } else {
     const int64_t blocks = std::min(sh.R, lim.max_blocks);
     const bool cache = tier == RowTier::Block;
-    const int64_t smem = cache ? 2 * sh.L * int64_t(sizeof(A)) : 0;
+    const int64_t smem = cache ? row_cache_bytes<A>(sh.L, true) : 0;
     check_launch("row_bwd_block", blocks, 1, lim.threads, smem, kRowBwdStaticSmem<A>);
     if (cache)
       FN_LAUNCH((row_bwd_block<T, true>), dim3(unsigned(blocks)), dim3(lim.threads), smem, stream, x, dy, dx, sh, pr, mean, rstd);
