@@ -12,10 +12,13 @@
 //    rounded size (like CUDA's caching allocator): a training loop, which repeats its
 //    shapes, writes warm memory. The cache holds at most FUSEDNORM_CPU_CACHE_MB megabytes
 //    (default 256; 0 disables it); fusednorm.empty_cpu_cache() frees it.
+// Each block handed out and given back is reported to torch's profiler, as torch's own CPU
+// allocator reports its allocations, so memory profiles (profile_memory=True) count it.
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
@@ -58,6 +61,7 @@ class OutputAllocator final : public c10::Allocator {
 #endif
       b = new Block{p, size};
     }
+    report(b, int64_t(size));
     return {b->data, b, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -92,6 +96,7 @@ class OutputAllocator final : public c10::Allocator {
   static void release(void* ctx) {
     Block* b = static_cast<Block*>(ctx);
     OutputAllocator& self = get();
+    self.report(b, -int64_t(b->size));
     {
       std::lock_guard<std::mutex> lock(self.mutex_);
       if (self.cached_bytes_ + b->size <= self.limit_) {
@@ -103,6 +108,13 @@ class OutputAllocator final : public c10::Allocator {
     destroy(b);
   }
 
+  // delta: +size handed out, -size given back (to the cache or the system).
+  void report(Block* b, int64_t delta) {
+    const size_t live = live_bytes_.fetch_add(size_t(delta)) + size_t(delta);  // modulo 2^64
+    if (c10::memoryProfilingEnabled())
+      c10::reportMemoryUsageToProfiler(b->data, delta, live, live, c10::Device(c10::DeviceType::CPU));
+  }
+
   static void destroy(Block* b) {
     std::free(b->data);
     delete b;
@@ -111,6 +123,7 @@ class OutputAllocator final : public c10::Allocator {
   std::mutex mutex_;
   std::unordered_map<size_t, std::vector<Block*>> cached_;
   size_t cached_bytes_ = 0;
+  std::atomic<size_t> live_bytes_{0};  // handed out and not yet given back
   const size_t limit_ = cache_limit_from_env();
 };
 
