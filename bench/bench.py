@@ -35,7 +35,8 @@ import torch.utils.benchmark as tb  # noqa: E402
 import fusednorm
 
 ROUNDS = 3
-ACT_MODULES = {None: None, "relu": lambda: nn.ReLU(), "leaky_relu": lambda: nn.LeakyReLU(0.01)}
+ACT_MODULES = {None: None, "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "silu": nn.SiLU,
+               "gelu": nn.GELU, "hardswish": nn.Hardswish}
 
 
 @dataclasses.dataclass
@@ -150,13 +151,30 @@ def copy_bandwidth(numel, dtype, device, min_run_time, cache={}):
 
 
 def peak_memory(fn, device):
-    if not device.startswith("cuda"):
-        return None  # no allocator statistics for the CPU
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    sync(device)
-    return torch.cuda.max_memory_allocated() - base
+    """Peak bytes allocated during one call of fn beyond what was allocated before it (its
+    inputs and the parameters are not counted): the allocator's statistics on a GPU; on the
+    CPU, which keeps none, the allocations and frees torch's profiler records, in order."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - base
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.typed[0] == _EventType.Allocation:  # size < 0: a free
+            sizes.append((e.start_time_ns, e.typed[1].alloc_size))
+    live = peak = 0
+    for _, size in sorted(sizes):
+        live += size
+        peak = max(peak, live)
+    return peak
 
 
 def run_case(case, compile_ref, min_run_time):
@@ -218,6 +236,12 @@ def default_cases():
                 Case("LayerNorm", (8192, 1024), None, True, True, dtype, device=dev, backend=backend),
             ]
         cases += [
+            # Activations that save their input in eager (fusing them saves that tensor):
+            # YOLO / EfficientNet (BatchNorm -> SiLU), diffusion UNets (GroupNorm(32) -> SiLU),
+            # ViT-B/16 at batch 32 (LayerNorm(768) -> GELU over 32 x 197 tokens).
+            Case("BatchNorm2d", big, "silu", True, True, "float32", device=dev, backend=backend),
+            Case("GroupNorm", big, "silu", True, True, "float32", device=dev, backend=backend),
+            Case("LayerNorm", (6304, 768), "gelu", True, True, "float32", device=dev, backend=backend),
             Case("BatchNorm2d", big, "leaky_relu", True, False, "float32", "channels_last", device=dev,
                  backend=backend),
             Case("GroupNorm", big, "relu", True, False, "float32", "channels_last", device=dev, backend=backend),
@@ -302,15 +326,19 @@ def fmt_ratio(v):
 
 def markdown(rows):
     lines = [
-        "| case | fusednorm | eager | compile | vs eager | vs compile | GB/s | of copy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | fusednorm | eager | compile | vs eager | vs compile | GB/s | of copy | peak MiB fwd+bwd "
+        "(fusednorm / eager) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         comp = "—" if r["compile_s"] is None else f"{r['compile_s'] * 1e3:.2f} ms"
+        mem = "—"
+        if r["peak_mem_MiB_fusednorm"] is not None:
+            mem = f"{r['peak_mem_MiB_fusednorm']:.0f} / {r['peak_mem_MiB_eager']:.0f}"
         lines.append(
             f"| {r['case']} | {r['fusednorm_s'] * 1e3:.2f} ms | {r['eager_s'] * 1e3:.2f} ms | {comp} | "
             f"{fmt_ratio(r['speedup_vs_eager'])} | {fmt_ratio(r['speedup_vs_compile'])} | "
-            f"{r['bandwidth_GBps']:.1f} | {r['fraction_of_copy'] * 100:.0f}% |"
+            f"{r['bandwidth_GBps']:.1f} | {r['fraction_of_copy'] * 100:.0f}% | {mem} |"
         )
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@
 // registered from Python (python/fusednorm/_ops.py).
 //
 // Conventions
-// - activation: 0 none, 1 relu, 2 leaky_relu (negative_slope used by 2).
+// - activation: norm_math.h's Activation code, with its parameters act_a and act_b.
 // - Forward ops return (y, mean, rstd) with statistics in float32 (float64 for float64
 //   input); backward ops take what forward saved and return (dx, dweight, dbias), where
 //   an output whose output_mask entry is false comes back as an empty tensor.

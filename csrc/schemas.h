@@ -6,34 +6,36 @@
 namespace fusednorm {
 
 inline void define_schemas(torch::Library& m) {
+  // activation: norm_math.h's code; act_a, act_b: its parameters (negative_slope, alpha,
+  // min_val/max_val, beta/threshold), unused by the others.
   // BatchNorm: statistics per channel (dim 1) over batch and spatial dims. In eval
   // (training=False) mean/rstd come from the running statistics.
   m.def(
       "batch_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps, int activation, "
-      "float negative_slope) -> (Tensor, Tensor, Tensor)");
+      "float act_a, float act_b) -> (Tensor, Tensor, Tensor)");
   // Per-channel batch statistics only: mean and M2 = sum((x - mean)^2) (SyncBatchNorm
   // merges them across processes).
   m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
   m.def(
       "batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
-      "Tensor rstd, bool training, int activation, float negative_slope, bool[3] output_mask) "
+      "Tensor rstd, bool training, int activation, float act_a, float act_b, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
   // LayerNorm over the trailing normalized_shape dims; mean/rstd have one entry per row.
   m.def(
       "layer_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, "
-      "float eps, int activation, float negative_slope) -> (Tensor, Tensor, Tensor)");
+      "float eps, int activation, float act_a, float act_b) -> (Tensor, Tensor, Tensor)");
   m.def(
       "layer_norm_bwd(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor mean, "
-      "Tensor rstd, Tensor? weight, Tensor? bias, int activation, float negative_slope, "
+      "Tensor rstd, Tensor? weight, Tensor? bias, int activation, float act_a, float act_b, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // GroupNorm: statistics per (sample, group); mean/rstd are (N, num_groups).
   m.def(
       "group_norm_fwd(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, "
-      "int activation, float negative_slope) -> (Tensor, Tensor, Tensor)");
+      "int activation, float act_a, float act_b) -> (Tensor, Tensor, Tensor)");
   m.def(
       "group_norm_bwd(Tensor grad_out, Tensor input, int num_groups, Tensor mean, Tensor rstd, "
-      "Tensor? weight, Tensor? bias, int activation, float negative_slope, bool[3] output_mask) "
+      "Tensor? weight, Tensor? bias, int activation, float act_a, float act_b, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
   // InstanceNorm with input statistics: GroupNorm with one group per channel, plus the
   // running statistics' update from the batch average of the per-instance statistics.
@@ -41,7 +43,7 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "instance_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, float momentum, float eps, int activation, "
-      "float negative_slope) -> (Tensor, Tensor, Tensor)");
+      "float act_a, float act_b) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace fusednorm

@@ -3,6 +3,7 @@ dtype-derived tolerances, and builders for paired fusednorm / torch.nn modules."
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import REFERENCE_MODULES
 
 import fusednorm
 
@@ -46,12 +47,32 @@ TARGETS = [
 SLOPE = 0.2  # a leaky slope far from 0 and 1, so a wrong derivative shows
 
 
+# Every activation form: each name, and the module forms whose parameters differ from the
+# name's defaults (so a parameter that is not honoured shows).
+ALL_ACTIVATIONS = [*REFERENCE_MODULES, "leaky_relu",
+                   torch.nn.GELU(approximate="tanh"), torch.nn.ELU(alpha=0.5), torch.nn.CELU(alpha=2.0),
+                   torch.nn.Hardtanh(-0.5, 1.5), torch.nn.Softplus(beta=2.0, threshold=1.0),
+                   torch.nn.LeakyReLU(0.3)]
+
+
+def activation_id(activation):
+    return repr(activation).replace(" ", "") if isinstance(activation, torch.nn.Module) else str(activation)
+
+
 def activate(y, activation, negative_slope=SLOPE):
-    if activation == "relu":
-        return F.relu(y)
+    """torch.nn's activation applied to y: a name (torch.nn's default module; leaky_relu with
+    negative_slope) or a torch.nn module itself."""
+    if activation is None:
+        return y
+    if activation == "hardsigmoid" and y.dtype == torch.float64:
+        # torch.nn.Hardsigmoid's formula with an exact 1/6: its float64 backward multiplies
+        # by 1/6 rounded to float32 (ATen's hardsigmoid_backward), 3e-8 relative.
+        return F.relu6(y + 3) / 6
+    if isinstance(activation, torch.nn.Module):
+        return activation(y)
     if activation == "leaky_relu":
         return F.leaky_relu(y, negative_slope)
-    return y
+    return REFERENCE_MODULES[activation]()(y)
 
 
 def tolerances(dtype):

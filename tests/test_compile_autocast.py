@@ -15,10 +15,10 @@ class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = fusednorm.BatchNorm2d(8, activation="relu")
+        self.bn = fusednorm.BatchNorm2d(8, activation="silu")
         self.gn = fusednorm.GroupNorm(2, 8, activation="leaky_relu", negative_slope=0.2)
         self.inorm = fusednorm.InstanceNorm2d(8, affine=True, track_running_stats=True)
-        self.ln = fusednorm.LayerNorm(8, activation="relu")
+        self.ln = fusednorm.LayerNorm(8, activation=nn.GELU(approximate="tanh"))  # a module form
         self.bn1d = fusednorm.BatchNorm1d(8, momentum=None)
 
     def forward(self, x):

@@ -1,6 +1,6 @@
 """fusednorm.convert on models written the usual ways: torch.nn norms swapped (same
-parameters and buffers, state_dict unchanged, training modes kept), a norm feeding only a
-ReLU/LeakyReLU fused with it, residual additions and shared uses left alone, untraceable
+parameters and buffers, state_dict unchanged, training modes kept), a norm feeding only an
+activation fused with it, residual additions and shared uses left alone, untraceable
 models swapped with a warning; the converted model computes what the original did."""
 import copy
 import warnings
@@ -179,3 +179,68 @@ def test_a_norm_module_alone():
         warnings.simplefilter("error")
         converted = fusednorm.convert(bn)
     assert isinstance(converted, fusednorm.BatchNorm2d)
+
+
+class LookAlikes(nn.Module):
+    """The norm -> activation pairs of common models, each written the way they write it:
+    EfficientNet / YOLO (BatchNorm2d -> nn.SiLU(inplace=True)), MobileNetV3 (BatchNorm ->
+    nn.Hardswish, F.hardswish), diffusion UNets (GroupNorm(32) -> F.silu), ViT/ConvNeXt-style
+    LayerNorm -> F.gelu(approximate="tanh"), and the other activations as torch functions,
+    Tensor methods and inplace variants with non-default arguments."""
+
+    def __init__(self):
+        super().__init__()
+        # Convolutions before a training-mode BatchNorm without a bias, as those models have
+        # them (the bias's true gradient is 0, and both sides' rounding noise would be compared).
+        self.effnet = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32),
+                                    nn.SiLU(inplace=True))
+        self.mobile = nn.Sequential(nn.Conv2d(32, 32, 1, bias=False), nn.BatchNorm2d(32), nn.Hardswish())
+        self.bn_hs = nn.BatchNorm2d(32)
+        self.unet = nn.GroupNorm(8, 32)
+        self.vit = nn.LayerNorm(32)
+        self.others = nn.ModuleList(nn.BatchNorm1d(32) for _ in range(11))
+
+    def forward(self, x):
+        x = self.mobile(self.effnet(x))
+        x = F.hardswish(self.bn_hs(x))
+        x = F.silu(self.unet(x))
+        v = F.gelu(self.vit(x.mean((2, 3))), approximate="tanh")
+        o = self.others
+        v = torch.sigmoid(o[0](v)) + o[1](v).tanh() + F.elu(o[2](v), alpha=0.5) + F.hardtanh(o[3](v), -2.0, 2.0)
+        v = v + F.softplus(o[4](v), beta=2.0) + F.mish(o[5](v)) + F.relu6(o[6](v)) + F.selu(o[7](v))
+        v = v + F.celu(o[8](v), alpha=2.0) + F.hardsigmoid(o[9](v)) + F.elu_(o[10](v))
+        return v
+
+
+def test_every_activation_is_fused_in_look_alike_models():
+    torch.manual_seed(0)
+    model = LookAlikes()
+    original = copy.deepcopy(model)
+    converted = fusednorm.convert(model)
+    found = {n: m.activation for n, m in norms(converted).items()}
+    assert found["effnet.1"] == "silu" and found["mobile.1"] == "hardswish" and found["bn_hs"] == "hardswish"
+    assert found["unet"] == "silu"
+    assert isinstance(found["vit"], nn.GELU) and found["vit"].approximate == "tanh"
+    assert [found[f"others.{i}"] if isinstance(found[f"others.{i}"], str) else repr(found[f"others.{i}"])
+            for i in range(11)] == [
+        "sigmoid", "tanh", "ELU(alpha=0.5)", "Hardtanh(min_val=-2.0, max_val=2.0)",
+        "Softplus(beta=2.0, threshold=20.0)", "mish", "relu6", "selu", "CELU(alpha=2.0)", "hardsigmoid", "elu"]
+    assert not any(n.op != "call_module" and n.target in (F.silu, F.gelu, torch.sigmoid)
+                   for n in converted.graph.nodes), "a fused activation is still in the graph"
+    assert_same_function(original, converted, torch.randn(4, 3, 6, 6))
+
+
+def test_activation_with_a_runtime_argument_is_not_fused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return F.elu(self.bn(x), alpha=x.shape[0] * 0.5)  # a graph node under torch.fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # traced, not swapped-only
+        converted = fusednorm.convert(M())
+    assert converted.bn.activation is None
+    assert_same_function(M(), converted, torch.randn(4, 4))

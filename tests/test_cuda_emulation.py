@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from emulation import load_emulation
-from helpers import SLOPE, activate, assert_close, assert_same_where_finite
+from helpers import ALL_ACTIVATIONS, SLOPE, activate, activation_id, assert_close, assert_same_where_finite
 
 # The emulation build takes a minute or two: the slow tier (the fuzz suite's default run
 # covers no emulation either; CI runs every tier).
@@ -84,7 +84,7 @@ def test_batch_norm_train(emu, shape, layout, what, dtype, act, splits):
     pdt = torch.float64 if dtype == torch.float64 else torch.float32
     w, b = data((C,), pdt, 1) + 1, data((C,), pdt, 2)
     rm, rv = torch.zeros(C, dtype=pdt), torch.ones(C, dtype=pdt)
-    y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm, rv, True, 0.1, 1e-5, act, SLOPE)
+    y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm, rv, True, 0.1, 1e-5, act, SLOPE, 0.0)
     ref = lambda x, w, b: activate(F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5), ACTS[act])
     g = data(shape, dtype, 3)
     yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
@@ -94,7 +94,7 @@ def test_batch_norm_train(emu, shape, layout, what, dtype, act, splits):
     rv_ref = 0.9 * 1 + 0.1 * xr64.transpose(0, 1).reshape(C, -1).var(1, unbiased=True)
     assert_close(rm, rm_ref.to(pdt), torch.float32, "running_mean")
     assert_close(rv, rv_ref.to(pdt), torch.float32, "running_var")
-    dx, dw, db = ops().batch_norm_bwd(g, x, w, b, mean, rstd, True, act, SLOPE, [True, True, True])
+    dx, dw, db = ops().batch_norm_bwd(g, x, w, b, mean, rstd, True, act, SLOPE, 0.0, [True, True, True])
     assert_close(dx, dxr.to(dx.dtype) if dtype == torch.float64 else dxr.float(), dtype, "dx")
     assert_close(dw, dwr.to(pdt), pdt, "dweight")
     assert_close(db, dbr.to(pdt), pdt, "dbias")
@@ -111,12 +111,12 @@ def test_batch_norm_eval(emu, act, layout):
         x = x.to(memory_format=torch.channels_last)
     w, b = data((4,), torch.float32, 1) + 1, data((4,), torch.float32, 2)
     rm, rv = data((4,), torch.float32, 4), data((4,), torch.float32, 5).abs() + 0.5
-    y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm, rv, False, 0.1, 1e-5, act, SLOPE)
+    y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm, rv, False, 0.1, 1e-5, act, SLOPE, 0.0)
     g = data(x.shape, torch.float32, 3)
     ref = lambda x, w, b: activate(F.batch_norm(x, rm.double(), rv.double(), w, b, False, 0.1, 1e-5), ACTS[act])
     yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
     assert_close(y, yr.float(), torch.float32, "output")
-    dx, dw, db = ops().batch_norm_bwd(g, x, w, b, mean, rstd, False, act, SLOPE, [True, True, True])
+    dx, dw, db = ops().batch_norm_bwd(g, x, w, b, mean, rstd, False, act, SLOPE, 0.0, [True, True, True])
     for a, e, what in ((dx, dxr, "dx"), (dw, dwr, "dweight"), (db, dbr, "dbias")):
         assert_close(a, e.float(), torch.float32, what)
 
@@ -144,14 +144,14 @@ def test_layer_norm_tiers(emu, L, lim, tier, dtype, act):
     w, b = data((L,), torch.float32, 1) + 1, data((L,), torch.float32, 2)
     if dtype == torch.float64:
         w, b = w.double(), b.double()
-    y, mean, rstd = ops().layer_norm_fwd(x, [L], w, b, 1e-5, act, SLOPE)
+    y, mean, rstd = ops().layer_norm_fwd(x, [L], w, b, 1e-5, act, SLOPE, 0.0)
     ref = lambda x, w, b: activate(F.layer_norm(x, (L,), w, b, 1e-5), ACTS[act])
     g = data(x.shape, dtype, 3)
     yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
     td = tol_dtype(dtype)
     assert_close(y, yr.to(td), dtype, "output")
     assert mean.shape == (R,) and rstd.shape == (R,)
-    dx, dw, db = ops().layer_norm_bwd(g, x, [L], mean, rstd, w, b, act, SLOPE, [True, True, True])
+    dx, dw, db = ops().layer_norm_bwd(g, x, [L], mean, rstd, w, b, act, SLOPE, 0.0, [True, True, True])
     assert_close(dx, dxr.to(td), dtype, "dx")
     assert_close(dw, dwr.to(w.dtype), w.dtype, "dweight")
     assert_close(db, dbr.to(w.dtype), w.dtype, "dbias")
@@ -177,13 +177,13 @@ def test_group_norm(emu, case, act, layout):
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     w, b = data((C,), torch.float32, 1) + 1, data((C,), torch.float32, 2)
-    y, mean, rstd = ops().group_norm_fwd(x, G, w, b, 1e-5, act, SLOPE)
+    y, mean, rstd = ops().group_norm_fwd(x, G, w, b, 1e-5, act, SLOPE, 0.0)
     ref = lambda x, w, b: activate(F.group_norm(x, G, w, b, 1e-5), ACTS[act])
     g = data(x.shape, torch.float32, 3)
     yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
     assert_close(y, yr.float(), torch.float32, "output")
     assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
-    dx, dw, db = ops().group_norm_bwd(g, x, G, mean, rstd, w, b, act, SLOPE, [True, True, True])
+    dx, dw, db = ops().group_norm_bwd(g, x, G, mean, rstd, w, b, act, SLOPE, 0.0, [True, True, True])
     for a, e, what in ((dx, dxr, "dx"), (dw, dwr, "dweight"), (db, dbr, "dbias")):
         assert_close(a, e.float(), torch.float32, what)
 
@@ -195,7 +195,7 @@ def test_instance_norm_with_running_stats(emu, act):
     w, b = data((4,), torch.float32, 1) + 1, data((4,), torch.float32, 2)
     rm, rv = torch.zeros(4), torch.ones(4)
     rm_ref, rv_ref = rm.clone(), rv.clone()
-    y, mean, rstd = ops().instance_norm_fwd(x, w, b, rm, rv, 0.1, 1e-5, act, SLOPE)
+    y, mean, rstd = ops().instance_norm_fwd(x, w, b, rm, rv, 0.1, 1e-5, act, SLOPE, 0.0)
     F.instance_norm(x, rm_ref, rv_ref, None, None, True, 0.1, 1e-5)
     ref = lambda x, w, b: activate(F.instance_norm(x, None, None, w, b, True, 0.1, 1e-5), ACTS[act])
     g = data(x.shape, torch.float32, 3)
@@ -203,8 +203,50 @@ def test_instance_norm_with_running_stats(emu, act):
     assert_close(y, yr.float(), torch.float32, "output")
     assert_close(rm, rm_ref, torch.float32, "running_mean")
     assert_close(rv, rv_ref, torch.float32, "running_var")
-    dx, dw, db = ops().group_norm_bwd(g, x, 4, mean, rstd, w, b, act, SLOPE, [True, True, True])
+    dx, dw, db = ops().group_norm_bwd(g, x, 4, mean, rstd, w, b, act, SLOPE, 0.0, [True, True, True])
     for a, e, what in ((dx, dxr, "dx"), (dw, dwr, "dweight"), (db, dbr, "dbias")):
+        assert_close(a, e.float(), torch.float32, what)
+
+
+EVERY_KERNEL = {  # kernel family -> (float32 input shape, emulator limits that reach it)
+    "batch_norm NCHW": ((3, 4, 4, 8), {"per_split": 2}),
+    "batch_norm NHWC": ((4, 5, 3, 3), {"per_split": 2}),
+    "layer_norm warp": ((2, 3, 40), {}),
+    "layer_norm block": ((2, 3, 700), {}),
+    "group_norm": ((2, 6, 7, 7), {"per_split": 20}),
+}
+
+
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS, ids=activation_id)
+@pytest.mark.parametrize("kernel", list(EVERY_KERNEL))
+def test_every_activation_in_every_kernel_family(emu, kernel, activation):
+    """Each activation (its code and parameters, a runtime argument of the CUDA kernels)
+    through the elementwise, channel-reduction and row kernels, forward and backward."""
+    from fusednorm._activation import resolve
+    shape, lim = EVERY_KERNEL[kernel]
+    limits(emu, **lim)
+    act = resolve(activation, SLOPE)
+    x = data(shape, torch.float32)
+    C = shape[-1] if kernel.startswith("layer") else shape[1]
+    w, b = data((C,), torch.float32, 1) + 1, data((C,), torch.float32, 2)
+    if kernel.startswith("batch"):
+        if "NHWC" in kernel:
+            x = x.to(memory_format=torch.channels_last)
+        y, mean, rstd = ops().batch_norm_fwd(x, w, b, None, None, True, 0.1, 1e-5, *act)
+        backward = lambda g: ops().batch_norm_bwd(g, x, w, b, mean, rstd, True, *act, [True] * 3)
+        norm = lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
+    elif kernel.startswith("layer"):
+        y, mean, rstd = ops().layer_norm_fwd(x, [C], w, b, 1e-5, *act)
+        backward = lambda g: ops().layer_norm_bwd(g, x, [C], mean, rstd, w, b, *act, [True] * 3)
+        norm = lambda x, w, b: F.layer_norm(x, (C,), w, b, 1e-5)
+    else:
+        y, mean, rstd = ops().group_norm_fwd(x, 3, w, b, 1e-5, *act)
+        backward = lambda g: ops().group_norm_bwd(g, x, 3, mean, rstd, w, b, *act, [True] * 3)
+        norm = lambda x, w, b: F.group_norm(x, 3, w, b, 1e-5)
+    g = data(x.shape, torch.float32, 3)
+    yr, grads_ref = reference_grads(lambda x, w, b: activate(norm(x, w, b), activation, SLOPE), x, [w, b], g)
+    assert_close(y, yr.float(), torch.float32, "output")
+    for a, e, what in zip(backward(g), grads_ref, ("dx", "dweight", "dbias")):
         assert_close(a, e.float(), torch.float32, what)
 
 
@@ -212,8 +254,8 @@ def test_shared_statistics_maths_agree_with_cpu_backend(emu):
     """The same inputs through the CPU kernels and the emulated CUDA kernels."""
     limits(emu, per_split=9)
     x = data((4, 3, 6, 5), torch.float32)
-    cpu = torch.ops.fusednorm.batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, 1, 0.0)
-    gpu = ops().batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, 1, 0.0)
+    cpu = torch.ops.fusednorm.batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, 1, 0.0, 0.0)
+    gpu = ops().batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, 1, 0.0, 0.0)
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -252,18 +294,18 @@ def test_inf_and_nan_gradients_through_the_activation(emu, case, act):
     if kind == "ln":
         w, b = data((5, 5), torch.float32, 1) + 1, data((5, 5), torch.float32, 2)
         norm = lambda x, w, b: F.layer_norm(x, (5, 5), w, b, 1e-5)
-        y, mean, rstd = ops().layer_norm_fwd(x, [5, 5], w, b, 1e-5, act, SLOPE)
-        backward = lambda g: ops().layer_norm_bwd(g, x, [5, 5], mean, rstd, w, b, act, SLOPE, [True] * 3)
+        y, mean, rstd = ops().layer_norm_fwd(x, [5, 5], w, b, 1e-5, act, SLOPE, 0.0)
+        backward = lambda g: ops().layer_norm_bwd(g, x, [5, 5], mean, rstd, w, b, act, SLOPE, 0.0, [True] * 3)
     elif kind == "gn":
         norm = lambda x, w, b: F.group_norm(x, 2, w, b, 1e-5)
-        y, mean, rstd = ops().group_norm_fwd(x, 2, w, b, 1e-5, act, SLOPE)
-        backward = lambda g: ops().group_norm_bwd(g, x, 2, mean, rstd, w, b, act, SLOPE, [True] * 3)
+        y, mean, rstd = ops().group_norm_fwd(x, 2, w, b, 1e-5, act, SLOPE, 0.0)
+        backward = lambda g: ops().group_norm_bwd(g, x, 2, mean, rstd, w, b, act, SLOPE, 0.0, [True] * 3)
     else:
         train = case != "bn-eval"
         norm = lambda x, w, b: F.batch_norm(x, None if train else rm.double(), None if train else rv.double(),
                                             w, b, train, 0.1, 1e-5)
-        y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm.clone(), rv.clone(), train, 0.1, 1e-5, act, SLOPE)
-        backward = lambda g: ops().batch_norm_bwd(g, x, w, b, mean, rstd, train, act, SLOPE, [True] * 3)
+        y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm.clone(), rv.clone(), train, 0.1, 1e-5, act, SLOPE, 0.0)
+        backward = lambda g: ops().batch_norm_bwd(g, x, w, b, mean, rstd, train, act, SLOPE, 0.0, [True] * 3)
     with torch.no_grad():
         z = norm(x.double(), w.double(), b.double())
     g = data(x.shape, torch.float32, 3).contiguous()
@@ -304,14 +346,14 @@ def test_layer_norm_tier_edges_at_production_limits(emu, dtype, backward):
         w, b = data((L,), torch.float32, 1) + 1, data((L,), torch.float32, 2)
         if dtype == torch.float64:
             w, b = w.double(), b.double()
-        y, mean, rstd = ops().layer_norm_fwd(x, [L], w, b, 1e-5, 1, SLOPE)
+        y, mean, rstd = ops().layer_norm_fwd(x, [L], w, b, 1e-5, 1, SLOPE, 0.0)
         ref = lambda x, w, b: activate(F.layer_norm(x, (L,), w, b, 1e-5), "relu")
         g = data(x.shape, dtype, 3)
         yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
         td = tol_dtype(dtype)
         assert_close(y, yr.to(td), dtype, f"L={L} output ({emu.row_tier(L, False, dtype == torch.float64)})")
         if backward:
-            dx, dw, db = ops().layer_norm_bwd(g, x, [L], mean, rstd, w, b, 1, SLOPE, [True, True, True])
+            dx, dw, db = ops().layer_norm_bwd(g, x, [L], mean, rstd, w, b, 1, SLOPE, 0.0, [True, True, True])
             assert_close(dx, dxr.to(td), dtype, f"L={L} dx ({emu.row_tier(L, True, dtype == torch.float64)})")
             assert_close(dw, dwr.to(w.dtype), w.dtype, f"L={L} dweight")
 
@@ -322,7 +364,7 @@ def test_over_limit_launch_is_refused(emu):
     limits(emu, **dict(PRODUCTION, smem=48 * 1024 + 4096))
     x = data((2, 12280), torch.float32)
     with pytest.raises(RuntimeError, match="shared memory"):
-        ops().layer_norm_fwd(x, [12280], None, None, 1e-5, 0, 0.0)
+        ops().layer_norm_fwd(x, [12280], None, None, 1e-5, 0, 0.0, 0.0)
 
 
 def cubin_shared_memory(so_path):

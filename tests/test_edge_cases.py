@@ -349,10 +349,10 @@ def test_backward_ops_never_return_aliased_outputs(backend):
     with fusednorm.use_backend(backend):
         ops = fusednorm.backend.ops_for(x)
         outs = [
-            ops.batch_norm_bwd(x, x, w, b, mean, rstd, True, 0, 0.0, [True, False, False]),
-            ops.batch_norm_bwd(x, x, w, b, mean, rstd, True, 0, 0.0, [False, False, False]),
-            ops.group_norm_bwd(x, x, 2, torch.zeros(3, 2), torch.ones(3, 2), w, b, 0, 0.0, [True, False, False]),
-            ops.layer_norm_bwd(x, x, [5], torch.zeros(12), torch.ones(12), torch.ones(5), torch.zeros(5), 0, 0.0,
+            ops.batch_norm_bwd(x, x, w, b, mean, rstd, True, 0, 0.0, 0.0, [True, False, False]),
+            ops.batch_norm_bwd(x, x, w, b, mean, rstd, True, 0, 0.0, 0.0, [False, False, False]),
+            ops.group_norm_bwd(x, x, 2, torch.zeros(3, 2), torch.ones(3, 2), w, b, 0, 0.0, 0.0, [True, False, False]),
+            ops.layer_norm_bwd(x, x, [5], torch.zeros(12), torch.ones(12), torch.ones(5), torch.zeros(5), 0, 0.0, 0.0,
                                [True, False, False]),
         ]
     for dx, dw, db in outs:

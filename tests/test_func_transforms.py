@@ -209,8 +209,8 @@ def test_vmap_group_norm_backward_matches_per_sample_calls(target, case):
     w, b = (rand(C), rand(C)) if cfg["affine"] else (None, None)
     with fusednorm.use_backend(backend):
         ops = fusednorm.backend.ops_for(xs)
-        check_backward_rule(lambda x: ops.group_norm_fwd(x, G, w, b, 1e-5, 1, SLOPE)[1:],
-                            lambda dy, x, mean, rstd: ops.group_norm_bwd(dy, x, G, mean, rstd, w, b, 1, SLOPE,
+        check_backward_rule(lambda x: ops.group_norm_fwd(x, G, w, b, 1e-5, 1, SLOPE, 0.0)[1:],
+                            lambda dy, x, mean, rstd: ops.group_norm_bwd(dy, x, G, mean, rstd, w, b, 1, SLOPE, 0.0,
                                                                          cfg["mask"]),
                             xs, dys, cfg["x_dim"], cfg["mask"], (True, cfg["affine"], cfg["affine"]))
 
@@ -250,9 +250,10 @@ def test_vmap_batch_norm_backward_matches_per_sample_calls(target, case):
     running = (rand(C), rand(C).abs() + 0.5) if not cfg["training"] else (None, None)
     with fusednorm.use_backend(backend):
         ops = fusednorm.backend.ops_for(xs)
-        check_backward_rule(lambda x: ops.batch_norm_fwd(x, w, b, *running, cfg["training"], 0.1, 1e-5, 2, SLOPE)[1:],
+        check_backward_rule(lambda x: ops.batch_norm_fwd(x, w, b, *running, cfg["training"], 0.1, 1e-5, 2, SLOPE,
+                                                         0.0)[1:],
                             lambda dy, x, mean, rstd: ops.batch_norm_bwd(dy, x, w, b, mean, rstd, cfg["training"], 2,
-                                                                         SLOPE, cfg["mask"]),
+                                                                         SLOPE, 0.0, cfg["mask"]),
                             xs, dys, cfg["x_dim"], cfg["mask"], (True, cfg["affine"], cfg["affine"]),
                             cfg["shared_stats"])
 
@@ -297,9 +298,9 @@ def test_vmap_layer_norm_backward_matches_per_sample_calls(target, case, monkeyp
     act = cfg["act"]
     with fusednorm.use_backend(backend):
         ops = fusednorm.backend.ops_for(xs)
-        check_backward_rule(lambda x: ops.layer_norm_fwd(x, shape, w, b, 1e-5, act, SLOPE)[1:],
+        check_backward_rule(lambda x: ops.layer_norm_fwd(x, shape, w, b, 1e-5, act, SLOPE, 0.0)[1:],
                             lambda dy, x, mean, rstd: ops.layer_norm_bwd(dy, x, shape, mean, rstd, w, b, act,
-                                                                         SLOPE, cfg["mask"]),
+                                                                         SLOPE, 0.0, cfg["mask"]),
                             xs, dys, cfg["x_dim"], cfg["mask"], (True, w is not None, b is not None))
 
 

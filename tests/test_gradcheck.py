@@ -106,37 +106,37 @@ def opcheck_cases():
     for act in (0, 1, 2):
         for xi in (x, xcl):
             yield "bn_stats", "batch_norm_stats", (xi,)
-            yield "bn_fwd_train", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), True, 0.1, 1e-5, act, 0.2)
-            yield "bn_fwd_eval", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), False, 0.1, 1e-5, act, 0.2)
+            yield "bn_fwd_train", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), True, 0.1, 1e-5, act, 0.2, 0.0)
+            yield "bn_fwd_eval", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), False, 0.1, 1e-5, act, 0.2, 0.0)
             mean, rstd = torch.randn(c), torch.rand(c) + 0.5
-            yield "bn_bwd", "batch_norm_bwd", (torch.randn_like(xi), xi, w, b, mean, rstd, True, act, 0.2, [True, True, True])
-        yield "bn_bwd_partial", "batch_norm_bwd", (torch.randn_like(x), x, w, None, torch.randn(c), torch.rand(c) + 0.5, False, act, 0.2, [False, True, False])
+            yield "bn_bwd", "batch_norm_bwd", (torch.randn_like(xi), xi, w, b, mean, rstd, True, act, 0.2, 0.0, [True, True, True])
+        yield "bn_bwd_partial", "batch_norm_bwd", (torch.randn_like(x), x, w, None, torch.randn(c), torch.rand(c) + 0.5, False, act, 0.2, 0.0, [False, True, False])
         lw, lb = torch.rand(5, 2) + 0.5, torch.randn(5, 2)
-        yield "ln_fwd", "layer_norm_fwd", (x, [5, 2], lw, lb, 1e-5, act, 0.2)
-        yield "ln_bwd", "layer_norm_bwd", (torch.randn_like(x), x, [5, 2], torch.randn(12), torch.rand(12) + 0.5, lw, lb, act, 0.2, [True, True, True])
+        yield "ln_fwd", "layer_norm_fwd", (x, [5, 2], lw, lb, 1e-5, act, 0.2, 0.0)
+        yield "ln_bwd", "layer_norm_bwd", (torch.randn_like(x), x, [5, 2], torch.randn(12), torch.rand(12) + 0.5, lw, lb, act, 0.2, 0.0, [True, True, True])
         xg = _x(4, 6, 5)
         gw, gb = torch.rand(6) + 0.5, torch.randn(6)
-        yield "gn_fwd", "group_norm_fwd", (xg, 3, gw, gb, 1e-5, act, 0.2)
-        yield "gn_fwd_cl", "group_norm_fwd", (_x(2, 6, 3, 3).to(memory_format=torch.channels_last), 3, gw, gb, 1e-5, act, 0.2)
-        yield "gn_bwd", "group_norm_bwd", (torch.randn_like(xg), xg, 3, torch.randn(4, 3), torch.rand(4, 3) + 0.5, gw, gb, act, 0.2, [True, True, True])
-        yield "in_fwd", "instance_norm_fwd", (xg, gw, gb, torch.zeros(6), torch.ones(6), 0.1, 1e-5, act, 0.2)
-        yield "in_fwd_nostats", "instance_norm_fwd", (xg, None, None, None, None, 0.1, 1e-5, act, 0.2)
+        yield "gn_fwd", "group_norm_fwd", (xg, 3, gw, gb, 1e-5, act, 0.2, 0.0)
+        yield "gn_fwd_cl", "group_norm_fwd", (_x(2, 6, 3, 3).to(memory_format=torch.channels_last), 3, gw, gb, 1e-5, act, 0.2, 0.0)
+        yield "gn_bwd", "group_norm_bwd", (torch.randn_like(xg), xg, 3, torch.randn(4, 3), torch.rand(4, 3) + 0.5, gw, gb, act, 0.2, 0.0, [True, True, True])
+        yield "in_fwd", "instance_norm_fwd", (xg, gw, gb, torch.zeros(6), torch.ones(6), 0.1, 1e-5, act, 0.2, 0.0)
+        yield "in_fwd_nostats", "instance_norm_fwd", (xg, None, None, None, None, 0.1, 1e-5, act, 0.2, 0.0)
     # LayerNorm over a dim of size 0: one (empty) row per leading index, as the fake kernel
     # and torch count them (the compiled ops once returned no statistics at all there).
     e = _x(4, 3, 0)
-    yield "ln_fwd_empty_rows", "layer_norm_fwd", (e, [3, 0], None, None, 1e-5, 0, 0.2)
-    yield "ln_bwd_empty_rows", "layer_norm_bwd", (torch.randn_like(e), e, [3, 0], torch.zeros(4), torch.zeros(4), None, None, 0, 0.2, [True] * 3)
+    yield "ln_fwd_empty_rows", "layer_norm_fwd", (e, [3, 0], None, None, 1e-5, 0, 0.2, 0.0)
+    yield "ln_bwd_empty_rows", "layer_norm_bwd", (torch.randn_like(e), e, [3, 0], torch.zeros(4), torch.zeros(4), None, None, 0, 0.2, 0.0, [True] * 3)
     # Layouts whose memory format is easy to misjudge (test_layouts.py): channels_last-dense
     # with ambiguous strides, and channels_last sliced out of density.
     ambiguous = torch.randn(18).as_strided((3, 3, 1, 2), (6, 1, 18, 3))
     sliced = _x(2, c, 5, 8).to(memory_format=torch.channels_last)[..., :4]
     for name, xi in (("ambiguous_cl", ambiguous), ("sliced_cl", sliced)):
         n = xi.shape[0]
-        yield f"bn_fwd_{name}", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), True, 0.1, 1e-5, 1, 0.2)
-        yield f"bn_bwd_{name}", "batch_norm_bwd", (torch.randn(xi.shape), xi, w, b, torch.randn(c), torch.rand(c) + 0.5, True, 1, 0.2, [True] * 3)
-        yield f"gn_fwd_{name}", "group_norm_fwd", (xi, 3, w, b, 1e-5, 1, 0.2)
-        yield f"gn_bwd_{name}", "group_norm_bwd", (torch.randn(xi.shape), xi, 3, torch.randn(n, 3), torch.rand(n, 3) + 0.5, w, b, 1, 0.2, [True] * 3)
-        yield f"in_fwd_{name}", "instance_norm_fwd", (xi, w, b, None, None, 0.1, 1e-5, 1, 0.2)
+        yield f"bn_fwd_{name}", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), True, 0.1, 1e-5, 1, 0.2, 0.0)
+        yield f"bn_bwd_{name}", "batch_norm_bwd", (torch.randn(xi.shape), xi, w, b, torch.randn(c), torch.rand(c) + 0.5, True, 1, 0.2, 0.0, [True] * 3)
+        yield f"gn_fwd_{name}", "group_norm_fwd", (xi, 3, w, b, 1e-5, 1, 0.2, 0.0)
+        yield f"gn_bwd_{name}", "group_norm_bwd", (torch.randn(xi.shape), xi, 3, torch.randn(n, 3), torch.rand(n, 3) + 0.5, w, b, 1, 0.2, 0.0, [True] * 3)
+        yield f"in_fwd_{name}", "instance_norm_fwd", (xi, w, b, None, None, 0.1, 1e-5, 1, 0.2, 0.0)
 
 
 def _to(args, device):

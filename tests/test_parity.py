@@ -78,6 +78,11 @@ def parity_params():
 
 @pytest.mark.parametrize("target,kind,layout,train,dtype,activation", list(parity_params()))
 def test_module_parity(target, kind, layout, train, dtype, activation):
+    check_module_parity(target, kind, layout, train, dtype, activation)
+
+
+def check_module_parity(target, kind, layout, train, dtype, activation):
+    """run_steps on a fresh pair of modules (float64 parameters for float64, else float32)."""
     device, backend = target
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     ours, ref = make_pair(kind, activation, param_dtype, device=device)

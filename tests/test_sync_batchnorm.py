@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusednorm
-from helpers import TRITON_CPU
+from helpers import TRITON_CPU, activate
 
 TIMEOUT = datetime.timedelta(seconds=60)
 
@@ -129,11 +129,11 @@ WORLD_IDS = ["2-ranks-uneven", "3-ranks-uneven", "3-ranks-one-empty"]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world,sizes", WORLDS, ids=WORLD_IDS)
-@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "silu"])
 def test_sync_matches_full_batch(world, sizes, activation, backend="auto"):
     results = run_ranks(_sync_step, world, sizes, activation, False, torch.float32, backend)
     full, grad = data(sizes)
-    act = {None: lambda t: t, "relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, 0.2)}[activation]
+    act = lambda t: activate(t, activation, 0.2)  # noqa: E731
     yr, gxr, gwr, gbr, ref = reference(full, grad, act)
     lo = 0
     for rank, r in enumerate(results):

@@ -174,14 +174,14 @@ def test_empty_inputs_match_compiled_backend(kind, shape):
 
 
 def test_kernel_scalars_made_once_and_exact():
-    """eps/slope/momentum reach the kernels as a tensor in the statistics' dtype (exact in
+    """eps, the activation's parameters and momentum reach the kernels as a tensor in the statistics' dtype (exact in
     float64), made once per value set and device, not per launch (a host-to-device copy on
     a GPU, and not capturable in a CUDA graph)."""
     from fusednorm.triton import ops as triton_ops
     x = torch.zeros(1)
-    a = triton_ops._scalars(x, torch.float64, eps=1e-5, slope=0.2, momentum=0.1)
-    assert triton_ops._scalars(x, torch.float64, eps=1e-5, slope=0.2, momentum=0.1) is a
-    assert a.dtype == torch.float64 and a.tolist() == [1e-5, 0.2, 0.1]
-    b = triton_ops._scalars(x, torch.float32, eps=1e-5, slope=0.2, momentum=0.1)
+    a = triton_ops._scalars(x, torch.float64, eps=1e-5, act=(0.2, 0.5), momentum=0.1)
+    assert triton_ops._scalars(x, torch.float64, eps=1e-5, act=(0.2, 0.5), momentum=0.1) is a
+    assert a.dtype == torch.float64 and a.tolist() == [1e-5, 0.2, 0.5, 0.1]
+    b = triton_ops._scalars(x, torch.float32, eps=1e-5, act=(0.2, 0.5), momentum=0.1)
     assert b is not a and b.dtype == torch.float32
-    assert triton_ops._scalars(x, torch.float64, eps=1e-3, slope=0.2, momentum=0.1).tolist()[0] == 1e-3
+    assert triton_ops._scalars(x, torch.float64, eps=1e-3, act=(0.2, 0.5), momentum=0.1).tolist()[0] == 1e-3

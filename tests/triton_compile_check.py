@@ -18,6 +18,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import fusednorm.triton.ops as tops  # noqa: E402
+from fusednorm.triton.checks import NUM_ACTIVATIONS  # noqa: E402
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 seen = {}
@@ -64,22 +65,22 @@ def edge_sizes(ops):
                     rm, rv = torch.zeros(c, dtype=pd), torch.ones(c, dtype=pd)
                     for act in (0, 2) if dtype == torch.float32 else (2,):
                         for training in (True, False):
-                            ops.batch_norm_fwd(xi, w, b, rm, rv, training, 0.1, 1e-5, act, 0.2)
-                            ops.batch_norm_bwd(xi, xi, w, b, rm, rv, training, act, 0.2, [True, affine, affine])
+                            ops.batch_norm_fwd(xi, w, b, rm, rv, training, 0.1, 1e-5, act, 0.2, 0.0)
+                            ops.batch_norm_bwd(xi, xi, w, b, rm, rv, training, act, 0.2, 0.0, [True, affine, affine])
                         ops.batch_norm_stats(xi)
-                        ops.instance_norm_fwd(xi, w, b, rm, rv, 0.1, 1e-5, act, 0.2)
-                        ops.instance_norm_fwd(xi, w, b, None, None, 0.1, 1e-5, act, 0.2)
+                        ops.instance_norm_fwd(xi, w, b, rm, rv, 0.1, 1e-5, act, 0.2, 0.0)
+                        ops.instance_norm_fwd(xi, w, b, None, None, 0.1, 1e-5, act, 0.2, 0.0)
                         n = xi.shape[0]
                         st = torch.zeros(n, c, dtype=pd)
-                        ops.group_norm_bwd(xi, xi, c, st, st + 1, w, b, act, 0.2, [True, affine, affine])
-                        ops.group_norm_fwd(xi, 1, w, b, 1e-5, act, 0.2)
+                        ops.group_norm_bwd(xi, xi, c, st, st + 1, w, b, act, 0.2, 0.0, [True, affine, affine])
+                        ops.group_norm_fwd(xi, 1, w, b, 1e-5, act, 0.2, 0.0)
                         last = list(xi.shape[-1:])
                         lw = torch.ones(last, dtype=pd) if affine else None
                         lb = torch.zeros(last, dtype=pd) if affine else None
                         rows = xi.numel() // last[0]
-                        ops.layer_norm_fwd(xi, last, lw, lb, 1e-5, act, 0.2)
+                        ops.layer_norm_fwd(xi, last, lw, lb, 1e-5, act, 0.2, 0.0)
                         ops.layer_norm_bwd(xi, xi, last, torch.zeros(rows, dtype=pd), torch.ones(rows, dtype=pd),
-                                           lw, lb, act, 0.2, [True, affine, affine])
+                                           lw, lb, act, 0.2, 0.0, [True, affine, affine])
 
 
 def main():
@@ -94,20 +95,32 @@ def main():
             x = torch.randn(2, c, 3, 3).to(dtype)
             for xi in (x, x.to(memory_format=torch.channels_last)):
                 for training in (True, False):
-                    ops.batch_norm_fwd(xi, w, b, rm, rv, training, 0.1, 1e-5, act, 0.2)
-                    ops.batch_norm_bwd(xi, xi, w, b, rm, rv, training, act, 0.2, [True, True, True])
-            ops.batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, act, 0.2)
-            ops.batch_norm_bwd(x, x, None, None, rm, rv, True, act, 0.2, [True, False, False])
+                    ops.batch_norm_fwd(xi, w, b, rm, rv, training, 0.1, 1e-5, act, 0.2, 0.0)
+                    ops.batch_norm_bwd(xi, xi, w, b, rm, rv, training, act, 0.2, 0.0, [True, True, True])
+            ops.batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, act, 0.2, 0.0)
+            ops.batch_norm_bwd(x, x, None, None, rm, rv, True, act, 0.2, 0.0, [True, False, False])
             ops.batch_norm_stats(x)
             lw, lb = torch.ones(3, 3, dtype=pd), torch.zeros(3, 3, dtype=pd)
-            ops.layer_norm_fwd(x, [3, 3], lw, lb, 1e-5, act, 0.2)
-            ops.layer_norm_bwd(x, x, [3, 3], torch.zeros(8, dtype=pd), torch.ones(8, dtype=pd), lw, lb, act, 0.2, [True, True, True])
-            ops.group_norm_fwd(x, 2, w, b, 1e-5, act, 0.2)
-            ops.group_norm_bwd(x, x, 2, torch.zeros(2, 2, dtype=pd), torch.ones(2, 2, dtype=pd), w, b, act, 0.2, [True, True, True])
-            ops.instance_norm_fwd(x, w, b, rm, rv, 0.1, 1e-5, act, 0.2)
+            ops.layer_norm_fwd(x, [3, 3], lw, lb, 1e-5, act, 0.2, 0.0)
+            ops.layer_norm_bwd(x, x, [3, 3], torch.zeros(8, dtype=pd), torch.ones(8, dtype=pd), lw, lb, act, 0.2, 0.0, [True, True, True])
+            ops.group_norm_fwd(x, 2, w, b, 1e-5, act, 0.2, 0.0)
+            ops.group_norm_bwd(x, x, 2, torch.zeros(2, 2, dtype=pd), torch.ones(2, 2, dtype=pd), w, b, act, 0.2, 0.0, [True, True, True])
+            ops.instance_norm_fwd(x, w, b, rm, rv, 0.1, 1e-5, act, 0.2, 0.0)
+    # Every other activation (its maths is all in the kernels that apply or differentiate
+    # it), in float32, and in float64 those whose float64 maths differs (expm1's series).
+    for act in range(3, NUM_ACTIVATIONS):
+        for dtype in (torch.float32,) + ((torch.float64,) if act in (5, 6, 7, 8, 13) else ()):
+            x = torch.randn(2, 4, 3, 3, dtype=dtype)
+            w, b = torch.ones(4, dtype=dtype), torch.zeros(4, dtype=dtype)
+            st, lw = torch.ones(4, dtype=dtype), torch.ones(3, 3, dtype=dtype)
+            ops.batch_norm_fwd(x, w, b, None, None, True, 0.1, 1e-5, act, 0.5, 2.0)
+            ops.batch_norm_bwd(x, x, w, b, st, st, True, act, 0.5, 2.0, [True, True, True])
+            ops.layer_norm_fwd(x, [3, 3], lw, lw, 1e-5, act, 0.5, 2.0)
+            ops.layer_norm_bwd(x, x, [3, 3], torch.zeros(8, dtype=dtype), torch.ones(8, dtype=dtype), lw, lw, act,
+                               0.5, 2.0, [True, True, True])
     big = torch.randn(2, 5000)  # a row longer than one block: the largest BLOCK, more warps
-    ops.layer_norm_fwd(big, [5000], None, None, 1e-5, 0, 0.0)
-    ops.layer_norm_bwd(big, big, [5000], torch.zeros(2), torch.ones(2), None, None, 0, 0.0, [True, False, False])
+    ops.layer_norm_fwd(big, [5000], None, None, 1e-5, 0, 0.0, 0.0)
+    ops.layer_norm_bwd(big, big, [5000], torch.zeros(2), torch.ones(2), None, None, 0, 0.0, 0.0, [True, False, False])
     edge_sizes(ops)
     print(f"compiled {len(seen)} kernel variants for sm_90 and sm_80")
     names = {k[1] for k in seen}

@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include "norm_math.h"
+
 #include <string>
 #include <utility>
 
@@ -43,6 +45,14 @@ inline void check_param(const c10::optional<at::Tensor>& p, const at::Tensor& in
               "parameters are allowed with bfloat16/float16 inputs)");
   TORCH_CHECK(p->numel() == numel, op, ": ", what, " should contain ", numel,
               " elements not ", p->numel());
+}
+
+// The activation code the ops take (norm_math.h's Activation); Python maps names and
+// torch.nn modules to it, so another value is a caller's bug: ValueError, not a silent
+// identity.
+inline void check_activation(int64_t act) {
+  TORCH_CHECK_VALUE(act >= 0 && act < kNumActivations, "fusednorm: unknown activation code ", act,
+                    " (expected 0 to ", kNumActivations - 1, ")");
 }
 
 inline bool has(const c10::optional<at::Tensor>& p) { return p.has_value() && p->defined(); }

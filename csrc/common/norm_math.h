@@ -1,6 +1,6 @@
 // The maths every fusednorm kernel shares, written once for the CPU (C++) and CUDA
-// (__host__ __device__): Welford/Chan merging of partial statistics, the fused activation
-// and its derivative, the pre-activation (x - mean)*alpha + bias and the input gradient's
+// (__host__ __device__): Welford/Chan merging of partial statistics, the fused activations
+// and their derivatives, the pre-activation (x - mean)*alpha + bias and the input gradient's
 // coefficients.
 // No torch types here: the CPU kernels include it in their per-ISA translation units.
 #pragma once
@@ -16,26 +16,232 @@
 
 namespace fusednorm {
 
-// Activation codes, shared with Python (fusednorm/_activation.py) and the op schemas.
-enum Activation : int64_t { kNone = 0, kRelu = 1, kLeakyRelu = 2 };
-
-// y = act(z). NaN propagates like torch.relu / torch.nn.functional.leaky_relu.
-template <typename T>
-FN_HOST_DEVICE T activate(T z, int64_t act, T slope) {
-  if (act == kRelu) return z < T(0) ? T(0) : z;
-  if (act == kLeakyRelu) return z > T(0) ? z : z * slope;
-  return z;
+// ---- elementary functions ------------------------------------------------------------
+// The activations below need exp, expm1, tanh, log1p and erf. On a GPU these are CUDA's
+// own (expf, tanhf, ...). On the CPU, float exp, expm1, tanh and erf are written out here
+// in arithmetic and bit operations the auto-vectoriser turns into vector code (a libm call
+// keeps a loop scalar: SiLU's exp would cost more than the rest of the kernel); double
+// and the rarer log1p (Softplus) call libm. fusednorm/triton/math.py computes expm1 and tanh
+// by the same formulas (Triton's interpreter has no libdevice).
+#if defined(__CUDA_ARCH__)
+FN_HOST_DEVICE float fn_exp(float x) { return ::expf(x); }
+FN_HOST_DEVICE float fn_expm1(float x) { return ::expm1f(x); }
+FN_HOST_DEVICE float fn_tanh(float x) { return ::tanhf(x); }
+FN_HOST_DEVICE float fn_erf(float x) { return ::erff(x); }
+#else
+FN_HOST_DEVICE float fn_bits_to_float(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
 }
 
-// dL/dz for y = act(z), from g = dL/dy, as torch's relu / leaky_relu backward: relu
-// passes g where z > 0 and gives 0 elsewhere, also for an inf or NaN g (a select, not
-// g * 0); leaky_relu scales g by slope where z <= 0. At z == 0: relu 0, leaky_relu slope;
-// NaN z: relu passes g (threshold_backward), leaky_relu scales it.
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, so r is
+// exact), |r| <= ln 2 / 2, exp(r) = 1 + r + r^2 P(r) with Cephes' degree-5 P (error
+// below 5e-9 relative), 2^n built from its exponent bits (in two factors for n = 128).
+// Within 2 ulp of the exact value; 0 below -87.5 (where the result would be subnormal), inf above
+// log(FLT_MAX), NaN for NaN.
+FN_HOST_DEVICE float fn_exp(float x) {
+  const float kLogMax = 88.7228391f;
+  const float xc = x < -87.5f ? -87.5f : (x > kLogMax ? kLogMax : x);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (xc * 1.44269504088896341f + shifter) - shifter;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t ni = int32_t(n);  // in [-126, 128]
+  const int32_t top = ni > 0 ? 1 : 0;
+  const float e = p * fn_bits_to_float(uint32_t(ni - top + 127) << 23) * (top ? 2.0f : 1.0f);
+  return x > kLogMax ? __builtin_inff() : (x < -87.5f ? 0.0f : (x != x ? x : e));
+}
+
+// exp(x) - 1 without the cancellation of exp(x) - 1 near 0: for |x| < 0.5 its Taylor
+// series to x^8, x(1 + x/2(1 + x/3(...(1 + x/8)))) (truncation < 1e-8 relative), else
+// exp(x) - 1 (which cancels at most 2 bits there).
+FN_HOST_DEVICE float fn_expm1(float x) {
+  float p = 1.0f;
+  for (int k = 8; k >= 2; --k) p = 1.0f + x * p * (1.0f / float(k));
+  const float ax = x < 0.0f ? -x : x;
+  return ax < 0.5f ? x * p : fn_exp(x) - 1.0f;
+}
+
+// tanh(x) = -t / (t + 2) with t = expm1(-2|x|) in (-1, 0], and x's sign: accurate near 0
+// (expm1), never overflowing, 1 for large |x|, NaN for NaN.
+FN_HOST_DEVICE float fn_tanh(float x) {
+  const float ax = x < 0.0f ? -x : x;
+  const float t = fn_expm1(-2.0f * ax);
+  const float th = -t / (t + 2.0f);
+  return x < 0.0f ? -th : th;
+}
+
+// erf: for |x| < 0.5 its Taylor series to x^11 (truncation < 3e-8 relative); beyond,
+// Abramowitz and Stegun's 7.1.26 as ATen's vectorised float erf: 1 - (a1 t + ... + a5 t^5)
+// exp(-x^2), t = 1 / (1 + p|x|), absolute error below 2e-7. NaN for NaN.
+FN_HOST_DEVICE float fn_erf(float x) {
+  const float ax = x < 0.0f ? -x : x;
+  const float x2 = x * x;
+  const float series =
+      x * 1.12837916709551257f *
+      (1.0f + x2 * (-1.0f / 3 + x2 * (1.0f / 10 + x2 * (-1.0f / 42 + x2 * (1.0f / 216 - x2 * (1.0f / 1320))))));
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  const float poly =
+      ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+  const float r = 1.0f - poly * fn_exp(-x2);
+  return ax < 0.5f ? series : (x < 0.0f ? -r : r);
+}
+#endif
+FN_HOST_DEVICE double fn_exp(double x) { return ::exp(x); }
+FN_HOST_DEVICE double fn_expm1(double x) { return ::expm1(x); }
+FN_HOST_DEVICE double fn_tanh(double x) { return ::tanh(x); }
+FN_HOST_DEVICE float fn_log1p(float x) { return ::log1pf(x); }
+FN_HOST_DEVICE double fn_log1p(double x) { return ::log1p(x); }
+FN_HOST_DEVICE double fn_erf(double x) { return ::erf(x); }
+
+// ---- the fused activation ---------------------------------------------------------------
+// Activation codes, shared with Python (fusednorm/_activation.py) and the op schemas.
+// ReLU6 is Hardtanh(0, 6), as in torch.
+enum Activation : int64_t {
+  kNone = 0,
+  kRelu = 1,
+  kLeakyRelu = 2,
+  kSilu = 3,
+  kGelu = 4,
+  kGeluTanh = 5,  // GELU(approximate="tanh")
+  kElu = 6,
+  kCelu = 7,
+  kSelu = 8,
+  kHardtanh = 9,
+  kHardswish = 10,
+  kHardsigmoid = 11,
+  kSigmoid = 12,
+  kTanh = 13,
+  kSoftplus = 14,
+  kMish = 15,
+  kNumActivations = 16
+};
+
+// An activation's two parameters: leaky_relu (negative_slope, -), elu (alpha, -),
+// celu (alpha, 1/alpha), hardtanh (min_val, max_val), softplus (beta, threshold).
 template <typename T>
-FN_HOST_DEVICE T activation_backward(T g, T z, int64_t act, T slope) {
-  if (act == kRelu) return z <= T(0) ? T(0) : g;
-  if (act == kLeakyRelu) return z > T(0) ? g : g * slope;
-  return g;
+struct ActParams {
+  T a;
+  T b;
+};
+
+// The ops' act_a, act_b in the accumulation type.
+template <typename T>
+inline ActParams<T> act_params(double a, double b) {
+  return ActParams<T>{T(a), T(b)};
+}
+
+// Constants as torch defines them (ATen's Activation.cpp, in double, rounded to T).
+template <typename T>
+struct ActConst {
+  static constexpr T selu_scale = T(1.0507009873554804934193349852946);
+  static constexpr T selu_neg = T(1.6732632423543772848170429916717 * 1.0507009873554804934193349852946);
+  static constexpr T sqrt1_2 = T(0.70710678118654752440);           // M_SQRT1_2
+  static constexpr T gelu_pdf = T(1.12837916709551257390 * 0.70710678118654752440 * 0.5);  // M_2_SQRTPI*M_SQRT1_2/2
+  static constexpr T gelu_tanh_beta = T(1.41421356237309504880 * 1.12837916709551257390 * 0.5);
+  static constexpr T gelu_tanh_kappa = T(0.044715);
+};
+
+template <typename T>
+FN_HOST_DEVICE T fn_sigmoid(T z) { return T(1) / (T(1) + fn_exp(-z)); }
+
+// tanh(softplus(z)) = ((1+e)^2 - 1) / ((1+e)^2 + 1), e = exp(z), without a log; 1 above
+// z = 20, where it rounds to 1 in double too (and e^2 would overflow further on).
+template <typename T>
+FN_HOST_DEVICE T tanh_softplus(T z) {
+  const T e = fn_exp(z < T(20) ? z : T(20));
+  const T n = e * (e + T(2));
+  return z < T(20) ? n / (n + T(2)) : T(1);
+}
+
+template <typename T>
+FN_HOST_DEVICE T clamp_to(T v, T lo, T hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// y = act(z), with torch.nn's formulas (ATen's CPU kernels). NaN propagates.
+template <typename T>
+FN_HOST_DEVICE T activate(T z, int64_t act, ActParams<T> p) {
+  using K = ActConst<T>;
+  switch (act) {
+    case kRelu: return z < T(0) ? T(0) : z;
+    case kLeakyRelu: return z > T(0) ? z : z * p.a;
+    case kSilu: return z / (T(1) + fn_exp(-z));
+    case kGelu: return z * T(0.5) * (T(1) + fn_erf(z * K::sqrt1_2));
+    case kGeluTanh: {
+      const T inner = K::gelu_tanh_beta * (z + z * z * z * K::gelu_tanh_kappa);
+      return T(0.5) * z * (T(1) + fn_tanh(inner));
+    }
+    case kElu: return z <= T(0) ? fn_expm1(z) * p.a : z;
+    case kCelu: return z <= T(0) ? fn_expm1(z * p.b) * p.a : z;
+    case kSelu: return z <= T(0) ? fn_expm1(z) * K::selu_neg : z * K::selu_scale;
+    case kHardtanh: return clamp_to(z, p.a, p.b);
+    case kHardswish: return z * clamp_to(z + T(3), T(0), T(6)) / T(6);
+    case kHardsigmoid: return clamp_to(z + T(3), T(0), T(6)) / T(6);
+    case kSigmoid: return fn_sigmoid(z);
+    case kTanh: return fn_tanh(z);
+    case kSoftplus: {
+      const T zb = z * p.a;
+      return zb > p.b ? z : fn_log1p(fn_exp(zb)) / p.a;
+    }
+    case kMish: return z * tanh_softplus(z);
+    default: return z;
+  }
+}
+
+// dL/dz for y = act(z), from g = dL/dy: torch.nn's derivative (ATen's *_backward), its
+// choice at every kink included (relu 0 at 0, hardtanh 0 at both ends, hardswish 0 at -3
+// and 1 at 3, hardsigmoid 0 at both ends, ...). ReLU and the hard functions select (0 for an inf or
+// NaN g where the slope is 0, as torch's threshold_backward); the smooth ones multiply.
+template <typename T>
+FN_HOST_DEVICE T activation_backward(T g, T z, int64_t act, ActParams<T> p) {
+  using K = ActConst<T>;
+  switch (act) {
+    case kRelu: return z <= T(0) ? T(0) : g;
+    case kLeakyRelu: return z > T(0) ? g : g * p.a;
+    case kSilu: {
+      const T s = fn_sigmoid(z);
+      return g * s * (T(1) + z * (T(1) - s));
+    }
+    case kGelu: {
+      const T cdf = T(0.5) * (T(1) + fn_erf(z * K::sqrt1_2));
+      const T pdf = fn_exp(T(-0.5) * z * z) * K::gelu_pdf;
+      return g * (cdf + z * pdf);
+    }
+    case kGeluTanh: {
+      const T z2 = z * z;
+      const T t = fn_tanh(K::gelu_tanh_beta * (z + z2 * z * K::gelu_tanh_kappa));
+      const T dt = (T(1) - t * t) * K::gelu_tanh_beta * (T(1) + T(3) * K::gelu_tanh_kappa * z2);
+      return g * (T(0.5) * (T(1) + t) + T(0.5) * z * dt);
+    }
+    case kElu: return z <= T(0) ? g * p.a * fn_exp(z) : g;
+    case kCelu: return z <= T(0) ? g * fn_exp(z * p.b) : g;
+    case kSelu: return z <= T(0) ? g * K::selu_neg * fn_exp(z) : g * K::selu_scale;
+    case kHardtanh: return (z <= p.a || z >= p.b) ? T(0) : g;
+    case kHardswish: return z <= T(-3) ? T(0) : (z < T(3) ? g * (z / T(3) + T(0.5)) : g);
+    case kHardsigmoid: return (z > T(-3) && z < T(3)) ? g / T(6) : T(0);
+    case kSigmoid: {
+      const T y = fn_sigmoid(z);
+      return g * (T(1) - y) * y;
+    }
+    case kTanh: {
+      const T y = fn_tanh(z);
+      return g * (T(1) - y * y);
+    }
+    // torch's exp(zb) / (exp(zb) + 1) is NaN once exp overflows (threshold > 88): the
+    // sigmoid of zb, which it equals, is not.
+    case kSoftplus: return z * p.a > p.b ? g : g * fn_sigmoid(z * p.a);
+    case kMish: {
+      const T t = tanh_softplus(z);
+      return g * (t + z * fn_sigmoid(z) * (T(1) - t * t));
+    }
+    default: return g;
+  }
 }
 
 // Partial statistics of a set of values: count, mean and M2 = sum((x - mean)^2).

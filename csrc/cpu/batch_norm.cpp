@@ -134,7 +134,7 @@ inline bool by_channel(const BnLayout& l, int64_t inputs, int64_t elem_bytes) {
 // channels' worth of lines do not fit a 1 MiB L2.)
 template <typename T, typename A>
 void forward_by_channel(const BnLayout& l, const T* x, T* out, const std::vector<A>& gamma,
-                        const std::vector<A>& bias, A eps, int64_t act, A slope,
+                        const std::vector<A>& bias, A eps, int64_t act, ActParams<A> ap,
                         std::vector<A>& mean, std::vector<A>& m2, std::vector<A>& rstd) {
   const auto& k = table<T>();
   const int64_t C = l.C, S = l.S, N = l.N;
@@ -147,7 +147,7 @@ void forward_by_channel(const BnLayout& l, const T* x, T* out, const std::vector
       const A alpha = rstd[c] * gamma[c];
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = (n * C + c) * S;
-        k.apply_rows(x + row, out + row, 1, S, &mean[c], &alpha, &bias[c], act, slope, Ahead<T>{});
+        k.apply_rows(x + row, out + row, 1, S, &mean[c], &alpha, &bias[c], act, ap, Ahead<T>{});
       }
     }
   });
@@ -157,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
-    int64_t act, double slope) {
+    int64_t act, double act_a, double act_b) {
+  check_activation(act);
   check_bn_args(input, weight, bias, running_mean, running_var);
   TORCH_CHECK(training || (has(running_mean) && has(running_var)),
               "running_mean must be defined in evaluation mode");
@@ -184,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
       } else {
         std::vector<A> m2(C);
         if (by_channel(l, 1, sizeof(T))) {
-          forward_by_channel<T, A>(l, x, out, gamma, beta, A(eps), act, A(slope), mean, m2, rstd);
+          forward_by_channel<T, A>(l, x, out, gamma, beta, A(eps), act, act_params<A>(act_a, act_b), mean, m2, rstd);
           written = true;
         } else {
           channel_moments<T, A>(l, mean, m2);
@@ -218,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
       parallel_chunks(M, num_chunks(M, grain(C)),
                       [&](int64_t, int64_t b, int64_t e) {
                         k.apply_cols(x + b * C, out + b * C, e - b, C, mean.data(), alpha.data(),
-                                     beta.data(), act, A(slope));
+                                     beta.data(), act, act_params<A>(act_a, act_b));
                       });
     } else {
       const int64_t R = l.N * C, S = l.S;
@@ -226,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
       parallel_chunks(R, num_chunks(R, grain(S)),
                       [&](int64_t, int64_t b, int64_t e) {
                         k.apply_rows(x + b * S, out + b * S, e - b, S, &rm[b], &ra[b], &rb[b], act,
-                                     A(slope), Ahead<T>{});
+                                     act_params<A>(act_a, act_b), Ahead<T>{});
                       });
     }
   });
@@ -256,7 +257,7 @@ template <typename T, typename A>
 void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
                            const std::vector<A>& mean, const std::vector<A>& rstd,
                            const std::vector<A>& gamma, const std::vector<A>& alpha,
-                           const std::vector<A>& bias, int64_t act, A slope,
+                           const std::vector<A>& bias, int64_t act, ActParams<A> ap,
                            std::vector<A>& sum_dy, std::vector<A>& sum_dy_xmu) {
   const auto& k = table<T>();
   const int64_t C = l.C, S = l.S, N = l.N;
@@ -266,7 +267,7 @@ void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = (n * C + c) * S;
         A rs, rx;
-        k.grad_sums_rows(x + row, g + row, 1, S, &mean[c], &alpha[c], &bias[c], act, slope,
+        k.grad_sums_rows(x + row, g + row, 1, S, &mean[c], &alpha[c], &bias[c], act, ap,
                          &rs, &rx);
         s += rs;
         sx += rx;
@@ -278,7 +279,7 @@ void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = (n * C + c) * S;
         k.input_grad_rows(x + row, g + row, dx + row, 1, S, &mean[c], &alpha[c], &bias[c], &cA,
-                          &cB, &cC, act, slope, Ahead<T>{});
+                          &cB, &cC, act, ap, Ahead<T>{});
       }
     }
   });
@@ -287,7 +288,8 @@ void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean_t, const at::Tensor& rstd_t,
-    bool training, int64_t act, double slope, std::array<bool, 3> mask) {
+    bool training, int64_t act, double act_a, double act_b, std::array<bool, 3> mask) {
+  check_activation(act);
   check_bn_args(input, weight, bias, c10::nullopt, c10::nullopt);
   check_backward_args(grad_out, input, mean_t, rstd_t, input.size(1), "batch_norm_bwd");
   const BnLayout l = bn_layout(input);
@@ -320,14 +322,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     const bool one_pass = training && mask[0] && M * C > 0 && by_channel(l, 2, sizeof(T));
     T* d = mask[0] ? ptr<T>(dx) : nullptr;
     if (one_pass) {
-      input_grad_by_channel<T, A>(l, x, g, d, mean, rstd, gamma, alpha, beta, act, A(slope),
+      input_grad_by_channel<T, A>(l, x, g, d, mean, rstd, gamma, alpha, beta, act, act_params<A>(act_a, act_b),
                                   sum_dy, sum_dy_xmu);
     } else if (need_sums && M * C > 0) {
       if (l.cols) {
         std::vector<A> ps(col_chunks * C, A(0)), px(col_chunks * C, A(0));
         parallel_chunks(M, col_chunks, [&](int64_t ch, int64_t b, int64_t e) {
           k.grad_sums_cols(x + b * C, g + b * C, e - b, C, mean.data(), alpha.data(),
-                           beta.data(), act, A(slope), &ps[ch * C], &px[ch * C]);
+                           beta.data(), act, act_params<A>(act_a, act_b), &ps[ch * C], &px[ch * C]);
         });
         for (int64_t ch = 0; ch < col_chunks; ++ch)
           for (int64_t c = 0; c < C; ++c) {
@@ -339,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
         std::vector<A> rs(R), rx(R);
         parallel_chunks(R, row_chunks, [&](int64_t, int64_t b, int64_t e) {
           k.grad_sums_rows(x + b * S, g + b * S, e - b, S, &rm[b], &ra[b], &rb[b], act,
-                           A(slope), &rs[b], &rx[b]);
+                           act_params<A>(act_a, act_b), &rs[b], &rx[b]);
         });
         for (int64_t n = 0; n < l.N; ++n)
           for (int64_t c = 0; c < C; ++c) {
@@ -371,14 +373,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     if (l.cols) {
       parallel_chunks(M, col_chunks, [&](int64_t, int64_t b, int64_t e) {
         k.input_grad_cols(x + b * C, g + b * C, d + b * C, e - b, C, mean.data(), alpha.data(),
-                          beta.data(), cA.data(), cB.data(), cC.data(), act, A(slope));
+                          beta.data(), cA.data(), cB.data(), cC.data(), act, act_params<A>(act_a, act_b));
       });
     } else {
       std::vector<A> rm = per_row(mean, l.N), ra = per_row(alpha, l.N), rb = per_row(beta, l.N);
       std::vector<A> rA = per_row(cA, l.N), rB = per_row(cB, l.N), rC = per_row(cC, l.N);
       parallel_chunks(R, row_chunks, [&](int64_t, int64_t b, int64_t e) {
         k.input_grad_rows(x + b * S, g + b * S, d + b * S, e - b, S, &rm[b], &ra[b], &rb[b], &rA[b],
-                          &rB[b], &rC[b], act, A(slope), Ahead<T>{});
+                          &rB[b], &rC[b], act, act_params<A>(act_a, act_b), Ahead<T>{});
       });
     }
   });

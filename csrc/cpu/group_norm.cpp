@@ -34,7 +34,7 @@ Moments<A> merge_channels(const A* cmean, const A* cm2, int64_t c0, int64_t cg, 
 // running variance needs it).
 template <typename T, typename A>
 void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>& gamma,
-                        const std::vector<A>& bias, A eps, int64_t act, A slope, A* mean,
+                        const std::vector<A>& bias, A eps, int64_t act, ActParams<A> ap, A* mean,
                         A* rstd, A* m2) {
   const auto& k = table<T>();
   const int64_t C = s.C, Cg = s.cg(), S = s.S, L = s.row_len(), G = s.G;
@@ -58,7 +58,7 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
             alpha[c] = rstd[r] * gamma[c];
           }
         }
-        k.apply_cols(xn, y + n * S * C, S, C, gmean.data(), alpha.data(), bias.data(), act, slope);
+        k.apply_cols(xn, y + n * S * C, S, C, gmean.data(), alpha.data(), bias.data(), act, ap);
       }
     });
     return;
@@ -77,7 +77,7 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
           alpha[j] = rstd[r] * gamma[c0 + j0 + j];
         }
         const int64_t off = r * L + j0 * S;
-        k.apply_rows(x + off, y + off, nj, S, gmean, alpha, &bias[c0 + j0], act, slope,
+        k.apply_rows(x + off, y + off, nj, S, gmean, alpha, &bias[c0 + j0], act, ap,
                      next_block<T>(x, nullptr, off, nj * S, (e - b) * L, s.N * G * L));
       }
     }
@@ -106,7 +106,7 @@ void group_coefficients(const GnShape& s, int64_t r, const A* mean, const A* rst
 template <typename T, typename A>
 void group_norm_backward(const GnShape& s, const T* x, const T* g, T* dx,
                          const std::vector<A>& gamma, const std::vector<A>& bias, const A* mean,
-                         const A* rstd, int64_t act, A slope, A* sdy, A* sdx) {
+                         const A* rstd, int64_t act, ActParams<A> ap, A* sdy, A* sdx) {
   const auto& k = table<T>();
   const int64_t C = s.C, Cg = s.cg(), S = s.S, L = s.row_len(), G = s.G;
   if (s.channels_last) {
@@ -125,13 +125,13 @@ void group_norm_backward(const GnShape& s, const T* x, const T* g, T* dx,
         std::fill(sdx_n, sdx_n + C, A(0));
         const int64_t off = n * S * C;
         k.grad_sums_cols(x + off, g + off, S, C, cmean.data(), alpha.data(), bias.data(), act,
-                         slope, sdy_n, sdx_n);
+                         ap, sdy_n, sdx_n);
         if (!dx) continue;
         for (int64_t gr = 0; gr < G; ++gr)
           group_coefficients(s, n * G + gr, mean, rstd, gamma, sdy_n + gr * Cg, sdx_n + gr * Cg,
                              &cA[gr * Cg], &cB[gr * Cg], &cC[gr * Cg]);
         k.input_grad_cols(x + off, g + off, dx + off, S, C, cmean.data(), alpha.data(),
-                          bias.data(), cA.data(), cB.data(), cC.data(), act, slope);
+                          bias.data(), cA.data(), cB.data(), cC.data(), act, ap);
       }
     });
     return;
@@ -149,20 +149,20 @@ void group_norm_backward(const GnShape& s, const T* x, const T* g, T* dx,
       }
     const int64_t rb = b * Cg, re = e * Cg;
     k.grad_sums_rows(x + rb * S, g + rb * S, re - rb, S, &rmean[rb], &alpha[rb], &rbias[rb], act,
-                     slope, &sdy[rb], &sdx[rb]);
+                     ap, &sdy[rb], &sdx[rb]);
     if (!dx) return;
     for (int64_t r = b; r < e; ++r)
       group_coefficients(s, r, mean, rstd, gamma, &sdy[r * Cg], &sdx[r * Cg], &cA[r * Cg],
                          &cB[r * Cg], &cC[r * Cg]);
     k.input_grad_rows(x + rb * S, g + rb * S, dx + rb * S, re - rb, S, &rmean[rb], &alpha[rb],
-                      &rbias[rb], &cA[rb], &cB[rb], &cC[rb], act, slope,
+                      &rbias[rb], &cA[rb], &cB[rb], &cC[rb], act, ap,
                       next_block<T>(x, g, b * L, (e - b) * L, (e - b) * L, s.N * G * L));
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_impl(
     const at::Tensor& input, GnShape s, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps, int64_t act, double slope,
+    const c10::optional<at::Tensor>& bias, double eps, int64_t act, double act_a, double act_b,
     bool allow_channels_last, std::vector<double>* m2_out) {
   const at::MemoryFormat fmt =
       allow_channels_last ? group_norm_format(input) : at::MemoryFormat::Contiguous;
@@ -178,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_impl(
     std::vector<A> gamma = to_acc_vector<A>(weight, s.C, A(1));
     std::vector<A> beta = to_acc_vector<A>(bias, s.C, A(0));
     std::vector<A> m2(m2_out ? s.N * s.G : 0);
-    group_norm_forward<T, A>(s, ptr<T>(x), ptr<T>(y), gamma, beta, A(eps), act, A(slope),
+    group_norm_forward<T, A>(s, ptr<T>(x), ptr<T>(y), gamma, beta, A(eps), act, act_params<A>(act_a, act_b),
                              mean_t.data_ptr<A>(), rstd_t.data_ptr<A>(),
                              m2_out ? m2.data() : nullptr);
     if (m2_out) m2_out->assign(m2.begin(), m2.end());
@@ -188,11 +188,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_impl(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cpu(
     const at::Tensor& input, int64_t G, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps, int64_t act, double slope) {
+    const c10::optional<at::Tensor>& bias, double eps, int64_t act, double act_a, double act_b) {
+  check_activation(act);
   check_input_dtype(input, "group_norm");
   const GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
   check_group_norm_sizes(s);
-  return group_norm_impl(input, s, weight, bias, eps, act, slope, /*allow_channels_last=*/true,
+  return group_norm_impl(input, s, weight, bias, eps, act, act_a, act_b, /*allow_channels_last=*/true,
                          nullptr);
 }
 
@@ -200,13 +201,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_fwd_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, double momentum, double eps, int64_t act,
-    double slope) {
+    double act_a, double act_b) {
+  check_activation(act);
   const GnShape s = check_instance_norm(input, weight, bias, running_mean, running_var);
   const int64_t C = s.C;
   const bool update = has(running_mean) || has(running_var);
   std::vector<double> m2;
   // torch.nn.InstanceNorm returns a contiguous output whatever the input's layout.
-  auto out = group_norm_impl(input, s, weight, bias, eps, act, slope,
+  auto out = group_norm_impl(input, s, weight, bias, eps, act, act_a, act_b,
                              /*allow_channels_last=*/false, update ? &m2 : nullptr);
   if (update && s.N == 0) {
     // torch sets them to the average over no instances: NaN.
@@ -238,7 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, int64_t G, const at::Tensor& mean_t,
     const at::Tensor& rstd_t, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, int64_t act, double slope, std::array<bool, 3> mask) {
+    const c10::optional<at::Tensor>& bias, int64_t act, double act_a, double act_b, std::array<bool, 3> mask) {
+  check_activation(act);
   check_input_dtype(input, "group_norm");
   GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
   check_backward_args(grad_out, input, mean_t, rstd_t, s.N * G, "group_norm_bwd");
@@ -261,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cpu(
     std::vector<A> sdy(s.N * C, A(0)), sdx(s.N * C, A(0));
     if (x.numel() > 0)
       group_norm_backward<T, A>(s, ptr<T>(x), ptr<T>(dy), mask[0] ? ptr<T>(dx) : nullptr, gamma,
-                                beta, mean, rstd, act, A(slope), sdy.data(), sdx.data());
+                                beta, mean, rstd, act, act_params<A>(act_a, act_b), sdy.data(), sdx.data());
     // dgamma_c = sum_n sum(dyhat * xhat), dbeta_c = sum_n sum(dyhat).
     std::vector<A> dw(C, A(0)), db(C, A(0));
     for (int64_t n = 0; n < s.N; ++n)

@@ -7,6 +7,8 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/norm_math.h"
+
 namespace fusednorm {
 namespace cpu {
 
@@ -56,30 +58,30 @@ struct KernelTable {
   // Merge `rows` more rows into per-column (mean, m2) that already hold `count` rows.
   void (*moments_cols)(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2);
   void (*apply_rows)(const T* x, T* y, int64_t rows, int64_t S, const A* mean, const A* alpha,
-                     const A* bias, int64_t act, A slope, Ahead<T> ahead);
+                     const A* bias, int64_t act, ActParams<A> ap, Ahead<T> ahead);
   void (*apply_cols)(const T* x, T* y, int64_t rows, int64_t C, const A* mean, const A* alpha,
-                     const A* bias, int64_t act, A slope);
+                     const A* bias, int64_t act, ActParams<A> ap);
   // Per-row sums (written), per-column sums (accumulated).
   void (*grad_sums_rows)(const T* x, const T* dy, int64_t rows, int64_t S, const A* mean,
-                         const A* alpha, const A* bias, int64_t act, A slope, A* sum_dy,
+                         const A* alpha, const A* bias, int64_t act, ActParams<A> ap, A* sum_dy,
                          A* sum_dy_xmu);
   void (*grad_sums_cols)(const T* x, const T* dy, int64_t rows, int64_t C, const A* mean,
-                         const A* alpha, const A* bias, int64_t act, A slope, A* sum_dy,
+                         const A* alpha, const A* bias, int64_t act, ActParams<A> ap, A* sum_dy,
                          A* sum_dy_xmu);
   void (*input_grad_rows)(const T* x, const T* dy, T* dx, int64_t rows, int64_t S,
                           const A* mean, const A* alpha, const A* bias, const A* cA,
-                          const A* cB, const A* cC, int64_t act, A slope, Ahead<T> ahead);
+                          const A* cB, const A* cC, int64_t act, ActParams<A> ap, Ahead<T> ahead);
   void (*input_grad_cols)(const T* x, const T* dy, T* dx, int64_t rows, int64_t C,
                           const A* mean, const A* alpha, const A* bias, const A* cA,
-                          const A* cB, const A* cC, int64_t act, A slope);
+                          const A* cB, const A* cC, int64_t act, ActParams<A> ap);
   // LayerNorm: per-element gamma/beta (length L), statistics per row.
   void (*layer_norm_apply)(const T* x, T* y, int64_t rows, int64_t L, const A* mean,
-                           const A* rstd, const A* gamma, const A* beta, int64_t act, A slope,
+                           const A* rstd, const A* gamma, const A* beta, int64_t act, ActParams<A> ap,
                            Ahead<T> ahead);
   // dx (if non-null) per row; dgamma/dbeta partial sums accumulated.
   void (*layer_norm_backward)(const T* x, const T* dy, T* dx, int64_t rows, int64_t L,
                               const A* mean, const A* rstd, const A* gamma, const A* beta,
-                              int64_t act, A slope, A* dgamma, A* dbeta);
+                              int64_t act, ActParams<A> ap, A* dgamma, A* dbeta);
 };
 
 struct AllKernels {

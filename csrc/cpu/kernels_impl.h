@@ -2,7 +2,8 @@
 // FN_ISA (the namespace) and the compiler's target flags first, so the same loops are
 // vectorised for each instruction set. Only our own inline functions and compiler
 // builtins are used in here: an inline function from a shared header compiled with AVX
-// flags could otherwise be picked by the linker for callers on older CPUs.
+// flags could otherwise be picked by the linker for callers on older CPUs. (libm's
+// functions, which norm_math.h calls for double and for log1p / erf, are not inline.)
 //
 // Loops are written for the auto-vectoriser: the activation is a template parameter (no
 // branch inside the loop), reductions keep per-lane partial sums (lane_sums), and 16-bit types are
@@ -18,6 +19,11 @@ namespace fusednorm {
 namespace cpu {
 namespace FN_ISA {
 namespace {
+
+// The per-element lambdas handed to store_all and lane_sums are forced inline: with a
+// large activation in the body (SiLU's derivative) GCC kept one as a call per element, and
+// the loop around it stayed scalar.
+#define FN_INLINE __attribute__((always_inline))
 
 // ---- loads and stores in the accumulation type --------------------------------------
 inline float load(float v) { return v; }
@@ -111,6 +117,19 @@ inline void with_activation(int64_t act, F&& f) {
   switch (act) {
     case kRelu: f(ActTag<kRelu>{}); break;
     case kLeakyRelu: f(ActTag<kLeakyRelu>{}); break;
+    case kSilu: f(ActTag<kSilu>{}); break;
+    case kGelu: f(ActTag<kGelu>{}); break;
+    case kGeluTanh: f(ActTag<kGeluTanh>{}); break;
+    case kElu: f(ActTag<kElu>{}); break;
+    case kCelu: f(ActTag<kCelu>{}); break;
+    case kSelu: f(ActTag<kSelu>{}); break;
+    case kHardtanh: f(ActTag<kHardtanh>{}); break;
+    case kHardswish: f(ActTag<kHardswish>{}); break;
+    case kHardsigmoid: f(ActTag<kHardsigmoid>{}); break;
+    case kSigmoid: f(ActTag<kSigmoid>{}); break;
+    case kTanh: f(ActTag<kTanh>{}); break;
+    case kSoftplus: f(ActTag<kSoftplus>{}); break;
+    case kMish: f(ActTag<kMish>{}); break;
     default: f(ActTag<kNone>{}); break;
   }
 }
@@ -161,10 +180,10 @@ template <typename T, typename A>
 inline Moments<A> chunk_moments(const T* x, int64_t n) {
   constexpr int64_t W = kLanes<A>;
   A s[1];
-  lane_sums<1, A>(n, [&](int64_t i, A (&l)[1][W], int64_t j) { l[0][j] += A(load(x[i])); }, s);
+  lane_sums<1, A>(n, [&](int64_t i, A (&l)[1][W], int64_t j) FN_INLINE { l[0][j] += A(load(x[i])); }, s);
   const A m = s[0] / A(n);
   A qd[2];
-  lane_sums<2, A>(n, [&](int64_t i, A (&l)[2][W], int64_t j) {
+  lane_sums<2, A>(n, [&](int64_t i, A (&l)[2][W], int64_t j) FN_INLINE {
     const A v = A(load(x[i])) - m;
     l[0][j] += v * v;
     l[1][j] += v;
@@ -245,14 +264,14 @@ void moments_cols(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2) 
 
 template <typename T, typename A>
 void apply_rows(const T* x, T* y, int64_t rows, int64_t S, const A* mean, const A* alpha,
-                const A* bias, int64_t act, A slope, Ahead<T> ahead) {
+                const A* bias, int64_t act, ActParams<A> ap, Ahead<T> ahead) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
       const A m = mean[r], a = alpha[r], b = bias[r];
       const T* xr = x + r * S;
-      store_all(y + r * S, S, ahead, [&](int64_t i) {
-        return activate<A>(pre_activation<A>(A(load(xr[i])), m, a, b), ACT, slope);
+      store_all(y + r * S, S, ahead, [&](int64_t i) FN_INLINE {
+        return activate<A>(pre_activation<A>(A(load(xr[i])), m, a, b), ACT, ap);
       });
     }
   });
@@ -260,7 +279,7 @@ void apply_rows(const T* x, T* y, int64_t rows, int64_t S, const A* mean, const 
 
 template <typename T, typename A>
 void apply_cols(const T* x, T* y, int64_t rows, int64_t C, const A* mean, const A* alpha,
-                const A* bias, int64_t act, A slope) {
+                const A* bias, int64_t act, ActParams<A> ap) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
@@ -269,14 +288,14 @@ void apply_cols(const T* x, T* y, int64_t rows, int64_t C, const A* mean, const 
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c)
         store(yr + c, activate<A>(pre_activation<A>(A(load(xr[c])), mean[c], alpha[c], bias[c]), ACT,
-                                  slope));
+                                  ap));
     }
   });
 }
 
 template <typename T, typename A>
 void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* mean,
-                    const A* alpha, const A* bias, int64_t act, A slope, A* sum_dy,
+                    const A* alpha, const A* bias, int64_t act, ActParams<A> ap, A* sum_dy,
                     A* sum_dy_xmu) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
@@ -286,10 +305,10 @@ void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* m
       const T* xr = x + r * S;
       const T* gr = dy + r * S;
       A sums[2];
-      lane_sums<2, A>(S, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) {
+      lane_sums<2, A>(S, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) FN_INLINE {
         const A xv = A(load(xr[i]));
         A g = A(load(gr[i]));
-        if (ACT != kNone) g = activation_backward<A>(g, pre_activation<A>(xv, m, a, b), ACT, slope);
+        if (ACT != kNone) g = activation_backward<A>(g, pre_activation<A>(xv, m, a, b), ACT, ap);
         l[0][j] += g;
         l[1][j] += g * (xv - m);
       }, sums);
@@ -306,7 +325,7 @@ void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* m
 template <int64_t W, int64_t ACT, typename T, typename A>
 inline void column_block_grad_sums(const T* x, const T* dy, int64_t r0, int64_t r1, int64_t C,
                                    int64_t c0, int64_t w, const A* mean, const A* alpha,
-                                   const A* bias, A slope, A* sum_dy, A* sum_dy_xmu) {
+                                   const A* bias, ActParams<A> ap, A* sum_dy, A* sum_dy_xmu) {
   A s1[W], s2[W], a[W], b[W], m[W];
   for (int64_t j = 0; j < w; ++j) {
     s1[j] = sum_dy[c0 + j];
@@ -322,7 +341,7 @@ inline void column_block_grad_sums(const T* x, const T* dy, int64_t r0, int64_t 
     for (int64_t j = 0; j < w; ++j) {
       const A xv = A(load(xr[j]));
       A g = A(load(gr[j]));
-      if (ACT != kNone) g = activation_backward<A>(g, pre_activation<A>(xv, m[j], a[j], b[j]), ACT, slope);
+      if (ACT != kNone) g = activation_backward<A>(g, pre_activation<A>(xv, m[j], a[j], b[j]), ACT, ap);
       s1[j] += g;
       s2[j] += g * (xv - m[j]);
     }
@@ -337,7 +356,7 @@ inline void column_block_grad_sums(const T* x, const T* dy, int64_t r0, int64_t 
 // a block stay cached while each block of columns passes over it).
 template <typename T, typename A>
 void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* mean,
-                    const A* alpha, const A* bias, int64_t act, A slope, A* sum_dy,
+                    const A* alpha, const A* bias, int64_t act, ActParams<A> ap, A* sum_dy,
                     A* sum_dy_xmu) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
@@ -347,10 +366,10 @@ void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* m
       const int64_t r1 = rows - r0 < block ? rows : r0 + block;
       int64_t c0 = 0;
       for (; c0 + W <= C; c0 += W)
-        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, W, mean, alpha, bias, slope, sum_dy,
+        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, W, mean, alpha, bias, ap, sum_dy,
                                        sum_dy_xmu);
       if (c0 < C)  // the last C % W columns
-        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, C - c0, mean, alpha, bias, slope,
+        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, C - c0, mean, alpha, bias, ap,
                                        sum_dy, sum_dy_xmu);
     }
   });
@@ -359,7 +378,7 @@ void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* m
 template <typename T, typename A>
 void input_grad_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t S, const A* mean,
                      const A* alpha, const A* bias, const A* cA, const A* cB, const A* cC,
-                     int64_t act, A slope, Ahead<T> ahead) {
+                     int64_t act, ActParams<A> ap, Ahead<T> ahead) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
@@ -368,10 +387,10 @@ void input_grad_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t S, co
       const A ka = cA[r], kb = cB[r], kc = cC[r];
       const T* xr = x + r * S;
       const T* gr = dy + r * S;
-      store_all(dx + r * S, S, ahead, [&](int64_t i) {
+      store_all(dx + r * S, S, ahead, [&](int64_t i) FN_INLINE {
         const A xv = A(load(xr[i]));
         A g = A(load(gr[i]));
-        if (ACT != kNone) g = activation_backward<A>(g, pre_activation<A>(xv, m, a, b), ACT, slope);
+        if (ACT != kNone) g = activation_backward<A>(g, pre_activation<A>(xv, m, a, b), ACT, ap);
         return ka * g + kb * (xv - m) + kc;
       });
     }
@@ -381,7 +400,7 @@ void input_grad_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t S, co
 template <typename T, typename A>
 void input_grad_cols(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, const A* mean,
                      const A* alpha, const A* bias, const A* cA, const A* cB, const A* cC,
-                     int64_t act, A slope) {
+                     int64_t act, ActParams<A> ap) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
@@ -393,7 +412,7 @@ void input_grad_cols(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, co
         const A xv = A(load(xr[c]));
         A g = A(load(gr[c]));
         if (ACT != kNone)
-          g = activation_backward<A>(g, pre_activation<A>(xv, mean[c], alpha[c], bias[c]), ACT, slope);
+          g = activation_backward<A>(g, pre_activation<A>(xv, mean[c], alpha[c], bias[c]), ACT, ap);
         store(dr + c, cA[c] * g + cB[c] * (xv - mean[c]) + cC[c]);
       }
     }
@@ -402,14 +421,14 @@ void input_grad_cols(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, co
 
 template <typename T, typename A>
 void layer_norm_apply(const T* x, T* y, int64_t rows, int64_t L, const A* mean, const A* rstd,
-                      const A* gamma, const A* beta, int64_t act, A slope, Ahead<T> ahead) {
+                      const A* gamma, const A* beta, int64_t act, ActParams<A> ap, Ahead<T> ahead) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     for (int64_t r = 0; r < rows; ++r) {
       const A m = mean[r], rs = rstd[r];
       const T* xr = x + r * L;
-      store_all(y + r * L, L, ahead, [&](int64_t i) {
-        return activate<A>(pre_activation<A>(A(load(xr[i])), m, rs * gamma[i], beta[i]), ACT, slope);
+      store_all(y + r * L, L, ahead, [&](int64_t i) FN_INLINE {
+        return activate<A>(pre_activation<A>(A(load(xr[i])), m, rs * gamma[i], beta[i]), ACT, ap);
       });
     }
   });
@@ -418,7 +437,7 @@ void layer_norm_apply(const T* x, T* y, int64_t rows, int64_t L, const A* mean, 
 template <typename T, typename A>
 void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L,
                          const A* mean, const A* rstd, const A* gamma, const A* beta,
-                         int64_t act, A slope, A* dgamma, A* dbeta) {
+                         int64_t act, ActParams<A> ap, A* dgamma, A* dbeta) {
   with_activation(act, [&](auto tag) {
     constexpr int64_t ACT = decltype(tag)::value;
     const A inv_l = A(1) / A(L);
@@ -428,12 +447,12 @@ void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L
       const T* gr = dy + r * L;
       // Pass 1 (row in cache afterwards): parameter-gradient partials and the row's sums.
       A sums[2];
-      lane_sums<2, A>(L, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) {
+      lane_sums<2, A>(L, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) FN_INLINE {
         const A xv = A(load(xr[i]));
         const A xh = (xv - m) * rs;
         A g = A(load(gr[i]));
         if (ACT != kNone)
-          g = activation_backward<A>(g, pre_activation<A>(xv, m, rs * gamma[i], beta[i]), ACT, slope);
+          g = activation_backward<A>(g, pre_activation<A>(xv, m, rs * gamma[i], beta[i]), ACT, ap);
         dgamma[i] += g * xh;
         dbeta[i] += g;
         const A gg = g * gamma[i];
@@ -451,7 +470,7 @@ void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L
         const A xh = (xv - m) * rs;
         A g = A(load(gr[i]));
         if (ACT != kNone)
-          g = activation_backward<A>(g, pre_activation<A>(xv, m, rs * gamma[i], beta[i]), ACT, slope);
+          g = activation_backward<A>(g, pre_activation<A>(xv, m, rs * gamma[i], beta[i]), ACT, ap);
         store(dr + i, rs * (g * gamma[i] - ms - xh * msx));
       }
     }

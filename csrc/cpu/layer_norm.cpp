@@ -17,7 +17,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const at::Tensor& input, at::IntArrayRef shape, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps, int64_t act, double slope) {
+    const c10::optional<at::Tensor>& bias, double eps, int64_t act, double act_a, double act_b) {
+  check_activation(act);
   const int64_t L = check_layer_norm(input, shape, weight, bias);
   const at::Tensor x = input.contiguous();
   const int64_t R = layer_norm_rows(x, shape);
@@ -39,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
       k.moments_rows(xp + b * L, e - b, L, mean + b, rstd + b);  // rstd holds m2 for now
       for (int64_t r = b; r < e; ++r) rstd[r] = rstd_from_m2<A>(rstd[r], L, A(eps));
       k.layer_norm_apply(xp + b * L, yp + b * L, e - b, L, mean + b, rstd + b, gamma.data(),
-                         beta.data(), act, A(slope),
+                         beta.data(), act, act_params<A>(act_a, act_b),
                          next_block<T>(xp, nullptr, b * L, (e - b) * L, (e - b) * L, R * L));
     });
   });
@@ -49,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, at::IntArrayRef shape,
     const at::Tensor& mean_t, const at::Tensor& rstd_t, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, int64_t act, double slope, std::array<bool, 3> mask) {
+    const c10::optional<at::Tensor>& bias, int64_t act, double act_a, double act_b, std::array<bool, 3> mask) {
+  check_activation(act);
   const int64_t L = check_layer_norm(input, shape, weight, bias);
   check_backward_args(grad_out, input, mean_t, rstd_t, layer_norm_rows(input, shape),
                       "layer_norm_bwd");
@@ -75,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     parallel_chunks(R, chunks, [&](int64_t ch, int64_t b, int64_t e) {
       k.layer_norm_backward(xp + b * L, gp + b * L, dp ? dp + b * L : nullptr, e - b, L,
                             mean_c.data_ptr<A>() + b, rstd_c.data_ptr<A>() + b, gamma.data(),
-                            beta.data(), act, A(slope), &pg[ch * L], &pb[ch * L]);
+                            beta.data(), act, act_params<A>(act_a, act_b), &pg[ch * L], &pb[ch * L]);
     });
     for (int64_t ch = 1; ch < chunks; ++ch)
       for (int64_t i = 0; i < L; ++i) {

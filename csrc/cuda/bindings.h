@@ -89,7 +89,8 @@ inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<a
                                   const c10::optional<at::Tensor>& bias,
                                   const c10::optional<at::Tensor>& running_mean,
                                   const c10::optional<at::Tensor>& running_var, bool training,
-                                  double momentum, double eps, int64_t act, double slope) {
+                                  double momentum, double eps, int64_t act, double act_a, double act_b) {
+  check_activation(act);
   check_bn_args(input, weight, bias, running_mean, running_var);
   TORCH_CHECK(training || (has(running_mean) && has(running_var)),
               "running_mean must be defined in evaluation mode");
@@ -118,7 +119,7 @@ inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<a
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_apply", [&] {
       using A = typename Acc<scalar_t>::type;
       apply<scalar_t>(l.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), l.x.numel(), C, l.S, l.cols,
-                      aptr<A>(mean), aptr<A>(alpha), aptr<A>(beta), act, A(slope), FN_STREAM());
+                      aptr<A>(mean), aptr<A>(alpha), aptr<A>(beta), act, act_params<A>(act_a, act_b), FN_STREAM());
     });
   }
   return {y, mean, rstd};
@@ -128,7 +129,8 @@ inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
                                   const c10::optional<at::Tensor>& weight,
                                   const c10::optional<at::Tensor>& bias, const at::Tensor& mean_in,
                                   const at::Tensor& rstd_in, bool training, int64_t act,
-                                  double slope, std::array<bool, 3> mask) {
+                                  double act_a, double act_b, std::array<bool, 3> mask) {
+  check_activation(act);
   check_bn_args(input, weight, bias, c10::nullopt, c10::nullopt);
   check_backward_args(grad_out, input, mean_in, rstd_in, input.size(1), "batch_norm_bwd");
   FN_DEVICE_GUARD(input);
@@ -146,7 +148,7 @@ inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
     using scalar = scalar_t;
     using A = typename Acc<scalar>::type;
     if (need_sums && M * C > 0) {
-      GradSumsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), 0, 1, act, A(slope),
+      GradSumsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), 0, 1, act, act_params<A>(act_a, act_b),
                        aptr<A>(dgamma), aptr<A>(dbeta),
                        mask[0] ? aptr<A>(cA) : nullptr, aptr<A>(cB), aptr<A>(cC), training, M};
       run_channel_reduce<scalar>(plan_channels(l.cols, l.N, C, l.S), op, l.x, &dy);
@@ -156,7 +158,7 @@ inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
       if (!training) cA.copy_(alpha);  // eval: dx = alpha * dyhat
       input_grad<scalar>(l.x.data_ptr<scalar>(), dy.data_ptr<scalar>(), dx.data_ptr<scalar>(),
                          l.x.numel(), C, l.S, l.cols, aptr<A>(mean), aptr<A>(alpha), aptr<A>(beta), aptr<A>(cA),
-                         aptr<A>(cB), aptr<A>(cC), act, A(slope), FN_STREAM());
+                         aptr<A>(cB), aptr<A>(cC), act, act_params<A>(act_a, act_b), FN_STREAM());
     }
   });
   return {dx, mask[1] && has(weight) ? dgamma.to(weight->scalar_type()) : empty_result(input),
@@ -165,17 +167,17 @@ inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
 
 // ---- row norms: LayerNorm, GroupNorm, InstanceNorm ------------------------------------------
 template <typename A>
-RowParams<A> row_params(const at::Tensor& gamma, const at::Tensor& beta, int64_t act, double slope) {
-  return RowParams<A>{aptr<A>(gamma), aptr<A>(beta), act, A(slope)};
+RowParams<A> row_params(const at::Tensor& gamma, const at::Tensor& beta, int64_t act, double act_a, double act_b) {
+  return RowParams<A>{aptr<A>(gamma), aptr<A>(beta), act, act_params<A>(act_a, act_b)};
 }
 
 // Forward of R rows (statistics and apply); m2 (optional) receives each row's M2.
 inline void rows_forward(const at::Tensor& x, at::Tensor& y, RowShape sh, const at::Tensor& gamma,
-                         const at::Tensor& beta, double eps, int64_t act, double slope,
+                         const at::Tensor& beta, double eps, int64_t act, double act_a, double act_b,
                          at::Tensor& mean, at::Tensor& rstd, at::Tensor* m2) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rows_forward", [&] {
     using A = typename Acc<scalar_t>::type;
-    row_forward<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sh, row_params<A>(gamma, beta, act, slope),
+    row_forward<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sh, row_params<A>(gamma, beta, act, act_a, act_b),
                           A(eps), aptr<A>(mean), aptr<A>(rstd), m2 ? aptr<A>(*m2) : nullptr, FN_STREAM());
   });
 }
@@ -188,7 +190,7 @@ inline TensorList3 rows_backward(const at::Tensor& grad_out, const at::Tensor& x
                                  const c10::optional<at::Tensor>& weight,
                                  const c10::optional<at::Tensor>& bias, int64_t nparams,
                                  const ChannelPlan& plan, int64_t stat_outer, int64_t stat_div,
-                                 int64_t act, double slope, std::array<bool, 3> mask) {
+                                 int64_t act, double act_a, double act_b, std::array<bool, 3> mask) {
   const auto acc = x.options().dtype(acc_dtype(x));
   const at::Tensor dy = grad_out.to(x.scalar_type()).contiguous();
   const at::Tensor mean = mean_in.to(acc.dtype()).contiguous(), rstd = rstd_in.to(acc.dtype()).contiguous();
@@ -200,10 +202,10 @@ inline TensorList3 rows_backward(const at::Tensor& grad_out, const at::Tensor& x
     using A = typename Acc<scalar>::type;
     if (mask[0])
       row_backward<scalar>(x.data_ptr<scalar>(), dy.data_ptr<scalar>(), dx.data_ptr<scalar>(), sh,
-                           row_params<A>(gamma, beta, act, slope), aptr<A>(mean), aptr<A>(rstd), FN_STREAM());
+                           row_params<A>(gamma, beta, act, act_a, act_b), aptr<A>(mean), aptr<A>(rstd), FN_STREAM());
     if ((mask[1] || mask[2]) && x.numel() > 0) {
       GradSumsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), stat_outer, stat_div,
-                       act, A(slope), aptr<A>(dgamma), aptr<A>(dbeta), nullptr, nullptr, nullptr, false, 0};
+                       act, act_params<A>(act_a, act_b), aptr<A>(dgamma), aptr<A>(dbeta), nullptr, nullptr, nullptr, false, 0};
       run_channel_reduce<scalar>(plan, op, x, &dy);
     }
   });
@@ -214,7 +216,8 @@ inline TensorList3 rows_backward(const at::Tensor& grad_out, const at::Tensor& x
 inline TensorList3 layer_norm_fwd(const at::Tensor& input, at::IntArrayRef shape,
                                   const c10::optional<at::Tensor>& weight,
                                   const c10::optional<at::Tensor>& bias, double eps, int64_t act,
-                                  double slope) {
+                                  double act_a, double act_b) {
+  check_activation(act);
   const int64_t L = check_layer_norm(input, shape, weight, bias);
   FN_DEVICE_GUARD(input);
   const at::Tensor x = input.contiguous();
@@ -226,15 +229,16 @@ inline TensorList3 layer_norm_fwd(const at::Tensor& input, at::IntArrayRef shape
     rstd.zero_();
   } else
     rows_forward(x, y, RowShape{R, L, 1, L, 1}, acc_param(weight, L, 1.0, x).view(-1),
-                 acc_param(bias, L, 0.0, x).view(-1), eps, act, slope, mean, rstd, nullptr);
+                 acc_param(bias, L, 0.0, x).view(-1), eps, act, act_a, act_b, mean, rstd, nullptr);
   return {y, mean, rstd};
 }
 
 inline TensorList3 layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
                                   at::IntArrayRef shape, const at::Tensor& mean,
                                   const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
-                                  const c10::optional<at::Tensor>& bias, int64_t act, double slope,
+                                  const c10::optional<at::Tensor>& bias, int64_t act, double act_a, double act_b,
                                   std::array<bool, 3> mask) {
+  check_activation(act);
   const int64_t L = check_layer_norm(input, shape, weight, bias);
   check_backward_args(grad_out, input, mean, rstd, layer_norm_rows(input, shape),
                       "layer_norm_bwd");
@@ -244,7 +248,7 @@ inline TensorList3 layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
   auto [dx, dw, db] = rows_backward(grad_out, x, RowShape{R, L, 1, L, 1}, mean, rstd,
                                     weight.has_value() ? c10::optional<at::Tensor>(weight->view(-1)) : weight,
                                     bias.has_value() ? c10::optional<at::Tensor>(bias->view(-1)) : bias,
-                                    L, plan_channels(true, R, L, 1), 1, std::max<int64_t>(L, 1), act, slope, mask);
+                                    L, plan_channels(true, R, L, 1), 1, std::max<int64_t>(L, 1), act, act_a, act_b, mask);
   // (a normalized_shape holding a 0 has empty parameter gradients of that shape)
   return {dx, mask[1] && has(weight) ? dw.view(shape) : dw, mask[2] && has(bias) ? db.view(shape) : db};
 }
@@ -255,14 +259,14 @@ inline TensorList3 layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
 inline TensorList3 groups_forward(const at::Tensor& input, const GnShape& s,
                                   const c10::optional<at::Tensor>& weight,
                                   const c10::optional<at::Tensor>& bias, double eps, int64_t act,
-                                  double slope, bool keep_channels_last, at::Tensor* m2) {
+                                  double act_a, double act_b, bool keep_channels_last, at::Tensor* m2) {
   const at::Tensor x = input.contiguous();
   const auto acc = x.options().dtype(acc_dtype(x));
   at::Tensor y = at::empty_like(x), mean = at::zeros({s.N, s.G}, acc), rstd = at::zeros({s.N, s.G}, acc);
   if (m2) *m2 = at::zeros({s.N, s.G}, acc);
   if (x.numel() > 0)
     rows_forward(x, y, RowShape{s.N * s.G, s.cg() * s.S, s.G, s.cg(), s.S}, acc_param(weight, s.C, 1.0, x),
-                 acc_param(bias, s.C, 0.0, x), eps, act, slope, mean, rstd, m2);
+                 acc_param(bias, s.C, 0.0, x), eps, act, act_a, act_b, mean, rstd, m2);
   if (keep_channels_last) y = y.contiguous(group_norm_format(input));
   return {y, mean, rstd};
 }
@@ -270,23 +274,25 @@ inline TensorList3 groups_forward(const at::Tensor& input, const GnShape& s,
 inline TensorList3 group_norm_fwd(const at::Tensor& input, int64_t G,
                                   const c10::optional<at::Tensor>& weight,
                                   const c10::optional<at::Tensor>& bias, double eps, int64_t act,
-                                  double slope) {
+                                  double act_a, double act_b) {
+  check_activation(act);
   check_input_dtype(input, "group_norm");
   const GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
   check_group_norm_sizes(s);
   FN_DEVICE_GUARD(input);
-  return groups_forward(input, s, weight, bias, eps, act, slope, true, nullptr);
+  return groups_forward(input, s, weight, bias, eps, act, act_a, act_b, true, nullptr);
 }
 
 inline TensorList3 instance_norm_fwd(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& bias,
                                      const c10::optional<at::Tensor>& running_mean,
                                      const c10::optional<at::Tensor>& running_var, double momentum,
-                                     double eps, int64_t act, double slope) {
+                                     double eps, int64_t act, double act_a, double act_b) {
+  check_activation(act);
   const GnShape s = check_instance_norm(input, weight, bias, running_mean, running_var);
   FN_DEVICE_GUARD(input);
   at::Tensor m2;
-  auto out = groups_forward(input, s, weight, bias, eps, act, slope, false, &m2);
+  auto out = groups_forward(input, s, weight, bias, eps, act, act_a, act_b, false, &m2);
   const bool update = has(running_mean) || has(running_var);
   if (update && s.N == 0) {  // torch's average over no instances: NaN
     for (const auto* r : {&running_mean, &running_var})
@@ -303,15 +309,16 @@ inline TensorList3 instance_norm_fwd(const at::Tensor& input, const c10::optiona
 inline TensorList3 group_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input, int64_t G,
                                   const at::Tensor& mean, const at::Tensor& rstd,
                                   const c10::optional<at::Tensor>& weight,
-                                  const c10::optional<at::Tensor>& bias, int64_t act, double slope,
+                                  const c10::optional<at::Tensor>& bias, int64_t act, double act_a, double act_b,
                                   std::array<bool, 3> mask) {
+  check_activation(act);
   check_input_dtype(input, "group_norm");
   const GnShape s = check_group_norm(input, G, weight, bias, "group_norm");
   check_backward_args(grad_out, input, mean, rstd, s.N * G, "group_norm_bwd");
   FN_DEVICE_GUARD(input);
   const at::Tensor x = input.contiguous();
   auto out = rows_backward(grad_out, x, RowShape{s.N * G, s.cg() * s.S, G, s.cg(), s.S}, mean, rstd,
-                           weight, bias, s.C, plan_channels(false, s.N, s.C, s.S), G, s.cg(), act, slope, mask);
+                           weight, bias, s.C, plan_channels(false, s.N, s.C, s.S), G, s.cg(), act, act_a, act_b, mask);
   if (mask[0])  // the layout the CPU kernels return (layout.h)
     std::get<0>(out) = std::get<0>(out).contiguous(group_norm_format(input));
   return out;

@@ -16,7 +16,7 @@ __global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t
                              int64_t S, const typename Acc<T>::type* __restrict__ mean,
                              const typename Acc<T>::type* __restrict__ alpha,
                              const typename Acc<T>::type* __restrict__ beta, int64_t act,
-                             typename Acc<T>::type slope) {
+                             ActParams<typename Acc<T>::type> ap) {
   using A = typename Acc<T>::type;
   constexpr int P = VEC ? pack_size<T>() : 1;
   const int64_t packs = numel / P;
@@ -25,7 +25,7 @@ __global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t
     Pack<T, P> in = reinterpret_cast<const Pack<T, P>*>(x)[p], out;
     for (int k = 0; k < P; ++k) {
       const int64_t c = ((p * P + k) / S) % C;
-      out.v[k] = from_acc<T>(activate<A>(pre_activation<A>(to_acc(in.v[k]), mean[c], alpha[c], beta[c]), act, slope));
+      out.v[k] = from_acc<T>(activate<A>(pre_activation<A>(to_acc(in.v[k]), mean[c], alpha[c], beta[c]), act, ap));
     }
     reinterpret_cast<Pack<T, P>*>(y)[p] = out;
   }
@@ -40,7 +40,7 @@ __global__ void input_grad_kernel(const T* __restrict__ x, const T* __restrict__
                                   const typename Acc<T>::type* __restrict__ cA,
                                   const typename Acc<T>::type* __restrict__ cB,
                                   const typename Acc<T>::type* __restrict__ cC, int64_t act,
-                                  typename Acc<T>::type slope) {
+                                  ActParams<typename Acc<T>::type> ap) {
   using A = typename Acc<T>::type;
   constexpr int P = VEC ? pack_size<T>() : 1;
   const int64_t packs = numel / P;
@@ -51,7 +51,7 @@ __global__ void input_grad_kernel(const T* __restrict__ x, const T* __restrict__
     for (int k = 0; k < P; ++k) {
       const int64_t c = ((p * P + k) / S) % C;
       const A xv = to_acc(xin.v[k]);
-      const A g = activation_backward<A>(to_acc(gin.v[k]), pre_activation<A>(xv, mean[c], alpha[c], beta[c]), act, slope);
+      const A g = activation_backward<A>(to_acc(gin.v[k]), pre_activation<A>(xv, mean[c], alpha[c], beta[c]), act, ap);
       out.v[k] = from_acc<T>(cA[c] * g + cB[c] * (xv - mean[c]) + cC[c]);
     }
     reinterpret_cast<Pack<T, P>*>(dx)[p] = out;

@@ -197,15 +197,15 @@ inline dim3 elementwise_grid(int64_t work) {
 template <typename T>
 void apply(const T* x, T* y, int64_t numel, int64_t C, int64_t S, bool nhwc,
            const typename Acc<T>::type* mean, const typename Acc<T>::type* alpha, const typename Acc<T>::type* beta, int64_t act,
-           typename Acc<T>::type slope, fn_stream_t stream) {
+           ActParams<typename Acc<T>::type> ap, fn_stream_t stream) {
   if (numel == 0) return;
   const int64_t s = nhwc ? 1 : S;
   if (can_vectorize<T>(numel, s, nhwc, {x, y}))
     FN_LAUNCH((apply_kernel<T, true>), elementwise_grid(numel / pack_size<T>()), dim3(limits().threads), 0, stream,
-              x, y, numel, C, s, mean, alpha, beta, act, slope);
+              x, y, numel, C, s, mean, alpha, beta, act, ap);
   else
     FN_LAUNCH((apply_kernel<T, false>), elementwise_grid(numel), dim3(limits().threads), 0, stream,
-              x, y, numel, C, s, mean, alpha, beta, act, slope);
+              x, y, numel, C, s, mean, alpha, beta, act, ap);
   FN_LAUNCH_CHECK();
 }
 
@@ -213,16 +213,16 @@ template <typename T>
 void input_grad(const T* x, const T* dy, T* dx, int64_t numel, int64_t C, int64_t S, bool nhwc,
                 const typename Acc<T>::type* mean, const typename Acc<T>::type* alpha, const typename Acc<T>::type* beta,
                 const typename Acc<T>::type* cA, const typename Acc<T>::type* cB,
-                const typename Acc<T>::type* cC, int64_t act, typename Acc<T>::type slope,
+                const typename Acc<T>::type* cC, int64_t act, ActParams<typename Acc<T>::type> ap,
                 fn_stream_t stream) {
   if (numel == 0) return;
   const int64_t s = nhwc ? 1 : S;
   if (can_vectorize<T>(numel, s, nhwc, {x, dy, dx}))
     FN_LAUNCH((input_grad_kernel<T, true>), elementwise_grid(numel / pack_size<T>()), dim3(limits().threads), 0,
-              stream, x, dy, dx, numel, C, s, mean, alpha, beta, cA, cB, cC, act, slope);
+              stream, x, dy, dx, numel, C, s, mean, alpha, beta, cA, cB, cC, act, ap);
   else
     FN_LAUNCH((input_grad_kernel<T, false>), elementwise_grid(numel), dim3(limits().threads), 0, stream,
-              x, dy, dx, numel, C, s, mean, alpha, beta, cA, cB, cC, act, slope);
+              x, dy, dx, numel, C, s, mean, alpha, beta, cA, cB, cC, act, ap);
   FN_LAUNCH_CHECK();
 }
 

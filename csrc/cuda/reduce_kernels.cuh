@@ -68,7 +68,7 @@ struct GradSumsOp {
   const A* beta;      // [C]
   int64_t stat_outer, stat_div;
   int64_t act;
-  A slope;
+  ActParams<A> ap;
   A* dgamma;          // [C] out (nullable)
   A* dbeta;           // [C] out (nullable)
   // BatchNorm's input-gradient coefficients (nullable): dx = cA*dyhat + cB*(x - mean) + cC.
@@ -82,7 +82,7 @@ struct GradSumsOp {
   __device__ __forceinline__ void add(State& s, A x, A dy, int64_t outer, int64_t c) const {
     const int64_t k = outer * stat_outer + c / stat_div;
     const A xhat = (x - mean[k]) * rstd[k];
-    const A g = activation_backward<A>(dy, pre_activation<A>(x, mean[k], rstd[k] * gamma[c], beta[c]), act, slope);
+    const A g = activation_backward<A>(dy, pre_activation<A>(x, mean[k], rstd[k] * gamma[c], beta[c]), act, ap);
     s.v[0] += g;
     s.v[1] += g * xhat;
   }

@@ -32,7 +32,7 @@ struct RowParams {
   const A* gamma;
   const A* beta;
   int64_t act;
-  A slope;
+  ActParams<A> ap;
 };
 
 // z of element i (parameter index p) of a row with statistics (mean, rstd).
@@ -64,6 +64,9 @@ __global__ void row_fwd_warp(const T* __restrict__ x, T* __restrict__ y, RowShap
     const bool active = r < sh.R;  // inactive warps still join the shuffles
     A v[COLS];
     Moments<A> m{A(0), A(0), A(0)};
+    // Unrolled, so v[k] is a register: the activations' switch in the body would keep
+    // the compiler from unrolling by itself, and v[] would go to local memory.
+    #pragma unroll
     for (int k = 0; k < COLS; ++k) {
       const int64_t i = lane + int64_t(k) * kWarp;
       v[k] = active && i < sh.L ? to_acc(x[r * sh.L + i]) : A(0);
@@ -72,11 +75,12 @@ __global__ void row_fwd_warp(const T* __restrict__ x, T* __restrict__ y, RowShap
     m = warp_merge(m);
     const A rstd = rstd_from_m2<A>(m.m2, sh.L, eps);
     if (!active) continue;  // after the last shuffle
+    #pragma unroll
     for (int k = 0; k < COLS; ++k) {
       const int64_t i = lane + int64_t(k) * kWarp;
       if (i < sh.L) {
         const int64_t p = sh.param(r, i);
-        y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v[k], m.mean, rstd, p, pr), pr.act, pr.slope));
+        y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v[k], m.mean, rstd, p, pr), pr.act, pr.ap));
       }
     }
     if (lane == 0) {
@@ -108,7 +112,7 @@ __global__ void row_fwd_block(const T* __restrict__ x, T* __restrict__ y, RowSha
     for (int64_t i = tid; i < sh.L; i += nt) {
       const A v = CACHE ? cache[i] : to_acc(xr[i]);
       const int64_t p = sh.param(r, i);
-      y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v, m.mean, rstd, p, pr), pr.act, pr.slope));
+      y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v, m.mean, rstd, p, pr), pr.act, pr.ap));
     }
     if (tid == 0) {
       mean_out[r] = m.mean;
@@ -123,7 +127,7 @@ __global__ void row_fwd_block(const T* __restrict__ x, T* __restrict__ y, RowSha
 // g = (dy through act at the forward's z) * gamma for element v (parameter index p).
 template <typename A>
 __device__ __forceinline__ A scaled_grad(A v, A mean, A rstd, A dy, int64_t p, const RowParams<A>& pr) {
-  return activation_backward<A>(dy, row_pre_activation(v, mean, rstd, p, pr), pr.act, pr.slope) * pr.gamma[p];
+  return activation_backward<A>(dy, row_pre_activation(v, mean, rstd, p, pr), pr.act, pr.ap) * pr.gamma[p];
 }
 
 template <typename T, int COLS>
@@ -139,6 +143,7 @@ __global__ void row_bwd_warp(const T* __restrict__ x, const T* __restrict__ dy, 
     const A mu = active ? mean[r] : A(0), rs = active ? rstd[r] : A(0);
     A xh[COLS], g[COLS];
     A sum_g = 0, sum_gx = 0;
+    #pragma unroll
     for (int k = 0; k < COLS; ++k) {
       const int64_t i = lane + int64_t(k) * kWarp;
       xh[k] = g[k] = A(0);
@@ -153,6 +158,7 @@ __global__ void row_bwd_warp(const T* __restrict__ x, const T* __restrict__ dy, 
     sum_g = warp_sum(sum_g);
     sum_gx = warp_sum(sum_gx);
     if (!active) continue;
+    #pragma unroll
     for (int k = 0; k < COLS; ++k) {
       const int64_t i = lane + int64_t(k) * kWarp;
       if (i < sh.L) dx[r * sh.L + i] = from_acc<T>(rs * (g[k] - sum_g * inv_l - xh[k] * sum_gx * inv_l));

@@ -20,9 +20,7 @@ import math
 
 import torch
 
-from ._activation import activation_code
-
-_RELU, _LEAKY_RELU = activation_code("relu"), activation_code("leaky_relu")
+from . import _activation
 
 
 def _acc(t):
@@ -96,35 +94,24 @@ def _affine(norm, xhat, weight, bias):
     return xhat
 
 
-def _activation_backward(g, z, act, slope):
-    """g through the activation's derivative at the pre-activation z, as torch's relu /
-    leaky_relu backward (and, with g a tangent, their jvp): a select by the sign of z, so
-    relu gives 0 where z <= 0 even for an inf or NaN g there, leaky_relu g * slope; as the
-    kernels' activation_backward."""
-    if act == _RELU:
-        return torch.where(z > 0, g, torch.zeros_like(g))
-    if act == _LEAKY_RELU:
-        return torch.where(z > 0, g, g * slope)
-    return g
-
-
-def layer_norm_param_grads(dy, x, normalized_shape, mean, rstd, weight, bias, act, slope):
+def layer_norm_param_grads(dy, x, normalized_shape, mean, rstd, weight, bias, act):
     """Per-sample LayerNorm parameter gradients from the forward's saved statistics (the
     backward op's, whose sums run over every row): dy and x (B, *rows, *normalized_shape),
-    mean and rstd (B, rows). Returns dweight, dbias of shape (B, *normalized_shape) in the
-    parameters' dtype, None for an absent parameter. float32 sums (float64 for float64)."""
+    mean and rstd (B, rows); act: the _activation.Activation. Returns dweight, dbias of
+    shape (B, *normalized_shape) in the parameters' dtype, None for an absent parameter.
+    float32 sums (float64 for float64)."""
     batch, rows, length = x.shape[0], mean.shape[1], math.prod(normalized_shape)  # sizes, not -1: any may be 0
     # One temporary, updated in place: these tensors are as large as the whole batch.
     xhat = _acc(x).reshape(batch, rows, length) - _acc(mean).reshape(batch, rows, 1)
     xhat.mul_(_acc(rstd).reshape(batch, rows, 1))
     g = _acc(dy).reshape(batch, rows, length)
-    if act in (_RELU, _LEAKY_RELU):
+    if act.code:
         z = xhat
         if weight is not None:
             z = z * _acc(weight).reshape(length)
         if bias is not None:
             z = z + _acc(bias).reshape(length)
-        g = _activation_backward(g, z, act, slope)
+        g = _activation.backward(g, z, act)
     shape = (batch, *normalized_shape)
     dbias = None if bias is None else g.sum(1).reshape(shape).to(bias.dtype)
     dweight = None if weight is None else xhat.mul_(g).sum(1).reshape(shape).to(weight.dtype)
@@ -135,12 +122,7 @@ def output(kind, ctx, x, weight, bias, mean, rstd):
     """act(norm(x)) in x's dtype, in differentiable torch ops."""
     norm = _Norm(ctx, kind, x, mean, rstd)
     xhat, _ = norm.normalized(x, ctx.eps)
-    y = _affine(norm, xhat, weight, bias)
-    if ctx.act == _RELU:
-        y = torch.relu(y)
-    elif ctx.act == _LEAKY_RELU:
-        y = torch.nn.functional.leaky_relu(y, ctx.slope)
-    return y.to(x.dtype)
+    return _activation.forward(_affine(norm, xhat, weight, bias), ctx.act).to(x.dtype)
 
 
 def tangent(kind, ctx, x, weight, bias, mean, rstd, x_t, weight_t, bias_t):
@@ -156,4 +138,4 @@ def tangent(kind, ctx, x, weight, bias, mean, rstd, x_t, weight_t, bias_t):
         z_t = z_t + _affine(norm, xhat, weight_t, None)
     if bias_t is not None:
         z_t = z_t + _param(bias_t, norm.param_shape)
-    return _activation_backward(z_t, z, ctx.act, ctx.slope).to(x.dtype)
+    return _activation.backward(z_t, z, ctx.act).to(x.dtype)

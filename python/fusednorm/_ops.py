@@ -31,7 +31,7 @@ def _empty_unless(flag, like, shape=None):
     return like.new_empty((0,))
 
 
-def _fake_batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
+def _fake_batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, act, act_a, act_b):
     _same_device(x, weight, bias, running_mean, running_var)
     c = x.shape[1]
     y = torch.empty_like(x, memory_format=batch_norm_format(x))
@@ -43,7 +43,7 @@ def _fake_batch_norm_stats(x):
     return x.new_empty((c,), dtype=_stat_dtype(x)), x.new_empty((c,), dtype=_stat_dtype(x))
 
 
-def _fake_batch_norm_bwd(dy, x, weight, bias, mean, rstd, training, act, slope, mask):
+def _fake_batch_norm_bwd(dy, x, weight, bias, mean, rstd, training, act, act_a, act_b, mask):
     _same_device(x, dy, weight, bias, mean, rstd)
     dx = torch.empty_like(x, memory_format=batch_norm_format(x)) if mask[0] else x.new_empty((0,))
     dw = _empty_unless(mask[1] and weight is not None, weight if weight is not None else x, (x.shape[1],))
@@ -57,14 +57,14 @@ def _ln_rows(x, normalized_shape):
     return math.prod(x.shape[: x.dim() - len(normalized_shape)])
 
 
-def _fake_layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope):
+def _fake_layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, act_a, act_b):
     _same_device(x, weight, bias)
     r = _ln_rows(x, normalized_shape)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     return y, x.new_empty((r,), dtype=_stat_dtype(x)), x.new_empty((r,), dtype=_stat_dtype(x))
 
 
-def _fake_layer_norm_bwd(dy, x, normalized_shape, mean, rstd, weight, bias, act, slope, mask):
+def _fake_layer_norm_bwd(dy, x, normalized_shape, mean, rstd, weight, bias, act, act_a, act_b, mask):
     _same_device(x, dy, mean, rstd, weight, bias)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if mask[0] else x.new_empty((0,))
     dw = _empty_unless(mask[1] and weight is not None, weight if weight is not None else x, tuple(normalized_shape))
@@ -72,14 +72,14 @@ def _fake_layer_norm_bwd(dy, x, normalized_shape, mean, rstd, weight, bias, act,
     return dx, dw, db
 
 
-def _fake_group_norm_fwd(x, num_groups, weight, bias, eps, act, slope):
+def _fake_group_norm_fwd(x, num_groups, weight, bias, eps, act, act_a, act_b):
     _same_device(x, weight, bias)
     y = torch.empty_like(x, memory_format=group_norm_format(x))
     n = x.shape[0]
     return y, x.new_empty((n, num_groups), dtype=_stat_dtype(x)), x.new_empty((n, num_groups), dtype=_stat_dtype(x))
 
 
-def _fake_group_norm_bwd(dy, x, num_groups, mean, rstd, weight, bias, act, slope, mask):
+def _fake_group_norm_bwd(dy, x, num_groups, mean, rstd, weight, bias, act, act_a, act_b, mask):
     _same_device(x, dy, mean, rstd, weight, bias)
     dx = torch.empty_like(x, memory_format=group_norm_format(x)) if mask[0] else x.new_empty((0,))
     dw = _empty_unless(mask[1] and weight is not None, weight if weight is not None else x, (x.shape[1],))
@@ -87,7 +87,7 @@ def _fake_group_norm_bwd(dy, x, num_groups, mean, rstd, weight, bias, act, slope
     return dx, dw, db
 
 
-def _fake_instance_norm_fwd(x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
+def _fake_instance_norm_fwd(x, weight, bias, running_mean, running_var, momentum, eps, act, act_a, act_b):
     _same_device(x, weight, bias, running_mean, running_var)
     n, c = x.shape[0], x.shape[1]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)

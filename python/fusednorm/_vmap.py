@@ -16,6 +16,7 @@ import math
 import torch
 
 from . import _differentiable
+from ._activation import Activation
 
 _REFUSED = ("fusednorm {op} under vmap: the running_mean and running_var, which will be updated "
             "in place, are not batched, so they cannot take one update per sample (torch.nn's "
@@ -57,43 +58,43 @@ def _stacked(op, x, x_dim, args):
 
 
 def _layer_norm_fwd_rule(op):
-    def rule(info, in_dims, x, normalized_shape, weight, bias, eps, act, slope):
+    def rule(info, in_dims, x, normalized_shape, weight, bias, eps, act, act_a, act_b):
         x_dim, w_dim, b_dim = in_dims[0], in_dims[2], in_dims[3]
         if x_dim is not None and w_dim is None and b_dim is None:
             # The batch dim is one more leading dim: mean/rstd have one entry per row.
             xb = x.movedim(x_dim, 0)
-            y, mean, rstd = op(xb, normalized_shape, weight, bias, eps, act, slope)
+            y, mean, rstd = op(xb, normalized_shape, weight, bias, eps, act, act_a, act_b)
             stats = (xb.shape[0], math.prod(xb.shape[1:xb.dim() - len(normalized_shape)]))  # (B, rows)
             return (y, mean.reshape(stats), rstd.reshape(stats)), (0, 0, 0)
-        return _per_sample(op, info.batch_size, in_dims, (x, normalized_shape, weight, bias, eps, act, slope))
+        return _per_sample(op, info.batch_size, in_dims, (x, normalized_shape, weight, bias, eps, act, act_a, act_b))
     return rule
 
 
 def _group_norm_fwd_rule(op):
-    def rule(info, in_dims, x, num_groups, weight, bias, eps, act, slope):
+    def rule(info, in_dims, x, num_groups, weight, bias, eps, act, act_a, act_b):
         x_dim, w_dim, b_dim = in_dims[0], in_dims[2], in_dims[3]
         if x_dim is not None and w_dim is None and b_dim is None:
-            return _stacked(op, x, x_dim, (num_groups, weight, bias, eps, act, slope))
-        return _per_sample(op, info.batch_size, in_dims, (x, num_groups, weight, bias, eps, act, slope))
+            return _stacked(op, x, x_dim, (num_groups, weight, bias, eps, act, act_a, act_b))
+        return _per_sample(op, info.batch_size, in_dims, (x, num_groups, weight, bias, eps, act, act_a, act_b))
     return rule
 
 
 def _instance_norm_fwd_rule(op):
-    def rule(info, in_dims, x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
+    def rule(info, in_dims, x, weight, bias, running_mean, running_var, momentum, eps, act, act_a, act_b):
         x_dim, w_dim, b_dim, rm_dim, rv_dim = in_dims[:5]
         tracked = running_mean is not None or running_var is not None
         if tracked and (rm_dim is None or rv_dim is None):
             raise RuntimeError(_REFUSED.format(op="instance_norm"))
         if x_dim is not None and w_dim is None and b_dim is None and not tracked:
-            return _stacked(op, x, x_dim, (weight, bias, None, None, momentum, eps, act, slope))
-        args = (x, weight, bias, running_mean, running_var, momentum, eps, act, slope)
+            return _stacked(op, x, x_dim, (weight, bias, None, None, momentum, eps, act, act_a, act_b))
+        args = (x, weight, bias, running_mean, running_var, momentum, eps, act, act_a, act_b)
         return _per_sample(op, info.batch_size, in_dims, args)
     return rule
 
 
 def _batch_norm_fwd_rule(op):
-    def rule(info, in_dims, x, weight, bias, running_mean, running_var, training, momentum, eps, act,
-             slope):
+    def rule(info, in_dims, x, weight, bias, running_mean, running_var, training, momentum, eps, act, act_a,
+             act_b):
         x_dim, w_dim, b_dim, rm_dim, rv_dim = in_dims[:5]
         tracked = running_mean is not None or running_var is not None
         if training and tracked and (rm_dim is None or rv_dim is None):
@@ -103,16 +104,16 @@ def _batch_norm_fwd_rule(op):
             # Eval: per-channel running statistics, not batched: mean/rstd are shared.
             xb = x.movedim(x_dim, 0)
             y, mean, rstd = op(xb.flatten(0, 1), weight, bias, running_mean, running_var, training,
-                               momentum, eps, act, slope)
+                               momentum, eps, act, act_a, act_b)
             return (y.unflatten(0, xb.shape[:2]), mean, rstd), (0, None, None)
         B = info.batch_size
         if training and not tracked and x_dim is not None and w_dim is None and b_dim is None and B:
             # Training statistics are per sample's batch: the samples side by side as
             # channels, (N, C, ...) -> (N, B*C, ...), each (sample, channel) its own.
             y, mean, rstd = op(_side_by_side(x, x_dim, B), _repeat(weight, B), _repeat(bias, B), None, None,
-                               training, momentum, eps, act, slope)
+                               training, momentum, eps, act, act_a, act_b)
             return (y.unflatten(1, (B, -1)), mean.unflatten(0, (B, -1)), rstd.unflatten(0, (B, -1))), (1, 0, 0)
-        args = (x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope)
+        args = (x, weight, bias, running_mean, running_var, training, momentum, eps, act, act_a, act_b)
         return _per_sample(op, B, in_dims, args)
     return rule
 
@@ -152,15 +153,15 @@ def _repeat(p, batch):
     return None if p is None else p.repeat(batch)
 
 
-def _group_norm_bwd_args(B, in_dims, dy, x, num_groups, mean, rstd, weight, bias, act, slope, mask):
+def _group_norm_bwd_args(B, in_dims, dy, x, num_groups, mean, rstd, weight, bias, act, act_a, act_b, mask):
     """GroupNorm's and InstanceNorm's backward side by side: B*G groups, each group's
     statistics (N, G per sample) its sample's own."""
     side = lambda t, d: _side_by_side(t, d, B)  # noqa: E731
     return (side(dy, in_dims[0]), side(x, in_dims[1]), B * num_groups, side(mean, in_dims[3]),
-            side(rstd, in_dims[4]), _repeat(weight, B), _repeat(bias, B), act, slope, mask)
+            side(rstd, in_dims[4]), _repeat(weight, B), _repeat(bias, B), act, act_a, act_b, mask)
 
 
-def _batch_norm_bwd_args(B, in_dims, dy, x, weight, bias, mean, rstd, training, act, slope, mask):
+def _batch_norm_bwd_args(B, in_dims, dy, x, weight, bias, mean, rstd, training, act, act_a, act_b, mask):
     """BatchNorm's backward side by side: the per-channel statistics (training: over the
     sample's batch; eval: the running ones, repeated) as B*C channels'."""
     def per_channel(t, d):  # (C,) per sample -> (B*C,)
@@ -168,7 +169,7 @@ def _batch_norm_bwd_args(B, in_dims, dy, x, weight, bias, mean, rstd, training, 
 
     return (_side_by_side(dy, in_dims[0], B), _side_by_side(x, in_dims[1], B), _repeat(weight, B),
             _repeat(bias, B), per_channel(mean, in_dims[4]), per_channel(rstd, in_dims[5]), training, act,
-            slope, mask)
+            act_a, act_b, mask)
 
 
 # Largest sample (elements) whose LayerNorm backward under vmap runs stacked (below). The
@@ -186,11 +187,11 @@ def _layer_norm_bwd_rule(op):
     would add the samples' together: they are summed per sample instead, from the same saved
     statistics (_differentiable.layer_norm_param_grads). Large samples, and batched
     parameters, go one op call per sample."""
-    def rule(info, in_dims, dy, x, normalized_shape, mean, rstd, weight, bias, act, slope, mask):
+    def rule(info, in_dims, dy, x, normalized_shape, mean, rstd, weight, bias, act, act_a, act_b, mask):
         B = info.batch_size
         sample_numel = x.numel() // B if in_dims[1] is not None and B else x.numel()
         if in_dims[5] is not None or in_dims[6] is not None or sample_numel > _STACKED_LAYER_NORM_BWD_MAX:
-            return _per_sample(op, B, in_dims, (dy, x, normalized_shape, mean, rstd, weight, bias, act, slope,
+            return _per_sample(op, B, in_dims, (dy, x, normalized_shape, mean, rstd, weight, bias, act, act_a, act_b,
                                                 mask))
 
         def leading(t, d):  # batch dim first; unbatched (jacrev's shared input): repeated
@@ -201,12 +202,12 @@ def _layer_norm_bwd_rule(op):
         # Outputs not asked for (mask, or an absent parameter) are empty and unbatched.
         outs = [(empty, None)] * 3
         if mask[0]:
-            dx = op(dy, x, normalized_shape, mean.reshape(-1), rstd.reshape(-1), weight, bias, act, slope,
+            dx = op(dy, x, normalized_shape, mean.reshape(-1), rstd.reshape(-1), weight, bias, act, act_a, act_b,
                     [True, False, False])[0]
             outs[0] = (dx, 0)
         if mask[1] or mask[2]:
             dw, db = _differentiable.layer_norm_param_grads(dy, x, normalized_shape, mean, rstd, weight,
-                                                            bias, act, slope)
+                                                            bias, Activation(act, act_a, act_b))
             for i, g in ((1, dw), (2, db)):
                 if mask[i] and g is not None:
                     outs[i] = (g, 0)

@@ -15,6 +15,7 @@ from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from . import _differentiable
+from ._activation import Activation
 from .backend import ops_for
 
 
@@ -191,7 +192,8 @@ class _NormFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.ops = ops_for(x)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.eps, ctx.act, ctx.slope = inputs[-3:]  # every norm's last three arguments
+        ctx.eps = inputs[-4]  # every norm's last four arguments: eps, then the activation
+        ctx.act = Activation(*inputs[-3:])
 
 
 def _grad_mask(ctx, weight, bias):
@@ -216,18 +218,18 @@ class BatchNormFunction(_NormFunction):
         ctx.training = inputs[5]
 
     @staticmethod
-    def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, act, slope):
+    def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, act, act_a, act_b):
         return ops_for(x).batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum,
-                                         eps, act, slope)
+                                         eps, act, act_a, act_b)
 
     @staticmethod
     @differentiable_by_recompute(kind)
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
-        dx, dw, db = ctx.ops.batch_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.training, ctx.act, ctx.slope,
+        dx, dw, db = ctx.ops.batch_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.training, *ctx.act,
                                             mask)
-        return _grads(mask, dx, dw, db, 7)
+        return _grads(mask, dx, dw, db, 8)
 
 
 class InstanceNormFunction(_NormFunction):
@@ -236,17 +238,17 @@ class InstanceNormFunction(_NormFunction):
     kind = "instance_norm"
 
     @staticmethod
-    def forward(x, weight, bias, running_mean, running_var, momentum, eps, act, slope):
+    def forward(x, weight, bias, running_mean, running_var, momentum, eps, act, act_a, act_b):
         return ops_for(x).instance_norm_fwd(x, weight, bias, running_mean, running_var, momentum, eps, act,
-                                            slope)
+                                            act_a, act_b)
 
     @staticmethod
     @differentiable_by_recompute(kind)
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
-        dx, dw, db = ctx.ops.group_norm_bwd(dy, x, x.shape[1], mean, rstd, weight, bias, ctx.act, ctx.slope, mask)
-        return _grads(mask, dx, dw, db, 6)
+        dx, dw, db = ctx.ops.group_norm_bwd(dy, x, x.shape[1], mean, rstd, weight, bias, *ctx.act, mask)
+        return _grads(mask, dx, dw, db, 7)
 
 
 class LayerNormFunction(_NormFunction):
@@ -258,8 +260,8 @@ class LayerNormFunction(_NormFunction):
         ctx.normalized_shape = inputs[3]
 
     @staticmethod
-    def forward(x, weight, bias, normalized_shape, eps, act, slope):
-        return ops_for(x).layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, slope)
+    def forward(x, weight, bias, normalized_shape, eps, act, act_a, act_b):
+        return ops_for(x).layer_norm_fwd(x, normalized_shape, weight, bias, eps, act, act_a, act_b)
 
     @staticmethod
     @differentiable_by_recompute(kind)
@@ -267,9 +269,9 @@ class LayerNormFunction(_NormFunction):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
         dx, dw, db = ctx.ops.layer_norm_bwd(
-            dy, x, ctx.normalized_shape, mean, rstd, weight, bias, ctx.act, ctx.slope, mask
+            dy, x, ctx.normalized_shape, mean, rstd, weight, bias, *ctx.act, mask
         )
-        return _grads(mask, dx, dw, db, 4)
+        return _grads(mask, dx, dw, db, 5)
 
 
 class GroupNormFunction(_NormFunction):
@@ -281,17 +283,17 @@ class GroupNormFunction(_NormFunction):
         ctx.num_groups = inputs[3]
 
     @staticmethod
-    def forward(x, weight, bias, num_groups, eps, act, slope):
-        return ops_for(x).group_norm_fwd(x, num_groups, weight, bias, eps, act, slope)
+    def forward(x, weight, bias, num_groups, eps, act, act_a, act_b):
+        return ops_for(x).group_norm_fwd(x, num_groups, weight, bias, eps, act, act_a, act_b)
 
     @staticmethod
     @differentiable_by_recompute(kind)
     def backward(ctx, dy, _dmean=None, _drstd=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias)
-        dx, dw, db = ctx.ops.group_norm_bwd(dy, x, ctx.num_groups, mean, rstd, weight, bias, ctx.act, ctx.slope,
+        dx, dw, db = ctx.ops.group_norm_bwd(dy, x, ctx.num_groups, mean, rstd, weight, bias, *ctx.act,
                                             mask)
-        return _grads(mask, dx, dw, db, 4)
+        return _grads(mask, dx, dw, db, 5)
 
 
 def _with_jvp(function, kind):

@@ -1,12 +1,12 @@
 """fusednorm.convert: swap a model's torch.nn normalisation layers for fusednorm's, and fuse
-a following ReLU / LeakyReLU into them.
+a following activation (ReLU, SiLU, GELU, ... any fusednorm accepts) into them.
 
 Swapping keeps every parameter and buffer object (state_dict keys and values unchanged,
 optimisers that hold the parameters keep working) and each module's training mode. Only
 modules of exactly a torch.nn norm type are swapped: SyncBatchNorm and user subclasses are
 left alone. Fusing needs the dataflow, so the model is traced with torch.fx; a norm whose
-only use is a ReLU or LeakyReLU (module, functional, torch.* or tensor method) gets that
-activation, and the activation disappears from the graph. Models that torch.fx cannot
+only use is an activation (module, functional, torch.* or tensor method, inplace or not,
+with constant arguments) gets that activation, and the activation disappears from the graph. Models that torch.fx cannot
 trace are swapped without fusing, with a warning."""
 import warnings
 
@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import modules as fm
+from ._activation import MODULE_NAMES, resolve
 
 __all__ = ["convert"]
 
@@ -85,23 +86,67 @@ def _trace(model):
     return gm
 
 
-def _activation_of(node, gm):
-    """("relu"|"leaky_relu", negative_slope) if node applies one to its first input, else None."""
+# torch functions and Tensor methods that apply an activation to their first argument ->
+# (the torch.nn module of the same activation, the names of its parameters in the
+# function's positional order). `inplace` is dropped: the norm's output is fresh.
+_FUNCTIONS = {}
+for _fns, _module, _params in [
+    ((F.relu, F.relu_, torch.relu, torch.relu_), nn.ReLU, ()),
+    ((F.leaky_relu, F.leaky_relu_), nn.LeakyReLU, ("negative_slope",)),
+    ((F.silu,), nn.SiLU, ()),
+    ((F.gelu,), nn.GELU, ("approximate",)),
+    ((F.elu, F.elu_), nn.ELU, ("alpha",)),
+    ((F.celu, F.celu_), nn.CELU, ("alpha",)),
+    ((F.selu, F.selu_, torch.selu, torch.selu_), nn.SELU, ()),
+    ((F.relu6,), nn.ReLU6, ()),
+    ((F.hardtanh, F.hardtanh_), nn.Hardtanh, ("min_val", "max_val")),
+    ((F.hardswish,), nn.Hardswish, ()),
+    ((F.hardsigmoid,), nn.Hardsigmoid, ()),
+    ((torch.sigmoid, torch.sigmoid_, F.sigmoid), nn.Sigmoid, ()),
+    ((torch.tanh, torch.tanh_, F.tanh), nn.Tanh, ()),
+    ((F.softplus,), nn.Softplus, ("beta", "threshold")),
+    ((F.mish,), nn.Mish, ()),
+]:
+    for _fn in _fns:
+        _FUNCTIONS[_fn] = (_module, _params)
+_METHODS = {"relu": nn.ReLU, "relu_": nn.ReLU, "sigmoid": nn.Sigmoid, "sigmoid_": nn.Sigmoid,
+            "tanh": nn.Tanh, "tanh_": nn.Tanh}
+
+
+def _activation_module(node, gm):
+    """The torch.nn activation module equivalent to node when node applies one to its first
+    input with constant arguments, else None."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if type(m) is nn.ReLU:
-            return "relu", 0.01
-        if type(m) is nn.LeakyReLU:
-            return "leaky_relu", m.negative_slope
-    elif node.op == "call_function":
-        if node.target in (F.relu, torch.relu, torch.relu_, F.relu_):
-            return "relu", 0.01
-        if node.target in (F.leaky_relu, F.leaky_relu_):
-            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
-            return ("leaky_relu", slope) if isinstance(slope, (int, float)) else None
-    elif node.op == "call_method" and node.target in ("relu", "relu_"):
-        return "relu", 0.01
-    return None
+        return m if type(m) in MODULE_NAMES else None
+    if node.op == "call_method":
+        cls = _METHODS.get(node.target)
+        return cls() if cls is not None and len(node.args) == 1 and not node.kwargs else None
+    if node.op != "call_function" or node.target not in _FUNCTIONS:
+        return None
+    cls, names = _FUNCTIONS[node.target]
+    given = dict(zip(names + ("inplace",), node.args[1:]), **node.kwargs)
+    given.pop("inplace", None)
+    if set(given) - set(names) or len(node.args) > len(names) + 2:
+        return None
+    if any(isinstance(v, torch.fx.Node) for v in given.values()):
+        return None  # a parameter computed at run time
+    return cls(**given)
+
+
+def _activation_of(node, gm):
+    """(activation, negative_slope) for the norm when node applies an activation to its
+    first input, else None: a name where torch.nn's defaults apply (repr activation=silu),
+    the module otherwise (its parameters kept)."""
+    m = _activation_module(node, gm)
+    if m is None:
+        return None
+    name = MODULE_NAMES[type(m)]
+    if name == "leaky_relu":
+        return name, m.negative_slope
+    if name != "gelu" and resolve(name) == resolve(m) or name == "gelu" and m.approximate == "none":
+        return name, 0.01
+    return m, 0.01
 
 
 def _fuse(gm):
@@ -126,7 +171,7 @@ def _fuse(gm):
             if act is None or users[0].args[0] is not node:
                 break
             acts.append((node, users[0], act))
-        if len(acts) != len(nodes) or len({a for _, _, a in acts}) != 1:
+        if len(acts) != len(nodes) or len({resolve(*a) for _, _, a in acts}) != 1:
             continue
         activation, slope = acts[0][2]
         new = _swapped(norm, activation, slope) if type(norm) in SWAPS else norm

@@ -1,12 +1,14 @@
 """torch.nn.functional's normalisation functions with a fused activation.
 
-Each takes torch.nn.functional's arguments plus keyword-only `activation` (None, "relu",
-"leaky_relu") and `negative_slope`, and returns act(norm(input))."""
+Each takes torch.nn.functional's arguments plus keyword-only `activation` (None, a name such
+as "relu", "silu", "gelu", or a torch.nn activation module such as nn.GELU(approximate="tanh"),
+whose parameters are honoured) and `negative_slope` (for "leaky_relu"), and returns
+act(norm(input))."""
 import math
 
 import torch
 
-from ._activation import activation_code
+from ._activation import resolve
 from .autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction, LayerNormFunction, apply
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm"]
@@ -36,29 +38,29 @@ def _autocast_float32(input, weight, bias):
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01):
     """torch.nn.functional.batch_norm followed by the activation, in one fused kernel."""
-    act = activation_code(activation)
+    act = resolve(activation, negative_slope)
     if training:
         _verify_batch_size(input.size())
     return apply(BatchNormFunction, input, weight, bias, running_mean, running_var, bool(training),
-                 float(momentum), float(eps), act, float(negative_slope))
+                 float(momentum), float(eps), *act)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5, *, activation=None,
                   negative_slope=0.01):
     """torch.nn.functional.instance_norm followed by the activation, in one fused kernel."""
-    act = activation_code(activation)
+    act = resolve(activation, negative_slope)
     if use_input_stats:
         _verify_spatial_size(input.size())
         return apply(InstanceNormFunction, input, weight, bias, running_mean, running_var,
-                     float(momentum), float(eps), act, float(negative_slope))
+                     float(momentum), float(eps), *act)
     # Normalising with running statistics is per channel: BatchNorm's eval path, on a
     # contiguous input since torch.nn.InstanceNorm's output is contiguous whatever the
     # input's layout (BatchNorm's keeps channels_last).
     if input.dim() >= 2 and input.size(0) == 0:
         _no_instances(weight, bias)
     return apply(BatchNormFunction, input.contiguous(), weight, bias, running_mean, running_var,
-                 False, float(momentum), float(eps), act, float(negative_slope))
+                 False, float(momentum), float(eps), *act)
 
 
 def _no_instances(weight, bias):
@@ -71,21 +73,20 @@ def _no_instances(weight, bias):
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None,
                negative_slope=0.01):
     """torch.nn.functional.layer_norm followed by the activation, in one fused kernel."""
-    act = activation_code(activation)
+    act = resolve(activation, negative_slope)
     input, weight, bias = _autocast_float32(input, weight, bias)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     return apply(LayerNormFunction, input, weight, bias, [int(s) for s in normalized_shape],
-                 float(eps), act, float(negative_slope))
+                 float(eps), *act)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
                negative_slope=0.01):
     """torch.nn.functional.group_norm followed by the activation, in one fused kernel."""
-    act = activation_code(activation)
+    act = resolve(activation, negative_slope)
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
     input, weight, bias = _autocast_float32(input, weight, bias)
-    return apply(GroupNormFunction, input, weight, bias, int(num_groups), float(eps), act,
-                 float(negative_slope))
+    return apply(GroupNormFunction, input, weight, bias, int(num_groups), float(eps), *act)

@@ -2,15 +2,16 @@
 
 Each class subclasses its torch.nn counterpart, so constructor arguments, defaults,
 parameters, buffers, state_dict keys and isinstance checks are torch.nn's; it adds the
-keyword-only `activation` and `negative_slope` and computes forward with fusednorm's
-kernels. Module semantics (num_batches_tracked, momentum=None, eval vs train) follow
+keyword-only `activation` (None, a name such as "silu", or a torch.nn activation module)
+and `negative_slope` (for "leaky_relu") and computes forward with fusednorm's kernels.
+Module semantics (num_batches_tracked, momentum=None, eval vs train) follow
 torch.nn's code exactly and live only here."""
 import functools
 
 import torch
 
 from . import functional as F
-from ._activation import activation_code, activation_repr
+from ._activation import activation_repr, resolve
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -39,12 +40,23 @@ def fx_leaf(forward):
 
 
 class _FusedActivation:
-    """Mixin: the activation attributes, checked at construction."""
+    """Mixin: the activation attributes. `activation` is what the user gave (None, a name or
+    a torch.nn activation module) and `negative_slope` leaky_relu's slope; setting either
+    checks it (ValueError) and resolves the pair into `_act`, what the kernels take. A
+    module given as the activation is a plain attribute, not a submodule, so the norm's
+    children, state_dict and repr stay torch.nn's."""
 
     def _set_activation(self, activation, negative_slope):
-        activation_code(activation)  # ValueError for an unknown name
+        self.__dict__["negative_slope"] = negative_slope
         self.activation = activation
-        self.negative_slope = negative_slope
+
+    def __setattr__(self, name, value):
+        if name not in ("activation", "negative_slope"):
+            return super().__setattr__(name, value)
+        pair = {"activation": self.__dict__.get("activation"),
+                "negative_slope": self.__dict__.get("negative_slope", 0.01), name: value}
+        self.__dict__["_act"] = resolve(pair["activation"], pair["negative_slope"])
+        self.__dict__[name] = value
 
     def extra_repr(self):
         return super().extra_repr() + activation_repr(self.activation, self.negative_slope)
@@ -77,7 +89,7 @@ class _BatchNorm(_FusedActivation):
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
             self.weight, self.bias, bn_training, exponential_average_factor, self.eps,
-            activation=self.activation, negative_slope=self.negative_slope,
+            activation=self._act,
         )
 
     def _cumulative_average_forward(self, input):
@@ -90,7 +102,7 @@ class _BatchNorm(_FusedActivation):
         fresh_mean = torch.zeros_like(self.running_mean)
         fresh_var = torch.zeros_like(self.running_var)
         y = F.batch_norm(input, fresh_mean, fresh_var, self.weight, self.bias, True, 1.0, self.eps,
-                         activation=self.activation, negative_slope=self.negative_slope)
+                         activation=self._act)
         with torch.no_grad():
             factor = (1.0 / self.num_batches_tracked.double())
             self.running_mean.copy_(self.running_mean * (1.0 - factor) + fresh_mean * factor)
@@ -128,7 +140,7 @@ class _InstanceNorm(_FusedActivation):
             input, self.running_mean, self.running_var, self.weight, self.bias,
             self.training or not self.track_running_stats,
             self.momentum if self.momentum is not None else 0.0, self.eps,
-            activation=self.activation, negative_slope=self.negative_slope,
+            activation=self._act,
         )
 
 
@@ -155,7 +167,7 @@ class LayerNorm(_FusedActivation, torch.nn.LayerNorm):
     @fx_leaf
     def forward(self, input):
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
-                            activation=self.activation, negative_slope=self.negative_slope)
+                            activation=self._act)
 
 
 class GroupNorm(_FusedActivation, torch.nn.GroupNorm):
@@ -169,4 +181,4 @@ class GroupNorm(_FusedActivation, torch.nn.GroupNorm):
     @fx_leaf
     def forward(self, input):
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
-                            activation=self.activation, negative_slope=self.negative_slope)
+                            activation=self._act)

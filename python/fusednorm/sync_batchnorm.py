@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from ._activation import activation_code
+from ._activation import Activation
 from .autograd import first_order_only
 from .backend import ops_for
 from .modules import _BatchNorm, fx_leaf
@@ -36,7 +36,7 @@ def _merge_across(stats):
 
 class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, slope, group):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, act_a, act_b, group):
         C = x.shape[1]
         ctx.ops = ops_for(x)
         mean_l, m2_l = ctx.ops.batch_norm_stats(x)
@@ -56,9 +56,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             if running_var is not None:
                 running_var.mul_(1 - momentum).add_((m2 / (count - 1)).to(running_var.dtype), alpha=momentum)
         # Normalise with the global statistics: the kernel's eval path takes them as given.
-        y, _, rstd = ctx.ops.batch_norm_fwd(x, weight, bias, mean, var, False, 0.0, eps, act, slope)
+        y, _, rstd = ctx.ops.batch_norm_fwd(x, weight, bias, mean, var, False, 0.0, eps, act, act_a, act_b)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.act, ctx.slope, ctx.group, ctx.total = act, slope, group, total
+        ctx.act, ctx.group, ctx.total = Activation(act, act_a, act_b), group, total
         return y
 
     @staticmethod
@@ -72,12 +72,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # and dx_eval = rstd*w*dyhat, in float32 (in place below, rounded once at the end).
         xf = x.to(mean.dtype)  # a copy only for 16-bit inputs; used twice
         dx, sum_dy_xhat, sum_dy = ctx.ops.batch_norm_bwd(
-            dy.to(mean.dtype), xf, w, b, mean, rstd, False, ctx.act, ctx.slope,
+            dy.to(mean.dtype), xf, w, b, mean, rstd, False, *ctx.act,
             [want_dx, True, True])
         grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         if not want_dx:
-            return None, grad_weight, grad_bias, None, None, None, None, None, None, None
+            return None, grad_weight, grad_bias, None, None, None, None, None, None, None, None
         sums = torch.stack([sum_dy, sum_dy_xhat])
         dist.all_reduce(sums, group=ctx.group)  # the backward's one collective
         # Training-mode dx = rstd*w*(dyhat - sum_dy/M - xhat*sum_dy_xhat/M) with the global
@@ -87,7 +87,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         a = -scale * rstd * k1
         c = -scale * (k0 - mean * rstd * k1)
         dx.addcmul_(xf, a.view(shape)).add_(c.view(shape))
-        return dx.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None, None
+        return dx.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 class SyncBatchNorm(_BatchNorm, torch.nn.modules.batchnorm._BatchNorm):
@@ -135,7 +135,7 @@ class SyncBatchNorm(_BatchNorm, torch.nn.modules.batchnorm._BatchNorm):
         return SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.running_mean if running else None,
             self.running_var if running else None, factor, self.eps,
-            activation_code(self.activation), float(self.negative_slope), group)
+            *self._act, group)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):

@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from reference import REFERENCE_MODULES
 
 SIZES = (0, 1, 2, 3, 5, 7, 16)
 MAX_NUMEL = 3000  # small: the Triton interpreter and the CUDA emulation run these too
@@ -58,7 +59,7 @@ def strategy():
         case = {"kind": kind, "shape": shape, "seed": draw(st.integers(0, 2 ** 31 - 1)),
                 "dtype": draw(st.sampled_from(tuple(DTYPES))),
                 "train": draw(st.booleans()),
-                "activation": draw(st.sampled_from((None, "relu", "leaky_relu"))),
+                "activation": draw(st.sampled_from((None, "leaky_relu", *REFERENCE_MODULES))),
                 "slope": draw(st.sampled_from((0.01, 0.2, -0.5))),
                 "values": draw(st.sampled_from(VALUES)),
                 "layout": draw(st.sampled_from(LAYOUTS)),
@@ -183,11 +184,11 @@ class Mismatch(AssertionError):
 
 
 def _activate(case, y):
-    if case["activation"] == "relu":
-        return F.relu(y)
+    if case["activation"] is None:
+        return y
     if case["activation"] == "leaky_relu":
         return F.leaky_relu(y, case["slope"])
-    return y
+    return REFERENCE_MODULES[case["activation"]]()(y)
 
 
 def _snap_kinks(z):

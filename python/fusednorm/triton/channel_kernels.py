@@ -67,7 +67,7 @@ def channel_finish_kernel(part_mean_ptr, part_m2_ptr, splits, rows_per_split, M,
     """Per channel: mean/rstd (merged partials in training, running statistics in eval),
     the running statistics' update (unbiased variance), M2, and the pre-activation's
     alpha = rstd * gamma and bias (0 without one)."""
-    eps, slope, momentum = load_scalars(scalars_ptr)
+    eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     if TRAINING:
@@ -105,7 +105,7 @@ def channel_apply_kernel(x_ptr, y_ptr, mean_ptr, alpha_ptr, bias_ptr, total, C, 
                          ACT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """y = act(pre_activation(x, mean[c], alpha[c], bias[c])) over the flat memory of a dense
     tensor."""
-    eps, slope, momentum = load_scalars(scalars_ptr)
+    eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
     c = (e // chan_div) % C
@@ -113,7 +113,7 @@ def channel_apply_kernel(x_ptr, y_ptr, mean_ptr, alpha_ptr, bias_ptr, total, C, 
     mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
     alpha = tl.load(alpha_ptr + c, mask=mask, other=0.0)
     bias = tl.load(bias_ptr + c, mask=mask, other=0.0)
-    y = activate(pre_activation(x, mean, alpha, bias), ACT, slope)
+    y = activate(pre_activation(x, mean, alpha, bias), ACT, act_a, act_b)
     tl.store(y_ptr + e, round_for(y, y_ptr), mask=mask)
 
 
@@ -126,7 +126,7 @@ def channel_grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pa
     dyhat = dy * act'(z) is the gradient before the activation. The statistics of element
     (n, c) are at n * stat_sn + c // cpg: BatchNorm (0, 1), GroupNorm (G, C/G),
     InstanceNorm (C, 1), LayerNorm seen as (rows, L, 1): (1, L)."""
-    eps, slope, momentum = load_scalars(scalars_ptr)
+    eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     cb = tl.program_id(0)
     split = tl.program_id(1)
     start = split.to(tl.int64) * rows_per_split
@@ -144,7 +144,7 @@ def channel_grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pa
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         z = pre_activation(x, mean, rstd * gamma[None, :], beta[None, :])  # the forward's z
-        g = tl.where(mask, activation_backward(dy, z, ACT, slope), 0.0)
+        g = tl.where(mask, activation_backward(dy, z, ACT, act_a, act_b), 0.0)
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * (x - mean) * rstd, axis=0)
     tl.store(part_g_ptr + split * C + c, sum_g, mask=c < C)
@@ -158,7 +158,7 @@ def channel_input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, 
                               ACC: tl.constexpr, BLOCK: tl.constexpr):
     """BatchNorm's dx over the flat memory; training adds the batch statistics' terms
     from the per-channel sums (input_grad_coefficients), eval is dyhat * rstd * gamma."""
-    eps, slope, momentum = load_scalars(scalars_ptr)
+    eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
     c = (e // chan_div) % C
@@ -169,7 +169,7 @@ def channel_input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, 
     gamma = tl.load(w_ptr + c, mask=mask, other=1.0).to(ACC) if HAS_W else 1.0
     beta = tl.load(b_ptr + c, mask=mask, other=0.0).to(ACC) if HAS_B else 0.0
     alpha = rstd * gamma
-    g = activation_backward(dy, pre_activation(x, mean, alpha, beta), ACT, slope)
+    g = activation_backward(dy, pre_activation(x, mean, alpha, beta), ACT, act_a, act_b)
     if TRAINING:
         sum_dy = tl.load(sum_g_ptr + c, mask=mask, other=0.0) * alpha
         sum_dyxhat = tl.load(sum_gx_ptr + c, mask=mask, other=0.0) * gamma

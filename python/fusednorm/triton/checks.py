@@ -7,6 +7,15 @@ import torch
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+# norm_math.h's kNumActivations.
+NUM_ACTIVATIONS = 16
+
+
+def check_activation(act):
+    if not 0 <= act < NUM_ACTIVATIONS:
+        raise ValueError(f"fusednorm: unknown activation code {act} (expected 0 to {NUM_ACTIVATIONS - 1})")
+
+
 def _input_dtype(x, op, not_implemented):
     if x.dtype not in _FLOATS:
         if not_implemented:

@@ -1,30 +1,152 @@
 """The maths every fusednorm Triton kernel shares, the Triton twin of csrc/common/norm_math.h
 (same formulas, same names): Chan's merge of partial statistics, the fused activation and
 its derivative, the pre-activation and the training-mode input-gradient coefficients.
-Activation codes are norm_math.h's: 0 none, 1 relu, 2 leaky_relu."""
+Activation codes are norm_math.h's (fusednorm/_activation.py maps names to them)."""
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def activate(z, act: tl.constexpr, slope):
-    """y = act(z); NaN propagates like torch.relu / leaky_relu."""
+def expm1(x):
+    """exp(x) - 1, as norm_math.h's fn_expm1: for |x| < 0.5 the Taylor series nested as
+    x(1 + x/2(1 + x/3(...))), to x^8 in float32 and x^17 in float64; exp(x) - 1 beyond."""
+    if x.dtype == tl.float64:
+        p = 1.0 + x * (1.0 / 17.0)
+        for k in tl.static_range(16, 1, -1):
+            p = 1.0 + x * p * (1.0 / k)
+    else:
+        p = 1.0 + x * (1.0 / 8.0)
+        for k in tl.static_range(7, 1, -1):
+            p = 1.0 + x * p * (1.0 / k)
+    return tl.where(tl.abs(x) < 0.5, x * p, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def tanh(x):
+    """-t / (t + 2), t = expm1(-2|x|), with x's sign (norm_math.h's fn_tanh)."""
+    t = expm1(-2.0 * tl.abs(x))
+    th = -t / (t + 2.0)
+    return tl.where(x < 0, -th, th)
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) without losing x's low bits: log(u) * x / (u - 1), u = 1 + x rounded."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def tanh_softplus(z):
+    """tanh(softplus(z)) = n / (n + 2), n = e(e + 2), e = exp(z); 1 from z = 20 on."""
+    e = tl.exp(tl.minimum(z, 20.0))
+    n = e * (e + 2.0)
+    return tl.where(z < 20.0, n / (n + 2.0), 1.0)
+
+
+# Constants as norm_math.h's ActConst (torch's, in double). Multiplied with a tensor on the
+# left: the interpreter cannot take a constexpr times a tensor.
+SELU_SCALE = tl.constexpr(1.0507009873554804934193349852946)
+SELU_NEG = tl.constexpr(1.6732632423543772848170429916717 * 1.0507009873554804934193349852946)
+SQRT1_2 = tl.constexpr(0.70710678118654752440)
+GELU_PDF = tl.constexpr(1.12837916709551257390 * 0.70710678118654752440 * 0.5)
+GELU_TANH_BETA = tl.constexpr(1.41421356237309504880 * 1.12837916709551257390 * 0.5)
+GELU_TANH_KAPPA = tl.constexpr(0.044715)
+
+
+@triton.jit
+def clamp_to(v, lo, hi):
+    """lo below, hi above, else v (NaN stays NaN)."""
+    return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
+
+
+@triton.jit
+def activate(z, act: tl.constexpr, p_a, p_b):
+    """y = act(z) for norm_math.h's activation code `act`, parameters (p_a, p_b); torch.nn's
+    formulas (norm_math.h's activate); NaN propagates."""
     if act == 1:
         z = tl.where(z < 0, 0.0, z)
     elif act == 2:
-        z = tl.where(z > 0, z, z * slope)
+        z = tl.where(z > 0, z, z * p_a)
+    elif act == 3:
+        z = z / (1.0 + tl.exp(-z))
+    elif act == 4:
+        z = z * 0.5 * (1.0 + tl.math.erf(z * SQRT1_2))
+    elif act == 5:
+        z = 0.5 * z * (1.0 + tanh((z + z * z * z * GELU_TANH_KAPPA) * GELU_TANH_BETA))
+    elif act == 6:
+        z = tl.where(z <= 0, expm1(z) * p_a, z)
+    elif act == 7:
+        z = tl.where(z <= 0, expm1(z * p_b) * p_a, z)
+    elif act == 8:
+        z = tl.where(z <= 0, expm1(z) * SELU_NEG, z * SELU_SCALE)
+    elif act == 9:
+        z = clamp_to(z, p_a, p_b)
+    elif act == 10:
+        z = z * clamp_to(z + 3.0, 0.0, 6.0) / 6.0
+    elif act == 11:
+        z = clamp_to(z + 3.0, 0.0, 6.0) / 6.0
+    elif act == 12:
+        z = sigmoid(z)
+    elif act == 13:
+        z = tanh(z)
+    elif act == 14:
+        zb = z * p_a
+        z = tl.where(zb > p_b, z, log1p(tl.exp(tl.minimum(zb, p_b))) / p_a)
+    elif act == 15:
+        z = z * tanh_softplus(z)
     return z
 
 
 @triton.jit
-def activation_backward(g, z, act: tl.constexpr, slope):
-    """dL/dz from g = dL/dy for y = act(z), as torch: relu gives 0 where z <= 0 (a select,
-    so an inf or NaN g there gives 0 too), leaky_relu scales g by slope there; at z == 0
-    relu 0, leaky_relu slope."""
+def activation_backward(g, z, act: tl.constexpr, p_a, p_b):
+    """dL/dz from g = dL/dy for y = act(z): torch.nn's derivative, kinks included
+    (norm_math.h's activation_backward); ReLU and the hard functions select (0 for an inf
+    or NaN g where the slope is 0), the smooth ones multiply."""
     if act == 1:
         g = tl.where(z <= 0, 0.0, g)
     elif act == 2:
-        g = tl.where(z > 0, g, g * slope)
+        g = tl.where(z > 0, g, g * p_a)
+    elif act == 3:
+        s = sigmoid(z)
+        g = g * s * (1.0 + z * (1.0 - s))
+    elif act == 4:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * SQRT1_2))
+        pdf = tl.exp(-0.5 * z * z) * GELU_PDF
+        g = g * (cdf + z * pdf)
+    elif act == 5:
+        z2 = z * z
+        t = tanh((z + z2 * z * GELU_TANH_KAPPA) * GELU_TANH_BETA)
+        dt = (1.0 - t * t) * GELU_TANH_BETA * (1.0 + z2 * (3.0 * GELU_TANH_KAPPA))
+        g = g * (0.5 * (1.0 + t) + 0.5 * z * dt)
+    elif act == 6:
+        g = tl.where(z <= 0, g * p_a * tl.exp(z), g)
+    elif act == 7:
+        g = tl.where(z <= 0, g * tl.exp(z * p_b), g)
+    elif act == 8:
+        g = tl.where(z <= 0, g * SELU_NEG * tl.exp(z), g * SELU_SCALE)
+    elif act == 9:
+        g = tl.where((z <= p_a) | (z >= p_b), 0.0, g)
+    elif act == 10:
+        g = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, g * (z / 3.0 + 0.5), g))
+    elif act == 11:
+        g = tl.where((z > -3.0) & (z < 3.0), g / 6.0, 0.0)
+    elif act == 12:
+        y = sigmoid(z)
+        g = g * (1.0 - y) * y
+    elif act == 13:
+        y = tanh(z)
+        g = g * (1.0 - y * y)
+    elif act == 14:
+        g = tl.where(z * p_a > p_b, g, g * sigmoid(z * p_a))
+    elif act == 15:
+        t = tanh_softplus(z)
+        g = g * (t + z * sigmoid(z) * (1.0 - t * t))
     return g
 
 
@@ -98,6 +220,7 @@ def round_for(value, ptr):
 
 @triton.jit
 def load_scalars(scalars_ptr):
-    """(eps, negative_slope, momentum). They come as a tensor in the statistics' dtype
-    because Triton passes Python floats as float32, and float64 needs them exact."""
-    return tl.load(scalars_ptr), tl.load(scalars_ptr + 1), tl.load(scalars_ptr + 2)
+    """(eps, act_a, act_b, momentum): eps, the activation's two parameters and the running
+    statistics' momentum. They come as a tensor in the statistics' dtype because Triton
+    passes Python floats as float32, and float64 needs them exact."""
+    return tl.load(scalars_ptr), tl.load(scalars_ptr + 1), tl.load(scalars_ptr + 2), tl.load(scalars_ptr + 3)

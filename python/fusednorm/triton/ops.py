@@ -22,6 +22,7 @@ from .._vmap import register_vmap_rules
 from . import channel_kernels as ck
 from . import row_kernels as rk
 from .checks import (
+    check_activation,
     check_backward,
     check_bn,
     check_group_norm,
@@ -148,16 +149,16 @@ def _channel_finish(x, c, parts, m, weight, bias, rm, rv, training, momentum, ep
     return mean, rstd, m2, alpha, bias_acc
 
 
-def _scalars(x, stat_dtype, eps=0.0, slope=0.0, momentum=0.0):
+def _scalars(x, stat_dtype, eps=0.0, act=(0.0, 0.0), momentum=0.0):
     """The kernels' float arguments as one tensor in the statistics' dtype (math.load_scalars),
     made once per distinct value set and device: a new tensor per launch would be a
     host-to-device copy each time, and one a CUDA graph cannot capture."""
-    return _scalars_tensor(float(eps), float(slope), float(momentum), stat_dtype, x.device)
+    return _scalars_tensor(float(eps), float(act[0]), float(act[1]), float(momentum), stat_dtype, x.device)
 
 
 @functools.lru_cache(maxsize=256)
-def _scalars_tensor(eps, slope, momentum, stat_dtype, device):
-    return torch.tensor([eps, slope, momentum], dtype=stat_dtype, device=device)
+def _scalars_tensor(eps, act_a, act_b, momentum, stat_dtype, device):
+    return torch.tensor([eps, act_a, act_b, momentum], dtype=stat_dtype, device=device)
 
 
 def _running(t):
@@ -184,8 +185,9 @@ def _dense(t):
 def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
                    momentum: float, eps: float, activation: int,
-                   negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+                   act_a: float, act_b: float) -> Tuple[Tensor, Tensor, Tensor]:
     check_bn(input, weight, bias, running_mean, running_var)
+    check_activation(activation)
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean must be defined in evaluation mode")
     x, n, c, s, strides, chan_div = _channel_view(input)
@@ -205,7 +207,7 @@ def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     if x.numel():
         block = _LIMITS["elementwise_block"]
         _launch(ck.channel_apply_kernel, (triton.cdiv(x.numel(), block),), x, y, mean, alpha, bias_acc,
-                x.numel(), c, chan_div, _scalars(x, stat_dtype, slope=negative_slope),
+                x.numel(), c, chan_div, _scalars(x, stat_dtype, act=(act_a, act_b)),
                 ACT=activation, ACC=acc, BLOCK=block)
     return y, mean, rstd
 
@@ -224,7 +226,7 @@ def batch_norm_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, m2
 
 
-def _grad_sums(dy, x, mean, rstd, weight, bias, view, stat_index, act, slope, acc):
+def _grad_sums(dy, x, mean, rstd, weight, bias, view, stat_index, act, act_ab, acc):
     """Per-channel sum(dyhat) and sum(dyhat * xhat) (see channel_grad_sums_kernel); view is
     (N, C, S, strides), stat_index (stat_sn, cpg)."""
     n, c, s, strides = view
@@ -234,7 +236,7 @@ def _grad_sums(dy, x, mean, rstd, weight, bias, view, stat_index, act, slope, ac
     part_gx = torch.empty((splits, c), dtype=mean.dtype, device=x.device)
     _launch(ck.channel_grad_sums_kernel, (triton.cdiv(c, block_c), splits), dy, x, mean, rstd,
             _or(weight, mean), _or(bias, mean), part_g, part_gx, m, c, s, *strides, *stat_index,
-            rows, _scalars(x, mean.dtype, slope=slope), ACT=act, HAS_W=weight is not None,
+            rows, _scalars(x, mean.dtype, act=act_ab), ACT=act, HAS_W=weight is not None,
             HAS_B=bias is not None, ACC=acc, BLOCK_J=block_j, BLOCK_C=block_c)
     return part_g.sum(0), part_gx.sum(0)
 
@@ -257,9 +259,10 @@ def _empty_unless(t, like):
 @torch.library.custom_op(f"{_NS}::batch_norm_bwd", mutates_args=())
 def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
                    bias: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
-                   activation: int, negative_slope: float,
+                   activation: int, act_a: float, act_b: float,
                    output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     check_bn(input, weight, bias, None, None)
+    check_activation(activation)
     check_backward(grad_out, input, mean, rstd, input.shape[1], "batch_norm_bwd")
     x, n, c, s, strides, chan_div = _channel_view(input)
     stat_dtype, acc = _acc(x)
@@ -268,7 +271,7 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
     need_sums = output_mask[1] or output_mask[2] or (training and output_mask[0])
     if need_sums and x.numel() > 0:
         sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, weight, bias, (n, c, s, strides), (0, 1),
-                                   activation, negative_slope, acc)
+                                   activation, (act_a, act_b), acc)
     else:
         sum_g, sum_gx = _zero_sums(c, stat_dtype, x.device)
     dx = None
@@ -278,7 +281,7 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
             block = _LIMITS["elementwise_block"]
             _launch(ck.channel_input_grad_kernel, (triton.cdiv(x.numel(), block),), dy, x, dx,
                     mean, rstd, _or(weight, mean), _or(bias, mean), sum_g, sum_gx, x.numel(), c,
-                    chan_div, n * s, _scalars(x, stat_dtype, slope=negative_slope), ACT=activation,
+                    chan_div, n * s, _scalars(x, stat_dtype, act=(act_a, act_b)), ACT=activation,
                     TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc,
                     BLOCK=block)
     dw, db = _param_grads(output_mask, weight, bias, sum_g, sum_gx, (c,))
@@ -291,7 +294,7 @@ def _row_block(length):
     return min(_LIMITS["max_block"], triton.next_power_of_2(max(length, 1)))
 
 
-def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, slope, store_m2=False):
+def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, act_ab, store_m2=False):
     """Launches row_fwd_kernel over a contiguous x: (y, mean, rstd, m2 or None)."""
     stat_dtype, acc = _acc(x)
     y = torch.empty_like(x)
@@ -302,7 +305,7 @@ def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, slo
         block = _row_block(length)
         _launch(rk.row_fwd_kernel, (rows,), x, y, _or(weight, mean), _or(bias, mean), mean, rstd,
                 _or(m2, mean), length, groups, per_group, s,
-                _scalars(x, stat_dtype, eps=eps, slope=slope), ACT=act, HAS_W=weight is not None,
+                _scalars(x, stat_dtype, eps=eps, act=act_ab), ACT=act, HAS_W=weight is not None,
                 HAS_B=bias is not None, STORE_M2=store_m2, ACC=acc, BLOCK=block,
                 num_warps=_num_warps(block))
     elif rows:  # empty rows: the statistics of nothing, as the C++ kernels give
@@ -313,13 +316,13 @@ def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, slo
     return y, mean, rstd, m2
 
 
-def _rows_bwd(dy, x, mean, rstd, rows, length, groups, per_group, s, weight, bias, act, slope):
+def _rows_bwd(dy, x, mean, rstd, rows, length, groups, per_group, s, weight, bias, act, act_ab):
     dx = torch.empty_like(x)
     if rows and length:
         _, acc = _acc(x)
         block = _row_block(length)
         _launch(rk.row_bwd_kernel, (rows,), dy, x, dx, _or(weight, mean), _or(bias, mean), mean,
-                rstd, length, groups, per_group, s, _scalars(x, mean.dtype, slope=slope), ACT=act,
+                rstd, length, groups, per_group, s, _scalars(x, mean.dtype, act=act_ab), ACT=act,
                 HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc, BLOCK=block,
                 num_warps=_num_warps(block))
     return dx
@@ -328,20 +331,22 @@ def _rows_bwd(dy, x, mean, rstd, rows, length, groups, per_group, s, weight, bia
 @torch.library.custom_op(f"{_NS}::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(input: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
                    bias: Optional[Tensor], eps: float, activation: int,
-                   negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+                   act_a: float, act_b: float) -> Tuple[Tensor, Tensor, Tensor]:
     length = check_layer_norm(input, normalized_shape, weight, bias)
+    check_activation(activation)
     x = input.contiguous()
     rows = _ln_rows(x, normalized_shape)
     y, mean, rstd, _ = _rows_fwd(x, rows, length, 1, length, 1, _dense(weight), _dense(bias), eps,
-                                 activation, negative_slope)
+                                 activation, (act_a, act_b))
     return y, mean, rstd
 
 
 @torch.library.custom_op(f"{_NS}::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(grad_out: Tensor, input: Tensor, normalized_shape: List[int], mean: Tensor,
                    rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
-                   negative_slope: float, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+                   act_a: float, act_b: float, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     length = check_layer_norm(input, normalized_shape, weight, bias)
+    check_activation(activation)
     rows = _ln_rows(input, normalized_shape)
     check_backward(grad_out, input, mean, rstd, rows, "layer_norm_bwd")
     x = input.contiguous()
@@ -350,13 +355,13 @@ def layer_norm_bwd(grad_out: Tensor, input: Tensor, normalized_shape: List[int],
     mean, rstd = mean.to(stat_dtype).contiguous(), rstd.to(stat_dtype).contiguous()
     w, b = _dense(weight), _dense(bias)
     dx = _rows_bwd(dy, x, mean, rstd, rows, length, 1, length, 1, w, b, activation,
-                   negative_slope) if output_mask[0] else None
+                   (act_a, act_b)) if output_mask[0] else None
     dw = db = None
     if output_mask[1] or output_mask[2]:
         # Parameter gradients: LayerNorm seen as (rows, L, 1); the statistics are per row.
         if rows and length:
             sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, w, b, (rows, length, 1, (length, 1, 0)),
-                                       (1, length), activation, negative_slope, acc)
+                                       (1, length), activation, (act_a, act_b), acc)
         else:
             sum_g, sum_gx = _zero_sums(length, stat_dtype, x.device)
         dw, db = _param_grads(output_mask, weight, bias, sum_g, sum_gx, tuple(normalized_shape))
@@ -372,14 +377,15 @@ def _group_layout(input):
 
 @torch.library.custom_op(f"{_NS}::group_norm_fwd", mutates_args=())
 def group_norm_fwd(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                   eps: float, activation: int, negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+                   eps: float, activation: int, act_a: float, act_b: float) -> Tuple[Tensor, Tensor, Tensor]:
     check_group_norm(input, num_groups, weight, bias)
+    check_activation(activation)
     check_group_norm_sizes(input)
     x, fmt = _group_layout(input)
     n, c, s = x.shape[0], x.shape[1], _spatial(x)
     per_group = c // num_groups
     y, mean, rstd, _ = _rows_fwd(x, n * num_groups, per_group * s, num_groups, per_group, s,
-                                 weight, bias, eps, activation, negative_slope)
+                                 weight, bias, eps, activation, (act_a, act_b))
     y = y.contiguous(memory_format=fmt)
     return y, mean.view(n, num_groups), rstd.view(n, num_groups)
 
@@ -387,8 +393,9 @@ def group_norm_fwd(input: Tensor, num_groups: int, weight: Optional[Tensor], bia
 @torch.library.custom_op(f"{_NS}::group_norm_bwd", mutates_args=())
 def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, mean: Tensor, rstd: Tensor,
                    weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
-                   negative_slope: float, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+                   act_a: float, act_b: float, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     check_group_norm(input, num_groups, weight, bias)
+    check_activation(activation)
     check_backward(grad_out, input, mean, rstd, input.shape[0] * num_groups, "group_norm_bwd")
     x, fmt = _group_layout(input)
     stat_dtype, acc = _acc(x)
@@ -399,13 +406,13 @@ def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, mean: Tenso
     dx = None
     if output_mask[0]:
         dx = _rows_bwd(dy, x, mean, rstd, n * num_groups, per_group * s, num_groups, per_group, s,
-                       weight, bias, activation, negative_slope)
+                       weight, bias, activation, (act_a, act_b))
         dx = dx.contiguous(memory_format=fmt)
     dw = db = None
     if output_mask[1] or output_mask[2]:
         if x.numel():
             sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, weight, bias, (n, c, s, (c * s, s, 1)),
-                                       (num_groups, per_group), activation, negative_slope, acc)
+                                       (num_groups, per_group), activation, (act_a, act_b), acc)
         else:
             sum_g, sum_gx = _zero_sums(c, stat_dtype, x.device)
         dw, db = _param_grads(output_mask, weight, bias, sum_g, sum_gx, (c,))
@@ -416,13 +423,14 @@ def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, mean: Tenso
 def instance_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       momentum: float, eps: float, activation: int,
-                      negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+                      act_a: float, act_b: float) -> Tuple[Tensor, Tensor, Tensor]:
     check_instance_norm(input, weight, bias, running_mean, running_var)
+    check_activation(activation)
     x = input.contiguous()  # torch.nn.InstanceNorm returns a contiguous output
     n, c, s = x.shape[0], x.shape[1], _spatial(x)
     update = running_mean is not None or running_var is not None
     y, mean, rstd, m2 = _rows_fwd(x, n * c, s, c, 1, s, weight, bias, eps, activation,
-                                  negative_slope, store_m2=update)
+                                  (act_a, act_b), store_m2=update)
     if update and n == 0:  # torch's average over no instances: NaN
         for r in (running_mean, running_var):
             if r is not None:

@@ -37,7 +37,7 @@ def _params(w_ptr, b_ptr, p, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC
 def row_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G, P, S, scalars_ptr,
                    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    STORE_M2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    eps, slope, momentum = load_scalars(scalars_ptr)
+    eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     r = tl.program_id(0).to(tl.int64)
     row = r * L
     count = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
@@ -60,12 +60,12 @@ def row_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G,
         mask = i < L
         x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
         gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
-        y = activate(pre_activation(x, mean, rstd * gamma, beta), ACT, slope)
+        y = activate(pre_activation(x, mean, rstd * gamma, beta), ACT, act_a, act_b)
         tl.store(y_ptr + row + i, round_for(y, y_ptr), mask=mask)
 
 
 @triton.jit
-def _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S, mean, rstd, slope,
+def _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S, mean, rstd, act_a, act_b,
                 ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
                 BLOCK: tl.constexpr):
     """One block of a row: (offsets, mask, x, dyhat = dy * act'(z) (0 where masked), gamma)."""
@@ -74,7 +74,7 @@ def _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S, mean, r
     x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + row + i, mask=mask, other=0.0).to(ACC)
     gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
-    g = tl.where(mask, activation_backward(dy, pre_activation(x, mean, rstd * gamma, beta), ACT, slope), 0.0)
+    g = tl.where(mask, activation_backward(dy, pre_activation(x, mean, rstd * gamma, beta), ACT, act_a, act_b), 0.0)
     return i, mask, x, g, gamma
 
 
@@ -82,7 +82,7 @@ def _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S, mean, r
 def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G, P, S, scalars_ptr,
                    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    ACC: tl.constexpr, BLOCK: tl.constexpr):
-    eps, slope, momentum = load_scalars(scalars_ptr)
+    eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     r = tl.program_id(0).to(tl.int64)
     row = r * L
     mean = tl.load(mean_ptr + r)
@@ -92,12 +92,12 @@ def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G
     sum_dyxhat = sum_dy
     for i0 in range(0, L, BLOCK):
         i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
-                                           mean, rstd, slope, ACT, HAS_W, HAS_B, ACC, BLOCK)
+                                           mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
         sum_dy += tl.sum(g * (rstd * gamma), axis=0)
         sum_dyxhat += tl.sum(g * gamma * (x - mean) * rstd, axis=0)
     for i0 in range(0, L, BLOCK):
         i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
-                                           mean, rstd, slope, ACT, HAS_W, HAS_B, ACC, BLOCK)
+                                           mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
         a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, tl.cast(L, ACC))
         tl.store(dx_ptr + row + i, round_for(a * g + b * (x - mean) + k, dx_ptr), mask=mask)
 
@@ -108,7 +108,7 @@ def instance_running_kernel(mean_ptr, m2_ptr, rm_ptr, rv_ptr, N, C, S, scalars_p
                             BLOCK_C: tl.constexpr):
     """InstanceNorm's running statistics: the batch average of the per-instance mean and
     unbiased variance, blended in with momentum (what torch's instance_norm does)."""
-    eps, slope, momentum = load_scalars(scalars_ptr)
+    eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     fresh_mean = tl.zeros([BLOCK_C], ACC)

@@ -1,0 +1,11 @@
+"""The torch.nn reference for the fused activations, shared by the test helpers and the fuzz
+cases (which import nothing heavier)."""
+import torch
+
+# torch.nn's module for each activation name (the reference: norm, then this module).
+REFERENCE_MODULES = {
+    "relu": torch.nn.ReLU, "silu": torch.nn.SiLU, "gelu": torch.nn.GELU, "elu": torch.nn.ELU,
+    "celu": torch.nn.CELU, "selu": torch.nn.SELU, "relu6": torch.nn.ReLU6, "hardtanh": torch.nn.Hardtanh,
+    "hardswish": torch.nn.Hardswish, "hardsigmoid": torch.nn.Hardsigmoid, "sigmoid": torch.nn.Sigmoid,
+    "tanh": torch.nn.Tanh, "softplus": torch.nn.Softplus, "mish": torch.nn.Mish,
+}
