@@ -27,6 +27,12 @@ cases = [
     # channels_last with 70 channels: whole register blocks of column sums plus a tail.
     (fusednorm.BatchNorm2d(70, activation="relu"), nn.BatchNorm2d(70), "cl70"),
     (fusednorm.GroupNorm(5, 70, activation="leaky_relu"), nn.GroupNorm(5, 70), "cl70"),
+    # Activations with a loop of their own on AVX2/AVX-512 and one run-time switch on the
+    # baseline set (and for float16), in the backward that keeps dyhat in dx (float32).
+    (fusednorm.BatchNorm2d(8, activation="silu"), nn.BatchNorm2d(8), (3, 8, 37, 41)),
+    (fusednorm.GroupNorm(2, 8, activation="gelu"), nn.GroupNorm(2, 8), (3, 8, 5, 5)),
+    (fusednorm.LayerNorm(300, activation="mish"), nn.LayerNorm(300), (200, 300)),
+    (fusednorm.BatchNorm2d(70, activation="hardswish"), nn.BatchNorm2d(70), "cl70"),
 ]
 for ours, ref, shape in cases:
     with torch.no_grad():
@@ -43,6 +49,8 @@ for ours, ref, shape in cases:
         yr = ref(xr)
         if ours.activation == "relu": yr = F.relu(yr)
         if ours.activation == "leaky_relu": yr = F.leaky_relu(yr, ours.negative_slope)
+        more = {"silu": F.silu, "gelu": F.gelu, "mish": F.mish, "hardswish": F.hardswish}
+        yr = more.get(ours.activation, lambda t: t)(yr)
         g = torch.randn(y.shape).to(dtype)
         (gx,) = torch.autograd.grad(y, x, g)
         (gxr,) = torch.autograd.grad(yr, xr, g.float())

@@ -261,6 +261,7 @@ void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
                            std::vector<A>& sum_dy, std::vector<A>& sum_dy_xmu) {
   const auto& k = table<T>();
   const int64_t C = l.C, S = l.S, N = l.N;
+  const bool keep = dx != nullptr && keeps_dyhat<T>(act);  // dyhat in dx between the passes
   parallel_chunks(C, num_chunks(C, 1), [&](int64_t, int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       A s = A(0), sx = A(0);  // summed over n in the two-pass path's order
@@ -268,7 +269,7 @@ void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
         const int64_t row = (n * C + c) * S;
         A rs, rx;
         k.grad_sums_rows(x + row, g + row, 1, S, &mean[c], &alpha[c], &bias[c], act, ap,
-                         &rs, &rx);
+                         &rs, &rx, keep ? dx + row : nullptr);
         s += rs;
         sx += rx;
       }
@@ -278,8 +279,8 @@ void input_grad_by_channel(const BnLayout& l, const T* x, const T* g, T* dx,
       training_coefficients<A>(rstd[c], gamma[c], s, sx, N * S, &cA, &cB, &cC);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = (n * C + c) * S;
-        k.input_grad_rows(x + row, g + row, dx + row, 1, S, &mean[c], &alpha[c], &bias[c], &cA,
-                          &cB, &cC, act, ap, Ahead<T>{});
+        k.input_grad_rows(x + row, keep ? dx + row : g + row, dx + row, 1, S, &mean[c], &alpha[c],
+                          &bias[c], &cA, &cB, &cC, keep ? kNone : act, ap, Ahead<T>{});
       }
     }
   });
@@ -341,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
         std::vector<A> rs(R), rx(R);
         parallel_chunks(R, row_chunks, [&](int64_t, int64_t b, int64_t e) {
           k.grad_sums_rows(x + b * S, g + b * S, e - b, S, &rm[b], &ra[b], &rb[b], act,
-                           act_params<A>(act_a, act_b), &rs[b], &rx[b]);
+                           act_params<A>(act_a, act_b), &rs[b], &rx[b], nullptr);
         });
         for (int64_t n = 0; n < l.N; ++n)
           for (int64_t c = 0; c < C; ++c) {

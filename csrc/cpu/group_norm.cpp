@@ -138,6 +138,7 @@ void group_norm_backward(const GnShape& s, const T* x, const T* g, T* dx,
   }
   // NCHW: per (n, c) row of S elements; row mean/alpha/bias/coefficients per row.
   const int64_t R = s.N * C;
+  const bool keep = dx != nullptr && keeps_dyhat<T>(act);  // dyhat in dx between the passes
   std::vector<A> alpha(R), rbias(R), rmean(R), cA(R), cB(R), cC(R);
   for_row_blocks(s.N * G, L, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)
@@ -149,13 +150,13 @@ void group_norm_backward(const GnShape& s, const T* x, const T* g, T* dx,
       }
     const int64_t rb = b * Cg, re = e * Cg;
     k.grad_sums_rows(x + rb * S, g + rb * S, re - rb, S, &rmean[rb], &alpha[rb], &rbias[rb], act,
-                     ap, &sdy[rb], &sdx[rb]);
+                     ap, &sdy[rb], &sdx[rb], keep ? dx + rb * S : nullptr);
     if (!dx) return;
     for (int64_t r = b; r < e; ++r)
       group_coefficients(s, r, mean, rstd, gamma, &sdy[r * Cg], &sdx[r * Cg], &cA[r * Cg],
                          &cB[r * Cg], &cC[r * Cg]);
-    k.input_grad_rows(x + rb * S, g + rb * S, dx + rb * S, re - rb, S, &rmean[rb], &alpha[rb],
-                      &rbias[rb], &cA[rb], &cB[rb], &cC[rb], act, ap,
+    k.input_grad_rows(x + rb * S, keep ? dx + rb * S : g + rb * S, dx + rb * S, re - rb, S, &rmean[rb],
+                      &alpha[rb], &rbias[rb], &cA[rb], &cB[rb], &cC[rb], keep ? kNone : act, ap,
                       next_block<T>(x, g, b * L, (e - b) * L, (e - b) * L, s.N * G * L));
   });
 }

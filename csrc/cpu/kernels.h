@@ -6,6 +6,7 @@
 // bookkeeping.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/norm_math.h"
 
@@ -61,10 +62,11 @@ struct KernelTable {
                      const A* bias, int64_t act, ActParams<A> ap, Ahead<T> ahead);
   void (*apply_cols)(const T* x, T* y, int64_t rows, int64_t C, const A* mean, const A* alpha,
                      const A* bias, int64_t act, ActParams<A> ap);
-  // Per-row sums (written), per-column sums (accumulated).
+  // Per-row sums (written), per-column sums (accumulated). grad_sums_rows also writes
+  // dyhat to `dyhat` (rows x S) when that is non-null (keeps_dyhat).
   void (*grad_sums_rows)(const T* x, const T* dy, int64_t rows, int64_t S, const A* mean,
                          const A* alpha, const A* bias, int64_t act, ActParams<A> ap, A* sum_dy,
-                         A* sum_dy_xmu);
+                         A* sum_dy_xmu, T* dyhat);
   void (*grad_sums_cols)(const T* x, const T* dy, int64_t rows, int64_t C, const A* mean,
                          const A* alpha, const A* bias, int64_t act, ActParams<A> ap, A* sum_dy,
                          A* sum_dy_xmu);
@@ -83,6 +85,16 @@ struct KernelTable {
                               const A* mean, const A* rstd, const A* gamma, const A* beta,
                               int64_t act, ActParams<A> ap, A* dgamma, A* dbeta);
 };
+
+// Whether a backward keeps dyhat = dy * act'(z) from its sums pass (in dx's memory, while
+// the rows are in cache) and computes dx from it with no activation, instead of evaluating
+// the activation's derivative a second time: for the activations whose derivative costs
+// more than that store and load (not ReLU or LeakyReLU), and only where the storage type
+// is the accumulation type, so dyhat is kept exactly.
+template <typename T>
+inline bool keeps_dyhat(int64_t act) {
+  return std::is_same<T, acc_t<T>>::value && act != kNone && act != kRelu && act != kLeakyRelu;
+}
 
 struct AllKernels {
   KernelTable<float, float> f32;

@@ -107,30 +107,46 @@ inline void store_all(T* out, int64_t n, Ahead<T>& ahead, F&& value) {
   }
 }
 
-// Calls f(std::integral_constant<int64_t, ACT>) so each activation gets its own loop.
+// Calls f(tag) with tag.value the activation: a compile-time constant (ActTag), so each
+// activation gets its own loop, vectorised with the activation inlined; or, where one
+// loop per activation would cost more build time than it saves run time (double and
+// float16 storage, the baseline instruction set), a run-time value (RuntimeAct) for all
+// but the cheapest activations: one loop with the activation's switch inside, not vectorised.
 template <int64_t ACT>
 struct ActTag {
   static constexpr int64_t value = ACT;
 };
-template <typename F>
+struct RuntimeAct {
+  int64_t value;
+};
+template <typename T, typename F>
 inline void with_activation(int64_t act, F&& f) {
   switch (act) {
-    case kRelu: f(ActTag<kRelu>{}); break;
-    case kLeakyRelu: f(ActTag<kLeakyRelu>{}); break;
-    case kSilu: f(ActTag<kSilu>{}); break;
-    case kGelu: f(ActTag<kGelu>{}); break;
-    case kGeluTanh: f(ActTag<kGeluTanh>{}); break;
-    case kElu: f(ActTag<kElu>{}); break;
-    case kCelu: f(ActTag<kCelu>{}); break;
-    case kSelu: f(ActTag<kSelu>{}); break;
-    case kHardtanh: f(ActTag<kHardtanh>{}); break;
-    case kHardswish: f(ActTag<kHardswish>{}); break;
-    case kHardsigmoid: f(ActTag<kHardsigmoid>{}); break;
-    case kSigmoid: f(ActTag<kSigmoid>{}); break;
-    case kTanh: f(ActTag<kTanh>{}); break;
-    case kSoftplus: f(ActTag<kSoftplus>{}); break;
-    case kMish: f(ActTag<kMish>{}); break;
-    default: f(ActTag<kNone>{}); break;
+    case kNone: f(ActTag<kNone>{}); return;
+    case kRelu: f(ActTag<kRelu>{}); return;
+    case kLeakyRelu: f(ActTag<kLeakyRelu>{}); return;
+    default: break;
+  }
+  if constexpr (FN_VECTOR_BYTES < 32 || std::is_same<T, double>::value || std::is_same<T, half_t>::value) {
+    f(RuntimeAct{act});
+    return;
+  } else {
+    switch (act) {
+      case kSilu: f(ActTag<kSilu>{}); break;
+      case kGelu: f(ActTag<kGelu>{}); break;
+      case kGeluTanh: f(ActTag<kGeluTanh>{}); break;
+      case kElu: f(ActTag<kElu>{}); break;
+      case kCelu: f(ActTag<kCelu>{}); break;
+      case kSelu: f(ActTag<kSelu>{}); break;
+      case kHardtanh: f(ActTag<kHardtanh>{}); break;
+      case kHardswish: f(ActTag<kHardswish>{}); break;
+      case kHardsigmoid: f(ActTag<kHardsigmoid>{}); break;
+      case kSigmoid: f(ActTag<kSigmoid>{}); break;
+      case kTanh: f(ActTag<kTanh>{}); break;
+      case kSoftplus: f(ActTag<kSoftplus>{}); break;
+      case kMish: f(ActTag<kMish>{}); break;
+      default: f(RuntimeAct{act}); break;
+    }
   }
 }
 
@@ -265,8 +281,8 @@ void moments_cols(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2) 
 template <typename T, typename A>
 void apply_rows(const T* x, T* y, int64_t rows, int64_t S, const A* mean, const A* alpha,
                 const A* bias, int64_t act, ActParams<A> ap, Ahead<T> ahead) {
-  with_activation(act, [&](auto tag) {
-    constexpr int64_t ACT = decltype(tag)::value;
+  with_activation<T>(act, [&](auto tag) {
+    const int64_t ACT = tag.value;
     for (int64_t r = 0; r < rows; ++r) {
       const A m = mean[r], a = alpha[r], b = bias[r];
       const T* xr = x + r * S;
@@ -280,8 +296,8 @@ void apply_rows(const T* x, T* y, int64_t rows, int64_t S, const A* mean, const 
 template <typename T, typename A>
 void apply_cols(const T* x, T* y, int64_t rows, int64_t C, const A* mean, const A* alpha,
                 const A* bias, int64_t act, ActParams<A> ap) {
-  with_activation(act, [&](auto tag) {
-    constexpr int64_t ACT = decltype(tag)::value;
+  with_activation<T>(act, [&](auto tag) {
+    const int64_t ACT = tag.value;
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = x + r * C;
       T* yr = y + r * C;
@@ -296,22 +312,38 @@ void apply_cols(const T* x, T* y, int64_t rows, int64_t C, const A* mean, const 
 template <typename T, typename A>
 void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* mean,
                     const A* alpha, const A* bias, int64_t act, ActParams<A> ap, A* sum_dy,
-                    A* sum_dy_xmu) {
-  with_activation(act, [&](auto tag) {
-    constexpr int64_t ACT = decltype(tag)::value;
+                    A* sum_dy_xmu, T* dyhat) {
+  with_activation<T>(act, [&](auto tag) {
+    const int64_t ACT = tag.value;
     for (int64_t r = 0; r < rows; ++r) {
       const A a = ACT == kNone ? A(0) : alpha[r], b = ACT == kNone ? A(0) : bias[r];
       const A m = mean[r];
       const T* xr = x + r * S;
       const T* gr = dy + r * S;
+      const auto dyhat_at = [&](int64_t i) FN_INLINE {
+        const A g = A(load(gr[i]));
+        return ACT != kNone ? activation_backward<A>(g, pre_activation<A>(A(load(xr[i])), m, a, b), ACT, ap) : g;
+      };
       A sums[2];
-      lane_sums<2, A>(S, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) FN_INLINE {
-        const A xv = A(load(xr[i]));
-        A g = A(load(gr[i]));
-        if (ACT != kNone) g = activation_backward<A>(g, pre_activation<A>(xv, m, a, b), ACT, ap);
-        l[0][j] += g;
-        l[1][j] += g * (xv - m);
-      }, sums);
+      if (dyhat) {
+        // dyhat stored first, then summed from there (the row is in cache): with the store
+        // in the summing loop, GCC left GELU's loop scalar. The same values, summed in the
+        // same order as below.
+        T* hr = dyhat + r * S;
+        Ahead<T> none;
+        store_all(hr, S, none, dyhat_at);
+        lane_sums<2, A>(S, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) FN_INLINE {
+          const A g = A(load(hr[i]));
+          l[0][j] += g;
+          l[1][j] += g * (A(load(xr[i])) - m);
+        }, sums);
+      } else {
+        lane_sums<2, A>(S, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) FN_INLINE {
+          const A g = dyhat_at(i);
+          l[0][j] += g;
+          l[1][j] += g * (A(load(xr[i])) - m);
+        }, sums);
+      }
       sum_dy[r] = sums[0];
       sum_dy_xmu[r] = sums[1];
     }
@@ -322,10 +354,12 @@ void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* m
 // to sum_dy / sum_dy_xmu. As in column_block_moments, the sums stay in registers for
 // w == kColBlock over the block of rows and go to memory once; each column adds its rows
 // in order.
-template <int64_t W, int64_t ACT, typename T, typename A>
-inline void column_block_grad_sums(const T* x, const T* dy, int64_t r0, int64_t r1, int64_t C,
-                                   int64_t c0, int64_t w, const A* mean, const A* alpha,
-                                   const A* bias, ActParams<A> ap, A* sum_dy, A* sum_dy_xmu) {
+template <int64_t W, typename Tag, typename T, typename A>
+inline void column_block_grad_sums(Tag tag, const T* x, const T* dy, int64_t r0, int64_t r1,
+                                   int64_t C, int64_t c0, int64_t w, const A* mean,
+                                   const A* alpha, const A* bias, ActParams<A> ap, A* sum_dy,
+                                   A* sum_dy_xmu) {
+  const int64_t ACT = tag.value;
   A s1[W], s2[W], a[W], b[W], m[W];
   for (int64_t j = 0; j < w; ++j) {
     s1[j] = sum_dy[c0 + j];
@@ -358,19 +392,18 @@ template <typename T, typename A>
 void grad_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const A* mean,
                     const A* alpha, const A* bias, int64_t act, ActParams<A> ap, A* sum_dy,
                     A* sum_dy_xmu) {
-  with_activation(act, [&](auto tag) {
-    constexpr int64_t ACT = decltype(tag)::value;
+  with_activation<T>(act, [&](auto tag) {
     constexpr int64_t W = kColBlock<A>;
     const int64_t block = 1 + 16384 / (2 * (C > 0 ? C : 1) * int64_t(sizeof(T)));
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       const int64_t r1 = rows - r0 < block ? rows : r0 + block;
       int64_t c0 = 0;
       for (; c0 + W <= C; c0 += W)
-        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, W, mean, alpha, bias, ap, sum_dy,
-                                       sum_dy_xmu);
+        column_block_grad_sums<W>(tag, x, dy, r0, r1, C, c0, W, mean, alpha, bias, ap, sum_dy,
+                                  sum_dy_xmu);
       if (c0 < C)  // the last C % W columns
-        column_block_grad_sums<W, ACT>(x, dy, r0, r1, C, c0, C - c0, mean, alpha, bias, ap,
-                                       sum_dy, sum_dy_xmu);
+        column_block_grad_sums<W>(tag, x, dy, r0, r1, C, c0, C - c0, mean, alpha, bias, ap,
+                                  sum_dy, sum_dy_xmu);
     }
   });
 }
@@ -379,8 +412,8 @@ template <typename T, typename A>
 void input_grad_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t S, const A* mean,
                      const A* alpha, const A* bias, const A* cA, const A* cB, const A* cC,
                      int64_t act, ActParams<A> ap, Ahead<T> ahead) {
-  with_activation(act, [&](auto tag) {
-    constexpr int64_t ACT = decltype(tag)::value;
+  with_activation<T>(act, [&](auto tag) {
+    const int64_t ACT = tag.value;
     for (int64_t r = 0; r < rows; ++r) {
       const A m = mean[r];
       const A a = ACT == kNone ? A(0) : alpha[r], b = ACT == kNone ? A(0) : bias[r];
@@ -401,8 +434,8 @@ template <typename T, typename A>
 void input_grad_cols(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, const A* mean,
                      const A* alpha, const A* bias, const A* cA, const A* cB, const A* cC,
                      int64_t act, ActParams<A> ap) {
-  with_activation(act, [&](auto tag) {
-    constexpr int64_t ACT = decltype(tag)::value;
+  with_activation<T>(act, [&](auto tag) {
+    const int64_t ACT = tag.value;
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = x + r * C;
       const T* gr = dy + r * C;
@@ -422,8 +455,8 @@ void input_grad_cols(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, co
 template <typename T, typename A>
 void layer_norm_apply(const T* x, T* y, int64_t rows, int64_t L, const A* mean, const A* rstd,
                       const A* gamma, const A* beta, int64_t act, ActParams<A> ap, Ahead<T> ahead) {
-  with_activation(act, [&](auto tag) {
-    constexpr int64_t ACT = decltype(tag)::value;
+  with_activation<T>(act, [&](auto tag) {
+    const int64_t ACT = tag.value;
     for (int64_t r = 0; r < rows; ++r) {
       const A m = mean[r], rs = rstd[r];
       const T* xr = x + r * L;
@@ -438,21 +471,31 @@ template <typename T, typename A>
 void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L,
                          const A* mean, const A* rstd, const A* gamma, const A* beta,
                          int64_t act, ActParams<A> ap, A* dgamma, A* dbeta) {
-  with_activation(act, [&](auto tag) {
-    constexpr int64_t ACT = decltype(tag)::value;
+  const auto rows_backward = [&](auto tag, auto keep) {
+    const int64_t ACT = tag.value;
+    constexpr bool KEEP = decltype(keep)::value;  // dyhat kept in dx between the passes
     const A inv_l = A(1) / A(L);
     for (int64_t r = 0; r < rows; ++r) {
       const A m = mean[r], rs = rstd[r];
       const T* xr = x + r * L;
       const T* gr = dy + r * L;
+      T* dr = dx ? dx + r * L : nullptr;
+      const auto dyhat_at = [&](int64_t i) FN_INLINE {
+        const A g = A(load(gr[i]));
+        return ACT != kNone ? activation_backward<A>(g, pre_activation<A>(A(load(xr[i])), m, rs * gamma[i], beta[i]),
+                                                     ACT, ap)
+                            : g;
+      };
+      // As grad_sums_rows: dyhat stored in a loop of its own (the row is in cache).
+      if (KEEP) {
+        Ahead<T> none;
+        store_all(dr, L, none, dyhat_at);
+      }
       // Pass 1 (row in cache afterwards): parameter-gradient partials and the row's sums.
       A sums[2];
       lane_sums<2, A>(L, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) FN_INLINE {
-        const A xv = A(load(xr[i]));
-        const A xh = (xv - m) * rs;
-        A g = A(load(gr[i]));
-        if (ACT != kNone)
-          g = activation_backward<A>(g, pre_activation<A>(xv, m, rs * gamma[i], beta[i]), ACT, ap);
+        const A xh = (A(load(xr[i])) - m) * rs;
+        const A g = KEEP ? A(load(dr[i])) : dyhat_at(i);
         dgamma[i] += g * xh;
         dbeta[i] += g;
         const A gg = g * gamma[i];
@@ -462,18 +505,18 @@ void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L
       const A s = sums[0], sx = sums[1];
       if (dx == nullptr) continue;
       // Pass 2: dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)).
-      T* dr = dx + r * L;
       const A ms = s * inv_l, msx = sx * inv_l;
 #pragma omp simd
       for (int64_t i = 0; i < L; ++i) {
-        const A xv = A(load(xr[i]));
-        const A xh = (xv - m) * rs;
-        A g = A(load(gr[i]));
-        if (ACT != kNone)
-          g = activation_backward<A>(g, pre_activation<A>(xv, m, rs * gamma[i], beta[i]), ACT, ap);
+        const A xh = (A(load(xr[i])) - m) * rs;
+        const A g = KEEP ? A(load(dr[i])) : dyhat_at(i);
         store(dr + i, rs * (g * gamma[i] - ms - xh * msx));
       }
     }
+  };
+  with_activation<T>(act, [&](auto tag) {
+    if (dx != nullptr && keeps_dyhat<T>(act)) rows_backward(tag, std::true_type{});
+    else rows_backward(tag, std::false_type{});
   });
 }
 
