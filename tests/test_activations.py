@@ -210,3 +210,31 @@ def test_fused_activation_keeps_one_tensor_less(make, ref, shape):
     tensor = x.numel() * x.element_size()
     assert peaks["fusednorm"] >= tensor, "the profiler did not see fusednorm's outputs"
     assert peaks["fusednorm"] <= peaks["eager"] - tensor, peaks
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "group_norm"])
+def test_per_sample_gradients_under_vmap(kind):
+    """vmap(grad) (per-sample gradients) through a fused SiLU and a module-form GELU: the
+    ops' vmap rules and the per-sample parameter sums take the activation as torch.nn's."""
+    from torch.func import functional_call, grad, vmap
+    for activation in ("silu", nn.GELU(approximate="tanh")):
+        if kind == "layer_norm":
+            ours, ref = fusednorm.LayerNorm(6, activation=activation), nn.LayerNorm(6)
+            x = torch.randn(5, 3, 6, dtype=torch.float64)
+        else:
+            ours, ref = fusednorm.GroupNorm(2, 4, activation=activation), nn.GroupNorm(2, 4)
+            x = torch.randn(5, 1, 4, 3, dtype=torch.float64)
+        ours, ref = ours.double(), ref.double()
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.uniform_(0.5, 1.5)
+        ref.load_state_dict(ours.state_dict())
+        params = {k: v.detach() for k, v in ours.named_parameters()}
+
+        def loss(module, act):
+            return lambda p, xi: act(functional_call(module, p, (xi,))).square().sum()
+
+        got = vmap(grad(loss(ours, lambda t: t)), in_dims=(None, 0))(params, x)
+        want = vmap(grad(loss(ref, lambda t: activate(t, activation))), in_dims=(None, 0))(params, x)
+        for k in params:
+            torch.testing.assert_close(got[k], want[k], msg=k)
