@@ -116,9 +116,10 @@ def activation_backward(g, z, act: tl.constexpr, p_a, p_b):
         s = sigmoid(z)
         g = g * s * (1.0 + z * (1.0 - s))
     elif act == 4:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * SQRT1_2))
-        pdf = tl.exp(-0.5 * z * z) * GELU_PDF
-        g = g * (cdf + z * pdf)
+        x = z * SQRT1_2
+        e = tl.exp(-x * x)  # exp(-z^2 / 2), as norm_math.h
+        cdf = 0.5 * (1.0 + tl.math.erf(x))
+        g = g * (cdf + z * e * GELU_PDF)
     elif act == 5:
         z2 = z * z
         t = tanh((z + z2 * z * GELU_TANH_KAPPA) * GELU_TANH_BETA)
