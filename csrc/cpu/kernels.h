@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "../common/norm_math.h"
 

@@ -119,35 +119,18 @@ struct ActTag {
 struct RuntimeAct {
   int64_t value;
 };
+// f(ActTag<act>{}) if act is one of Codes; false if it is none of them.
+template <typename F, int64_t... Codes>
+inline bool with_constant_activation(int64_t act, F& f, std::integer_sequence<int64_t, Codes...>) {
+  return ((act == Codes && (f(ActTag<Codes>{}), true)) || ...);
+}
 template <typename T, typename F>
 inline void with_activation(int64_t act, F&& f) {
-  switch (act) {
-    case kNone: f(ActTag<kNone>{}); return;
-    case kRelu: f(ActTag<kRelu>{}); return;
-    case kLeakyRelu: f(ActTag<kLeakyRelu>{}); return;
-    default: break;
-  }
-  if constexpr (FN_VECTOR_BYTES < 32 || std::is_same<T, double>::value || std::is_same<T, half_t>::value) {
+  constexpr bool every = FN_VECTOR_BYTES >= 32 && !std::is_same<T, double>::value &&
+                         !std::is_same<T, half_t>::value;
+  constexpr int64_t constant_codes = every ? kNumActivations : kLeakyRelu + 1;  // codes 0 .. n-1
+  if (!with_constant_activation(act, f, std::make_integer_sequence<int64_t, constant_codes>{}))
     f(RuntimeAct{act});
-    return;
-  } else {
-    switch (act) {
-      case kSilu: f(ActTag<kSilu>{}); break;
-      case kGelu: f(ActTag<kGelu>{}); break;
-      case kGeluTanh: f(ActTag<kGeluTanh>{}); break;
-      case kElu: f(ActTag<kElu>{}); break;
-      case kCelu: f(ActTag<kCelu>{}); break;
-      case kSelu: f(ActTag<kSelu>{}); break;
-      case kHardtanh: f(ActTag<kHardtanh>{}); break;
-      case kHardswish: f(ActTag<kHardswish>{}); break;
-      case kHardsigmoid: f(ActTag<kHardsigmoid>{}); break;
-      case kSigmoid: f(ActTag<kSigmoid>{}); break;
-      case kTanh: f(ActTag<kTanh>{}); break;
-      case kSoftplus: f(ActTag<kSoftplus>{}); break;
-      case kMish: f(ActTag<kMish>{}); break;
-      default: f(RuntimeAct{act}); break;
-    }
-  }
 }
 
 // Elements handled per two-pass chunk: small enough that the second read hits L1.
@@ -325,24 +308,23 @@ void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t S, const A* m
         return ACT != kNone ? activation_backward<A>(g, pre_activation<A>(A(load(xr[i])), m, a, b), ACT, ap) : g;
       };
       A sums[2];
+      const auto row_sums = [&](auto g_at) {  // g_at(i): element i's dyhat
+        lane_sums<2, A>(S, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) FN_INLINE {
+          const A g = g_at(i);
+          l[0][j] += g;
+          l[1][j] += g * (A(load(xr[i])) - m);
+        }, sums);
+      };
       if (dyhat) {
         // dyhat stored first, then summed from there (the row is in cache): with the store
         // in the summing loop, GCC left GELU's loop scalar. The same values, summed in the
-        // same order as below.
+        // same order.
         T* hr = dyhat + r * S;
         Ahead<T> none;
         store_all(hr, S, none, dyhat_at);
-        lane_sums<2, A>(S, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) FN_INLINE {
-          const A g = A(load(hr[i]));
-          l[0][j] += g;
-          l[1][j] += g * (A(load(xr[i])) - m);
-        }, sums);
+        row_sums([&](int64_t i) FN_INLINE { return A(load(hr[i])); });
       } else {
-        lane_sums<2, A>(S, [&](int64_t i, A (&l)[2][kLanes<A>], int64_t j) FN_INLINE {
-          const A g = dyhat_at(i);
-          l[0][j] += g;
-          l[1][j] += g * (A(load(xr[i])) - m);
-        }, sums);
+        row_sums(dyhat_at);
       }
       sum_dy[r] = sums[0];
       sum_dy_xmu[r] = sums[1];

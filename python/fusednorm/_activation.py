@@ -68,8 +68,6 @@ _TABLE = {
                    lambda g, z, a, b: aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1, False, z)),
     "hardtanh": _Entry(9, nn.Hardtanh, _hardtanh_params, lambda z, a, b: F.hardtanh(z, a, b),
                        lambda g, z, a, b: aten.hardtanh_backward(g, z, a, b)),
-    "relu6": _Entry(9, nn.ReLU6, _hardtanh_params, lambda z, a, b: F.hardtanh(z, a, b),
-                    lambda g, z, a, b: aten.hardtanh_backward(g, z, a, b)),
     "hardswish": _Entry(10, nn.Hardswish, _none, lambda z, a, b: F.hardswish(z),
                         lambda g, z, a, b: aten.hardswish_backward(g, z)),
     # Written as relu6(z + 3) / 6 and a select: aten's hardsigmoid_backward (F.hardsigmoid's
@@ -84,15 +82,14 @@ _TABLE = {
                        lambda z, a, b: F.softplus(z, a, b), lambda g, z, a, b: aten.softplus_backward(g, z, a, b)),
     "mish": _Entry(15, nn.Mish, _none, lambda z, a, b: F.mish(z), lambda g, z, a, b: aten.mish_backward(g, z)),
 }
-# The parameters of each name's default form (torch.nn's defaults); leaky_relu's slope is
-# the negative_slope argument.
-_DEFAULTS = {"elu": (1.0, 0.0), "celu": (1.0, 1.0), "hardtanh": (-1.0, 1.0), "relu6": (0.0, 6.0),
-             "softplus": (1.0, 20.0)}
-_BY_CODE = {}
-for _name, _entry in _TABLE.items():
-    _BY_CODE.setdefault(_entry.code, _entry)
+_BY_CODE = {e.code: e for e in _TABLE.values()}
+_TABLE["relu6"] = _TABLE["hardtanh"]._replace(module=nn.ReLU6)  # Hardtanh(0, 6), as in torch
 MODULE_NAMES = {e.module: name for name, e in _TABLE.items() if name != "gelu_tanh"}
 NAMES = tuple(n for n in _TABLE if n != "gelu_tanh")
+NUM_CODES = 1 + max(_BY_CODE)  # codes 0 (none) .. NUM_CODES - 1: norm_math.h's kNumActivations
+# Each name's Activation: its torch.nn module with torch.nn's defaults (leaky_relu's slope is
+# the negative_slope argument instead).
+_BY_NAME = {name: Activation(e.code, *e.params(e.module())) for name, e in _TABLE.items() if name in NAMES}
 
 
 def _unknown(activation):
@@ -110,12 +107,10 @@ def resolve(activation, negative_slope=0.01):
     if isinstance(activation, Activation):  # already resolved (the modules pass theirs)
         return activation
     if isinstance(activation, str):
-        entry = _TABLE.get(activation) if activation != "gelu_tanh" else None
-        if entry is None:
+        act = _BY_NAME.get(activation)
+        if act is None:
             raise _unknown(activation)
-        if activation == "leaky_relu":
-            return Activation(entry.code, float(negative_slope))
-        return Activation(entry.code, *_DEFAULTS.get(activation, (0.0, 0.0)))
+        return act._replace(a=float(negative_slope)) if activation == "leaky_relu" else act
     name = MODULE_NAMES.get(type(activation))
     if name is None:
         raise _unknown(activation)

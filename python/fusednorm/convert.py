@@ -144,7 +144,7 @@ def _activation_of(node, gm):
     name = MODULE_NAMES[type(m)]
     if name == "leaky_relu":
         return name, m.negative_slope
-    if name != "gelu" and resolve(name) == resolve(m) or name == "gelu" and m.approximate == "none":
+    if resolve(name) == resolve(m):
         return name, 0.01
     return m, 0.01
 

@@ -4,11 +4,9 @@ import math
 
 import torch
 
+from .._activation import NUM_CODES as NUM_ACTIVATIONS  # norm_math.h's kNumActivations
+
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-# norm_math.h's kNumActivations.
-NUM_ACTIVATIONS = 16
 
 
 def check_activation(act):
