@@ -29,6 +29,21 @@ inline void define_schemas(torch::Library& m) {
       "layer_norm_bwd(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor mean, "
       "Tensor rstd, Tensor? weight, Tensor? bias, int activation, float act_a, float act_b, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // LayerNorm, or RMSNorm (rms: no mean, no bias; mean is returned as zeros), of
+  // input + residual: returns (y, residual_out, mean, rstd), residual_out = input + residual
+  // in float32 if residual_in_fp32, else in the input's dtype (an empty tensor without a
+  // residual), y = act(norm(residual_out)) in the input's dtype.
+  m.def(
+      "add_norm_fwd(Tensor input, Tensor? residual, int[] normalized_shape, Tensor? weight, "
+      "Tensor? bias, float eps, bool rms, bool residual_in_fp32, int activation, float act_a, "
+      "float act_b) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Its backward, from the normalised tensor (residual_out, or the input without a
+  // residual): dx = the norm's input gradient + grad_residual (the gradient residual_out
+  // receives directly), in `input`'s dtype.
+  m.def(
+      "add_norm_bwd(Tensor grad_out, Tensor? grad_residual, Tensor input, int[] normalized_shape, "
+      "Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, bool rms, int activation, "
+      "float act_a, float act_b, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // GroupNorm: statistics per (sample, group); mean/rstd are (N, num_groups).
   m.def(
       "group_norm_fwd(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, "

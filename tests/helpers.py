@@ -120,6 +120,7 @@ KINDS = {
     "InstanceNorm3d": (fusednorm.InstanceNorm3d, torch.nn.InstanceNorm3d, (3,), (2, 3, 4, 3, 5)),
     "LayerNorm": (fusednorm.LayerNorm, torch.nn.LayerNorm, ((5, 6),), (3, 4, 5, 6)),
     "GroupNorm": (fusednorm.GroupNorm, torch.nn.GroupNorm, (2, 4), (3, 4, 5, 6)),
+    "RMSNorm": (fusednorm.RMSNorm, torch.nn.RMSNorm, ((5, 6),), (3, 4, 5, 6)),
 }
 
 # Extra constructor arguments so every code path (affine, running statistics) is used.
@@ -174,3 +175,38 @@ def assert_same_where_finite(actual, expected, all_finite):
         assert torch.equal(torch.isfinite(a), finite), f"{name}: finite at other places than the reference"
         torch.testing.assert_close(a[finite], e[finite].to(a.dtype), rtol=rtol, atol=atol, msg=name)
         assert bool(finite.all()) or not all_finite, f"{name}: non-finite values where the reference has none"
+
+
+def add_norm_reference(x, residual, normalized_shape, weight, bias, rms, residual_in_fp32, activation, eps, dy,
+                       ds):
+    """torch.nn's composition for add_layer_norm / add_rms_norm (and, without a residual,
+    layer_norm / rms_norm): (y, sum, dx, dresidual, dweight, dbias), y and the gradients in
+    float64, the sum exactly as stored: x + r in float32 (float64 for float64), rounded
+    once to its dtype. The norm normalises that stored sum (as F.layer_norm(x + r) does),
+    and the gradients pass through the rounding unchanged. dy, ds: the gradients of y and
+    of the sum (ds may be None)."""
+    sum_dtype = torch.float32 if residual_in_fp32 else x.dtype
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, residual, weight, bias)]
+    x64, r64, w64, b64 = leaves
+    if residual is None:
+        stored, s64 = None, x64
+    else:
+        stored = (x.to(wide) + residual.to(wide)).to(sum_dtype)
+        exact = x64 + r64
+        s64 = exact - exact.detach() + stored.double()  # the stored value, the sum's gradient
+    shape = tuple(normalized_shape)
+    if rms:
+        y = F.rms_norm(s64, shape, w64, eps)
+    else:
+        y = F.layer_norm(s64, shape, w64, b64, eps)
+    y = activate(y, activation)
+    outs, grads_in = [y], [dy.double()]
+    if stored is not None and ds is not None:
+        outs.append(s64)
+        grads_in.append(ds.double())
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(outs, wanted, grads_in, allow_unused=True)
+    by_leaf = iter(grads)
+    full = [next(by_leaf) if t is not None else None for t in leaves]
+    return (y.detach(), stored, *full)

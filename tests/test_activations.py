@@ -24,7 +24,7 @@ from helpers import (
 
 # One kind per kernel family: channel kernels (BatchNorm), per-instance rows with running
 # statistics (InstanceNorm), LayerNorm's own kernels, grouped rows (GroupNorm).
-PARITY_KINDS = ["BatchNorm2d", "InstanceNorm2d", "LayerNorm", "GroupNorm"]
+PARITY_KINDS = ["BatchNorm2d", "InstanceNorm2d", "LayerNorm", "GroupNorm", "RMSNorm"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 

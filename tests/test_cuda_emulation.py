@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from emulation import load_emulation
-from helpers import ALL_ACTIVATIONS, SLOPE, activate, activation_id, assert_close, assert_same_where_finite
+from helpers import (
+    ALL_ACTIVATIONS,
+    SLOPE,
+    activate,
+    activation_id,
+    add_norm_reference,
+    assert_close,
+    assert_same_where_finite,
+)
 
 # The emulation build takes a minute or two: the slow tier (the fuzz suite's default run
 # covers no emulation either; CI runs every tier).
@@ -155,6 +163,43 @@ def test_layer_norm_tiers(emu, L, lim, tier, dtype, act):
     assert_close(dx, dxr.to(td), dtype, "dx")
     assert_close(dw, dwr.to(w.dtype), w.dtype, "dweight")
     assert_close(db, dbr.to(w.dtype), w.dtype, "dbias")
+
+
+# (residual dtype, residual_in_fp32) beside a bfloat16 input: fused into the row kernels
+# (same dtype), or summed by ATen first (the other combinations).
+RESIDUALS = [(None, False), ("same", False), ("same", True), (torch.float32, False)]
+
+
+@pytest.mark.parametrize("residual,residual_in_fp32", RESIDUALS, ids=["none", "fused", "fp32-sum", "fp32-residual"])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("L,lim,tier", LN_TIERS, ids=[f"L={c[0]}-{c[2]}" for c in LN_TIERS])
+def test_add_norm_tiers(emu, L, lim, tier, dtype, rms, residual, residual_in_fp32):
+    """add_norm_fwd/bwd (RMSNorm, the residual add) in every row tier against torch.nn's
+    composition: the sum bit for bit, the output and every gradient within tolerance."""
+    limits(emu, per_split=50, max_blocks=3, **lim)
+    x = data((2, 3, L), dtype)
+    r = None if residual is None else data((2, 3, L), dtype if residual == "same" else residual, 4)
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = data((L,), param, 1) + 1, None if rms else data((L,), param, 2)
+    sum_dtype = torch.float32 if residual_in_fp32 else dtype
+    dy, ds = data(x.shape, dtype, 3), data(x.shape, sum_dtype, 5) if r is not None else None
+    y, s, mean, rstd = ops().add_norm_fwd(x, r, [L], w, b, 1e-5, rms, residual_in_fp32, 3, 0.0, 0.0)  # SiLU
+    ref = add_norm_reference(x, r, (L,), w, b, rms, residual_in_fp32, "silu", 1e-5, dy, ds)
+    yr, sr, dxr, _, dwr, dbr = ref
+    normalised = s if r is not None else x
+    if r is not None:
+        assert torch.equal(s, sr), "sum"
+    # computed in the sum's precision, stored in the input's dtype
+    coarser = dtype if torch.finfo(dtype).eps >= torch.finfo(normalised.dtype).eps else normalised.dtype
+    assert_close(y, yr, coarser, "output")
+    # (the backward op takes parameters in the normalised tensor's dtype: autograd_add._param_in)
+    wb = [p if p is None or normalised.dtype != torch.float32 else p.float() for p in (w, b)]
+    dx, dw, db = ops().add_norm_bwd(dy, ds, normalised, [L], mean, rstd, *wb, rms, 3, 0.0, 0.0, [True, True, True])
+    assert_close(dx, dxr, normalised.dtype, "dx")
+    assert_close(dw, dwr, normalised.dtype, "dweight")
+    if not rms:
+        assert_close(db, dbr, normalised.dtype, "dbias")
 
 
 GN_CASES = [

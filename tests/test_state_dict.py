@@ -34,6 +34,8 @@ def variants():
     for kind in KINDS:
         if kind == "LayerNorm":
             options = [{}, {"elementwise_affine": False}, {"bias": False}]
+        elif kind == "RMSNorm":
+            options = [{}, {"elementwise_affine": False}, {"eps": 1e-6}]
         elif kind == "GroupNorm":
             options = [{}, {"affine": False}, {"bias": False}]
         else:

@@ -137,6 +137,30 @@ inline int64_t check_layer_norm(const at::Tensor& input, at::IntArrayRef shape,
 
 // LayerNorm's rows, one statistic each: the product of the dims before normalized_shape
 // (also when normalized_shape holds a 0, as torch and the fake kernels count them).
+// add_norm_fwd/bwd: LayerNorm's checks, no bias for RMSNorm, and a residual (or its
+// gradient) shaped like the input, on its device, in its dtype or float32.
+inline int64_t check_add_norm(const at::Tensor& input, const c10::optional<at::Tensor>& residual,
+                              at::IntArrayRef shape, const c10::optional<at::Tensor>& weight,
+                              const c10::optional<at::Tensor>& bias, bool rms, const char* op) {
+  const int64_t L = check_layer_norm(input, shape, weight, bias);
+  TORCH_CHECK(!rms || !has(bias), op, ": RMSNorm has no bias");
+  if (has(residual)) {
+    TORCH_CHECK(residual->sizes() == input.sizes(), op, ": the residual has shape ",
+                residual->sizes(), " but the input has shape ", input.sizes());
+    TORCH_CHECK(residual->device() == input.device(), op, ": the residual is on ",
+                residual->device(), " but the input is on ", input.device());
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type() || residual->scalar_type() == at::kFloat,
+                op, ": the residual has dtype ", residual->scalar_type(), " but the input has dtype ",
+                input.scalar_type(), " (float32 residuals are allowed with any input)");
+  }
+  return L;
+}
+
+// The dtype of add_norm_fwd's residual_out, which is the tensor normalised.
+inline at::ScalarType residual_dtype(const at::Tensor& input, bool residual_in_fp32) {
+  return residual_in_fp32 ? at::kFloat : input.scalar_type();
+}
+
 inline int64_t layer_norm_rows(const at::Tensor& input, at::IntArrayRef shape) {
   int64_t R = 1;
   for (int64_t d = 0; d < input.dim() - int64_t(shape.size()); ++d) R *= input.size(d);

@@ -277,6 +277,15 @@ FN_HOST_DEVICE T rstd_from_m2(T m2, int64_t count, T eps) {
   return T(1) / std::sqrt(var + eps);
 }
 
+// RMSNorm's statistic from a set's moments: the sum of squares about zero,
+// M2 + count * mean^2, for rstd_from_m2 (mean(x^2) + eps under the root). Both terms are
+// non-negative, so nothing cancels; the moments come from the same Welford/two-pass code
+// as LayerNorm's.
+template <typename T>
+FN_HOST_DEVICE T m2_about_zero(T m2, T mean, int64_t count) {
+  return (m2 > T(0) ? m2 : T(0)) + T(count) * mean * mean;
+}
+
 // The unbiased variance M2 / (count - 1) that running statistics follow; NaN for a set
 // of fewer than two values, as torch's (0 / 0) there.
 template <typename T>

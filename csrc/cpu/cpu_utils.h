@@ -29,6 +29,8 @@ void dispatch_storage(at::ScalarType t, F&& f) {
 // which), allocated for a cheap first write (output_alloc.cpp).
 at::Tensor empty_output_like(const at::Tensor& x,
                              at::MemoryFormat format = at::MemoryFormat::Contiguous);
+// The same, contiguous, in dtype `dtype`.
+at::Tensor empty_output_like(const at::Tensor& x, at::ScalarType dtype);
 // Frees the large output blocks output_alloc.cpp keeps for reuse.
 void empty_output_cache();
 

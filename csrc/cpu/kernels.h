@@ -77,14 +77,22 @@ struct KernelTable {
   void (*input_grad_cols)(const T* x, const T* dy, T* dx, int64_t rows, int64_t C,
                           const A* mean, const A* alpha, const A* bias, const A* cA,
                           const A* cB, const A* cC, int64_t act, ActParams<A> ap);
-  // LayerNorm: per-element gamma/beta (length L), statistics per row.
+  // LayerNorm: per-element gamma/beta (length L), statistics per row. RMSNorm is the same
+  // maths with mean 0 and beta 0 (the caller passes them), and no mean term in dx (rms).
   void (*layer_norm_apply)(const T* x, T* y, int64_t rows, int64_t L, const A* mean,
-                           const A* rstd, const A* gamma, const A* beta, int64_t act, ActParams<A> ap,
-                           Ahead<T> ahead);
-  // dx (if non-null) per row; dgamma/dbeta partial sums accumulated.
-  void (*layer_norm_backward)(const T* x, const T* dy, T* dx, int64_t rows, int64_t L,
-                              const A* mean, const A* rstd, const A* gamma, const A* beta,
-                              int64_t act, ActParams<A> ap, A* dgamma, A* dbeta);
+                           const A* rstd, const A* gamma, const A* beta, int64_t act,
+                           ActParams<A> ap, Ahead<T> ahead);
+  // dx (if non-null) per row, plus dres (if non-null: the gradient reaching a residual
+  // add's sum directly); dgamma/dbeta partial sums accumulated.
+  void (*layer_norm_backward)(const T* x, const T* dy, const T* dres, T* dx, int64_t rows,
+                              int64_t L, const A* mean, const A* rstd, const A* gamma,
+                              const A* beta, bool rms, int64_t act, ActParams<A> ap, A* dgamma,
+                              A* dbeta);
+  // Residual adds, s = x + r computed in float (or double): in the storage type, or into
+  // float32 (residual_in_fp32); and float32 values rounded to the storage type.
+  void (*add)(const T* x, const T* r, T* s, int64_t n);
+  void (*add_to_float)(const T* x, const float* r, float* s, int64_t n);
+  void (*from_float)(const float* v, T* out, int64_t n);
 };
 
 // Whether a backward keeps dyhat = dy * act'(z) from its sums pass (in dx's memory, while

@@ -450,8 +450,8 @@ void layer_norm_apply(const T* x, T* y, int64_t rows, int64_t L, const A* mean, 
 }
 
 template <typename T, typename A>
-void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L,
-                         const A* mean, const A* rstd, const A* gamma, const A* beta,
+void layer_norm_backward(const T* x, const T* dy, const T* dres, T* dx, int64_t rows, int64_t L,
+                         const A* mean, const A* rstd, const A* gamma, const A* beta, bool rms,
                          int64_t act, ActParams<A> ap, A* dgamma, A* dbeta) {
   const auto rows_backward = [&](auto tag, auto keep) {
     const int64_t ACT = tag.value;
@@ -484,22 +484,51 @@ void layer_norm_backward(const T* x, const T* dy, T* dx, int64_t rows, int64_t L
         l[0][j] += gg;
         l[1][j] += gg * xh;
       }, sums);
-      const A s = sums[0], sx = sums[1];
       if (dx == nullptr) continue;
-      // Pass 2: dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)).
-      const A ms = s * inv_l, msx = sx * inv_l;
-#pragma omp simd
-      for (int64_t i = 0; i < L; ++i) {
+      // Pass 2: dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)) (RMSNorm:
+      // no mean, so no mean(g*gamma) term), plus the residual's gradient: one loop each way.
+      const A ms = rms ? A(0) : sums[0] * inv_l, msx = sums[1] * inv_l;
+      const auto dx_at = [&](int64_t i) FN_INLINE {
         const A xh = (A(load(xr[i])) - m) * rs;
         const A g = KEEP ? A(load(dr[i])) : dyhat_at(i);
-        store(dr + i, rs * (g * gamma[i] - ms - xh * msx));
+        return rs * (g * gamma[i] - ms - xh * msx);
+      };
+      if (dres != nullptr) {
+        const T* rr = dres + r * L;
+#pragma omp simd
+        for (int64_t i = 0; i < L; ++i) store(dr + i, dx_at(i) + A(load(rr[i])));
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < L; ++i) store(dr + i, dx_at(i));
       }
     }
   };
   with_activation<T>(act, [&](auto tag) {
-    if (dx != nullptr && keeps_dyhat<T>(act)) rows_backward(tag, std::true_type{});
-    else rows_backward(tag, std::false_type{});
+    // Only where keeps_dyhat can hold (storage type = accumulation type) is the KEEP
+    // variant compiled.
+    if constexpr (std::is_same<T, A>::value) {
+      if (dx != nullptr && keeps_dyhat<T>(act)) return rows_backward(tag, std::true_type{});
+    }
+    rows_backward(tag, std::false_type{});
   });
+}
+
+template <typename T, typename A>
+void add(const T* x, const T* r, T* s, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) store(s + i, A(load(x[i])) + A(load(r[i])));
+}
+
+template <typename T>
+void add_to_float(const T* x, const float* r, float* s, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) s[i] = float(load(x[i])) + r[i];
+}
+
+template <typename T>
+void from_float(const float* v, T* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) store(out + i, v[i]);
 }
 
 template <typename T>
@@ -516,6 +545,9 @@ KernelTable<T, acc_t<T>> make_table() {
   t.input_grad_cols = &input_grad_cols<T, A>;
   t.layer_norm_apply = &layer_norm_apply<T, A>;
   t.layer_norm_backward = &layer_norm_backward<T, A>;
+  t.add = &add<T, A>;
+  t.add_to_float = &add_to_float<T>;
+  t.from_float = &from_float<T>;
   return t;
 }
 

@@ -135,6 +135,12 @@ at::Tensor empty_output_like(const at::Tensor& x, at::MemoryFormat format) {
                                    format);
 }
 
+at::Tensor empty_output_like(const at::Tensor& x, at::ScalarType dtype) {
+  return at::detail::empty_generic(x.sizes(), &OutputAllocator::get(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                   at::MemoryFormat::Contiguous);
+}
+
 void empty_output_cache() { OutputAllocator::get().empty_cache(); }
 
 }  // namespace cpu

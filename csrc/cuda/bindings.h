@@ -24,6 +24,7 @@ namespace fusednorm {
 namespace cuda {
 
 using TensorList3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using TensorList4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename A>
 A* aptr(const at::Tensor& t) {
@@ -165,32 +166,45 @@ inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
           mask[2] && has(bias) ? dbeta.to(bias->scalar_type()) : empty_result(input)};
 }
 
-// ---- row norms: LayerNorm, GroupNorm, InstanceNorm ------------------------------------------
+// ---- row norms: LayerNorm, RMSNorm, GroupNorm, InstanceNorm ---------------------------------
 template <typename A>
-RowParams<A> row_params(const at::Tensor& gamma, const at::Tensor& beta, int64_t act, double act_a, double act_b) {
-  return RowParams<A>{aptr<A>(gamma), aptr<A>(beta), act, act_params<A>(act_a, act_b)};
+RowParams<A> row_params(const at::Tensor& gamma, const at::Tensor& beta, int64_t act, double act_a, double act_b,
+                        bool rms) {
+  return RowParams<A>{aptr<A>(gamma), aptr<A>(beta), act, act_params<A>(act_a, act_b), rms};
 }
 
-// Forward of R rows (statistics and apply); m2 (optional) receives each row's M2.
+template <typename T>
+const T* tptr(const at::Tensor* t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
+// Forward of R rows (statistics and apply); m2 (optional) receives each row's M2. With
+// `residual` (x's dtype), sum = x + residual is written and normalised.
 inline void rows_forward(const at::Tensor& x, at::Tensor& y, RowShape sh, const at::Tensor& gamma,
                          const at::Tensor& beta, double eps, int64_t act, double act_a, double act_b,
-                         at::Tensor& mean, at::Tensor& rstd, at::Tensor* m2) {
+                         at::Tensor& mean, at::Tensor& rstd, at::Tensor* m2, bool rms = false,
+                         const at::Tensor* residual = nullptr, at::Tensor* sum = nullptr) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rows_forward", [&] {
     using A = typename Acc<scalar_t>::type;
-    row_forward<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sh, row_params<A>(gamma, beta, act, act_a, act_b),
-                          A(eps), aptr<A>(mean), aptr<A>(rstd), m2 ? aptr<A>(*m2) : nullptr, FN_STREAM());
+    RowResidual<scalar_t> res;
+    res.r = tptr<scalar_t>(residual);
+    res.sum = sum ? sum->data_ptr<scalar_t>() : nullptr;
+    row_forward<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sh,
+                          row_params<A>(gamma, beta, act, act_a, act_b, rms), A(eps), aptr<A>(mean), aptr<A>(rstd),
+                          m2 ? aptr<A>(*m2) : nullptr, FN_STREAM(), res);
   });
 }
 
-// Backward of R rows: dx (if wanted), then dgamma/dbeta with a channel reduction whose
-// statistics are looked up per row (LayerNorm: NHWC view of (R, L)) or per group
-// (GroupNorm: NCHW view (N, C, S)).
+// Backward of R rows: dx (if wanted; plus dres, x's dtype, if given), then dgamma/dbeta
+// with a channel reduction whose statistics are looked up per row (LayerNorm: NHWC view of
+// (R, L)) or per group (GroupNorm: NCHW view (N, C, S)).
 inline TensorList3 rows_backward(const at::Tensor& grad_out, const at::Tensor& x, RowShape sh,
                                  const at::Tensor& mean_in, const at::Tensor& rstd_in,
                                  const c10::optional<at::Tensor>& weight,
                                  const c10::optional<at::Tensor>& bias, int64_t nparams,
                                  const ChannelPlan& plan, int64_t stat_outer, int64_t stat_div,
-                                 int64_t act, double act_a, double act_b, std::array<bool, 3> mask) {
+                                 int64_t act, double act_a, double act_b, std::array<bool, 3> mask,
+                                 bool rms = false, const at::Tensor* dres = nullptr) {
   const auto acc = x.options().dtype(acc_dtype(x));
   const at::Tensor dy = grad_out.to(x.scalar_type()).contiguous();
   const at::Tensor mean = mean_in.to(acc.dtype()).contiguous(), rstd = rstd_in.to(acc.dtype()).contiguous();
@@ -200,9 +214,12 @@ inline TensorList3 rows_backward(const at::Tensor& grad_out, const at::Tensor& x
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rows_backward", [&] {
     using scalar = scalar_t;
     using A = typename Acc<scalar>::type;
+    RowResidual<scalar> res;
+    res.dres = tptr<scalar>(dres);
     if (mask[0])
       row_backward<scalar>(x.data_ptr<scalar>(), dy.data_ptr<scalar>(), dx.data_ptr<scalar>(), sh,
-                           row_params<A>(gamma, beta, act, act_a, act_b), aptr<A>(mean), aptr<A>(rstd), FN_STREAM());
+                           row_params<A>(gamma, beta, act, act_a, act_b, rms), aptr<A>(mean), aptr<A>(rstd),
+                           FN_STREAM(), res);
     if ((mask[1] || mask[2]) && x.numel() > 0) {
       GradSumsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), stat_outer, stat_div,
                        act, act_params<A>(act_a, act_b), aptr<A>(dgamma), aptr<A>(dbeta), nullptr, nullptr, nullptr, false, 0};
@@ -213,23 +230,68 @@ inline TensorList3 rows_backward(const at::Tensor& grad_out, const at::Tensor& x
           mask[2] && has(bias) ? dbeta.to(bias->scalar_type()) : empty_result(x)};
 }
 
+// LayerNorm/RMSNorm of input + residual (csrc/schemas.h). A residual in the input's dtype
+// summed in that dtype is fused into the row kernels; the other dtype combinations are
+// summed by ATen first (in float32, float64 for a float64 input; rounded once), normalised
+// in the sum's dtype and the output rounded to the input's.
+inline TensorList4 add_norm_fwd(const at::Tensor& input, const c10::optional<at::Tensor>& residual,
+                                at::IntArrayRef shape, const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias, double eps, bool rms,
+                                bool residual_in_fp32, int64_t act, double act_a, double act_b) {
+  check_activation(act);
+  const int64_t L = check_add_norm(input, residual, shape, weight, bias, rms, "add_norm_fwd");
+  FN_DEVICE_GUARD(input);
+  const at::Tensor x = input.contiguous();
+  const int64_t R = layer_norm_rows(x, shape);
+  const at::ScalarType sum_type = has(residual) ? residual_dtype(x, residual_in_fp32) : x.scalar_type();
+  const bool fused = has(residual) && residual->scalar_type() == x.scalar_type() && sum_type == x.scalar_type();
+  const at::ScalarType wide = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor r = fused ? residual->contiguous() : at::Tensor();
+  at::Tensor sum = !has(residual) ? empty_result(x)
+                   : fused        ? at::empty_like(x)
+                                  : at::add(x.to(wide), residual->to(wide)).to(sum_type).contiguous();
+  const at::Tensor& normalised = has(residual) && !fused ? sum : x;
+  const auto acc = x.options().dtype(acc_dtype(normalised));
+  at::Tensor y = at::empty_like(normalised), mean = at::empty({R}, acc), rstd = at::empty({R}, acc);
+  if (L == 0) {  // empty rows: no statistics
+    mean.zero_();
+    rstd.zero_();
+  } else {
+    rows_forward(normalised, y, RowShape{R, L, 1, L, 1}, acc_param(weight, L, 1.0, normalised).view(-1),
+                 acc_param(bias, L, 0.0, normalised).view(-1), eps, act, act_a, act_b, mean, rstd, nullptr, rms,
+                 fused ? &r : nullptr, fused ? &sum : nullptr);
+  }
+  return {y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type()), sum, mean, rstd};
+}
+
+inline TensorList3 add_norm_bwd(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_residual,
+                                const at::Tensor& input, at::IntArrayRef shape, const at::Tensor& mean,
+                                const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias, bool rms, int64_t act, double act_a,
+                                double act_b, std::array<bool, 3> mask) {
+  check_activation(act);
+  const int64_t L = check_add_norm(input, grad_residual, shape, weight, bias, rms, "add_norm_bwd");
+  check_backward_args(grad_out, input, mean, rstd, layer_norm_rows(input, shape), "add_norm_bwd");
+  const int64_t R = L == 0 ? 0 : input.numel() / L;  // rows with elements to differentiate
+  FN_DEVICE_GUARD(input);
+  const at::Tensor x = input.contiguous();
+  const bool add = mask[0] && has(grad_residual);
+  const at::Tensor dres = add ? grad_residual->to(x.scalar_type()).contiguous() : at::Tensor();
+  auto [dx, dw, db] = rows_backward(grad_out, x, RowShape{R, L, 1, L, 1}, mean, rstd,
+                                    weight.has_value() ? c10::optional<at::Tensor>(weight->view(-1)) : weight,
+                                    bias.has_value() ? c10::optional<at::Tensor>(bias->view(-1)) : bias,
+                                    L, plan_channels(true, R, L, 1), 1, std::max<int64_t>(L, 1), act, act_a, act_b, mask,
+                                    rms, add ? &dres : nullptr);
+  // (a normalized_shape holding a 0 has empty parameter gradients of that shape)
+  return {dx, mask[1] && has(weight) ? dw.view(shape) : dw, mask[2] && has(bias) ? db.view(shape) : db};
+}
+
 inline TensorList3 layer_norm_fwd(const at::Tensor& input, at::IntArrayRef shape,
                                   const c10::optional<at::Tensor>& weight,
                                   const c10::optional<at::Tensor>& bias, double eps, int64_t act,
                                   double act_a, double act_b) {
-  check_activation(act);
-  const int64_t L = check_layer_norm(input, shape, weight, bias);
-  FN_DEVICE_GUARD(input);
-  const at::Tensor x = input.contiguous();
-  const int64_t R = layer_norm_rows(x, shape);
-  const auto acc = x.options().dtype(acc_dtype(x));
-  at::Tensor y = at::empty_like(x), mean = at::empty({R}, acc), rstd = at::empty({R}, acc);
-  if (L == 0) {  // empty rows: no statistics
-    mean.zero_();
-    rstd.zero_();
-  } else
-    rows_forward(x, y, RowShape{R, L, 1, L, 1}, acc_param(weight, L, 1.0, x).view(-1),
-                 acc_param(bias, L, 0.0, x).view(-1), eps, act, act_a, act_b, mean, rstd, nullptr);
+  auto [y, sum, mean, rstd] = add_norm_fwd(input, c10::nullopt, shape, weight, bias, eps, false, false, act,
+                                           act_a, act_b);
   return {y, mean, rstd};
 }
 
@@ -238,19 +300,8 @@ inline TensorList3 layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
                                   const c10::optional<at::Tensor>& bias, int64_t act, double act_a, double act_b,
                                   std::array<bool, 3> mask) {
-  check_activation(act);
-  const int64_t L = check_layer_norm(input, shape, weight, bias);
-  check_backward_args(grad_out, input, mean, rstd, layer_norm_rows(input, shape),
-                      "layer_norm_bwd");
-  const int64_t R = L == 0 ? 0 : input.numel() / L;  // rows with elements to differentiate
-  FN_DEVICE_GUARD(input);
-  const at::Tensor x = input.contiguous();
-  auto [dx, dw, db] = rows_backward(grad_out, x, RowShape{R, L, 1, L, 1}, mean, rstd,
-                                    weight.has_value() ? c10::optional<at::Tensor>(weight->view(-1)) : weight,
-                                    bias.has_value() ? c10::optional<at::Tensor>(bias->view(-1)) : bias,
-                                    L, plan_channels(true, R, L, 1), 1, std::max<int64_t>(L, 1), act, act_a, act_b, mask);
-  // (a normalized_shape holding a 0 has empty parameter gradients of that shape)
-  return {dx, mask[1] && has(weight) ? dw.view(shape) : dw, mask[2] && has(bias) ? db.view(shape) : db};
+  return add_norm_bwd(grad_out, c10::nullopt, input, shape, mean, rstd, weight, bias, false, act, act_a, act_b,
+                      mask);
 }
 
 // GroupNorm-shaped forward (GroupNorm, and InstanceNorm with G = C). The input is
@@ -335,6 +386,8 @@ inline TensorList3 group_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
     m.impl("batch_norm_stats", &fusednorm::cuda::batch_norm_stats); \
     m.impl("layer_norm_fwd", &fusednorm::cuda::layer_norm_fwd); \
     m.impl("layer_norm_bwd", &fusednorm::cuda::layer_norm_bwd); \
+    m.impl("add_norm_fwd", &fusednorm::cuda::add_norm_fwd);     \
+    m.impl("add_norm_bwd", &fusednorm::cuda::add_norm_bwd);     \
     m.impl("group_norm_fwd", &fusednorm::cuda::group_norm_fwd); \
     m.impl("group_norm_bwd", &fusednorm::cuda::group_norm_bwd); \
     m.impl("instance_norm_fwd", &fusednorm::cuda::instance_norm_fwd); \

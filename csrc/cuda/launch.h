@@ -84,7 +84,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename T>
 void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type> pr,
                  typename Acc<T>::type eps, typename Acc<T>::type* mean,
-                 typename Acc<T>::type* rstd, typename Acc<T>::type* m2, fn_stream_t stream) {
+                 typename Acc<T>::type* rstd, typename Acc<T>::type* m2, fn_stream_t stream,
+                 RowResidual<T> res = {}) {
   using A = typename Acc<T>::type;
   if (sh.R == 0 || sh.L == 0) return;  // nothing to normalise
   const Limits& lim = limits();
@@ -94,18 +95,18 @@ void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type>
     const int64_t blocks = std::min(ceil_div(sh.R, 4), lim.max_blocks);
     check_launch("row_fwd_warp", blocks, 1, 4 * kWarp, 0, 0);
     if (tier == RowTier::Warp4)
-      FN_LAUNCH((row_fwd_warp<T, 4>), dim3(unsigned(blocks)), block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2);
+      FN_LAUNCH((row_fwd_warp<T, 4>), dim3(unsigned(blocks)), block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
     else
-      FN_LAUNCH((row_fwd_warp<T, 16>), dim3(unsigned(blocks)), block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2);
+      FN_LAUNCH((row_fwd_warp<T, 16>), dim3(unsigned(blocks)), block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
   } else {
     const int64_t blocks = std::min(sh.R, lim.max_blocks);
     const bool cache = tier == RowTier::Block;
     const int64_t smem = cache ? row_cache_bytes<A>(sh.L, false) : 0;
     check_launch("row_fwd_block", blocks, 1, lim.threads, smem, kRowFwdStaticSmem<A>);
     if (cache)
-      FN_LAUNCH((row_fwd_block<T, true>), dim3(unsigned(blocks)), dim3(lim.threads), smem, stream, x, y, sh, pr, eps, mean, rstd, m2);
+      FN_LAUNCH((row_fwd_block<T, true>), dim3(unsigned(blocks)), dim3(lim.threads), smem, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
     else
-      FN_LAUNCH((row_fwd_block<T, false>), dim3(unsigned(blocks)), dim3(lim.threads), 0, stream, x, y, sh, pr, eps, mean, rstd, m2);
+      FN_LAUNCH((row_fwd_block<T, false>), dim3(unsigned(blocks)), dim3(lim.threads), 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
   }
   FN_LAUNCH_CHECK();
 }
@@ -113,7 +114,7 @@ void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type>
 template <typename T>
 void row_backward(const T* x, const T* dy, T* dx, RowShape sh, RowParams<typename Acc<T>::type> pr,
                   const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd,
-                  fn_stream_t stream) {
+                  fn_stream_t stream, RowResidual<T> res = {}) {
   using A = typename Acc<T>::type;
   if (sh.R == 0 || sh.L == 0) return;  // nothing to normalise
   const Limits& lim = limits();
@@ -123,18 +124,18 @@ void row_backward(const T* x, const T* dy, T* dx, RowShape sh, RowParams<typenam
     const int64_t blocks = std::min(ceil_div(sh.R, 4), lim.max_blocks);
     check_launch("row_bwd_warp", blocks, 1, 4 * kWarp, 0, 0);
     if (tier == RowTier::Warp4)
-      FN_LAUNCH((row_bwd_warp<T, 4>), dim3(unsigned(blocks)), block, 0, stream, x, dy, dx, sh, pr, mean, rstd);
+      FN_LAUNCH((row_bwd_warp<T, 4>), dim3(unsigned(blocks)), block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
     else
-      FN_LAUNCH((row_bwd_warp<T, 16>), dim3(unsigned(blocks)), block, 0, stream, x, dy, dx, sh, pr, mean, rstd);
+      FN_LAUNCH((row_bwd_warp<T, 16>), dim3(unsigned(blocks)), block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
   } else {
     const int64_t blocks = std::min(sh.R, lim.max_blocks);
     const bool cache = tier == RowTier::Block;
     const int64_t smem = cache ? row_cache_bytes<A>(sh.L, true) : 0;
     check_launch("row_bwd_block", blocks, 1, lim.threads, smem, kRowBwdStaticSmem<A>);
     if (cache)
-      FN_LAUNCH((row_bwd_block<T, true>), dim3(unsigned(blocks)), dim3(lim.threads), smem, stream, x, dy, dx, sh, pr, mean, rstd);
+      FN_LAUNCH((row_bwd_block<T, true>), dim3(unsigned(blocks)), dim3(lim.threads), smem, stream, x, dy, dx, sh, pr, mean, rstd, res);
     else
-      FN_LAUNCH((row_bwd_block<T, false>), dim3(unsigned(blocks)), dim3(lim.threads), 0, stream, x, dy, dx, sh, pr, mean, rstd);
+      FN_LAUNCH((row_bwd_block<T, false>), dim3(unsigned(blocks)), dim3(lim.threads), 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
   }
   FN_LAUNCH_CHECK();
 }

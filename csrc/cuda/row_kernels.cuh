@@ -6,7 +6,7 @@
 //   block: one block per row, the row cached in shared memory (CACHE=true);
 //   long:  one block per row reading global memory twice (CACHE=false).
 // Forward: statistics then y = act(z), z = (x - mean)*(rstd*gamma) + beta (norm_math.h's
-// pre_activation). Backward (dx only; parameter gradients come from reduce_kernels.cuh):
+// pre_activation). LayerNorm/RMSNorm also take RowParams::rms and a RowResidual. Backward (dx only; parameter gradients come from reduce_kernels.cuh):
 // dx = rstd*(g - mean(g) - xhat*mean(g*xhat)), g = dy*act'(z)*gamma.
 #pragma once
 #include "device.h"
@@ -33,7 +33,33 @@ struct RowParams {
   const A* beta;
   int64_t act;
   ActParams<A> ap;
+  bool rms;  // RMSNorm: statistics about zero (mean 0), no mean term in dx
 };
+
+// A residual add fused into LayerNorm/RMSNorm (all null without one): forward reads r and
+// writes sum = x + r (rounded to T), which is what is normalised; backward adds dres,
+// the gradient the sum receives directly, to dx.
+template <typename T>
+struct RowResidual {
+  const T* r = nullptr;
+  T* sum = nullptr;
+  const T* dres = nullptr;
+};
+
+// x + r as the sum stores it (rounded to T); the sum is also written.
+template <typename T, typename A>
+__device__ __forceinline__ A add_residual(A v, const RowResidual<T>& res, int64_t idx) {
+  const T s = from_acc<T>(v + to_acc(res.r[idx]));
+  res.sum[idx] = s;
+  return to_acc(s);
+}
+
+// (mean, rstd) of a row from its moments: about zero for RMSNorm.
+template <typename A>
+__device__ __forceinline__ void row_stats(const Moments<A>& m, int64_t L, A eps, bool rms, A* mean, A* rstd) {
+  *mean = rms ? A(0) : m.mean;
+  *rstd = rstd_from_m2<A>(rms ? m2_about_zero<A>(m.m2, m.mean, L) : m.m2, L, eps);
+}
 
 // z of element i (parameter index p) of a row with statistics (mean, rstd).
 template <typename A>
@@ -54,7 +80,7 @@ template <typename T, int COLS>
 __global__ void row_fwd_warp(const T* __restrict__ x, T* __restrict__ y, RowShape sh,
                              RowParams<typename Acc<T>::type> pr, typename Acc<T>::type eps,
                              typename Acc<T>::type* mean_out, typename Acc<T>::type* rstd_out,
-                             typename Acc<T>::type* m2_out) {
+                             typename Acc<T>::type* m2_out, RowResidual<T> res) {
   using A = typename Acc<T>::type;
   const int lane = threadIdx.x;
   // Grid-stride over groups of blockDim.y rows (the grid is capped); r0 is uniform across
@@ -70,21 +96,25 @@ __global__ void row_fwd_warp(const T* __restrict__ x, T* __restrict__ y, RowShap
     for (int k = 0; k < COLS; ++k) {
       const int64_t i = lane + int64_t(k) * kWarp;
       v[k] = active && i < sh.L ? to_acc(x[r * sh.L + i]) : A(0);
-      if (active && i < sh.L) welford_add(m, v[k]);
+      if (active && i < sh.L) {
+        if (res.r) v[k] = add_residual(v[k], res, r * sh.L + i);
+        welford_add(m, v[k]);
+      }
     }
     m = warp_merge(m);
-    const A rstd = rstd_from_m2<A>(m.m2, sh.L, eps);
+    A mean, rstd;
+    row_stats(m, sh.L, eps, pr.rms, &mean, &rstd);
     if (!active) continue;  // after the last shuffle
     #pragma unroll
     for (int k = 0; k < COLS; ++k) {
       const int64_t i = lane + int64_t(k) * kWarp;
       if (i < sh.L) {
         const int64_t p = sh.param(r, i);
-        y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v[k], m.mean, rstd, p, pr), pr.act, pr.ap));
+        y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v[k], mean, rstd, p, pr), pr.act, pr.ap));
       }
     }
     if (lane == 0) {
-      mean_out[r] = m.mean;
+      mean_out[r] = mean;
       rstd_out[r] = rstd;
       if (m2_out) m2_out[r] = m.m2;
     }
@@ -95,7 +125,7 @@ template <typename T, bool CACHE>
 __global__ void row_fwd_block(const T* __restrict__ x, T* __restrict__ y, RowShape sh,
                               RowParams<typename Acc<T>::type> pr, typename Acc<T>::type eps,
                               typename Acc<T>::type* mean_out, typename Acc<T>::type* rstd_out,
-                              typename Acc<T>::type* m2_out) {
+                              typename Acc<T>::type* m2_out, RowResidual<T> res) {
   using A = typename Acc<T>::type;
   FN_DYNAMIC_SMEM(A, cache);
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -103,19 +133,23 @@ __global__ void row_fwd_block(const T* __restrict__ x, T* __restrict__ y, RowSha
     const T* xr = x + r * sh.L;
     Moments<A> m{A(0), A(0), A(0)};
     for (int64_t i = tid; i < sh.L; i += nt) {
-      const A v = to_acc(xr[i]);
+      A v = to_acc(xr[i]);
+      if (res.r) v = add_residual(v, res, r * sh.L + i);
       if (CACHE) cache[i] = v;
       welford_add(m, v);
     }
     m = block_merge(m);
-    const A rstd = rstd_from_m2<A>(m.m2, sh.L, eps);
+    A mean, rstd;
+    row_stats(m, sh.L, eps, pr.rms, &mean, &rstd);
+    // Uncached, the second pass reads the sum back (each thread the elements it wrote).
+    const T* src = res.r ? res.sum + r * sh.L : xr;
     for (int64_t i = tid; i < sh.L; i += nt) {
-      const A v = CACHE ? cache[i] : to_acc(xr[i]);
+      const A v = CACHE ? cache[i] : to_acc(src[i]);
       const int64_t p = sh.param(r, i);
-      y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v, m.mean, rstd, p, pr), pr.act, pr.ap));
+      y[r * sh.L + i] = from_acc<T>(activate<A>(row_pre_activation(v, mean, rstd, p, pr), pr.act, pr.ap));
     }
     if (tid == 0) {
-      mean_out[r] = m.mean;
+      mean_out[r] = mean;
       rstd_out[r] = rstd;
       if (m2_out) m2_out[r] = m.m2;
     }
@@ -133,7 +167,8 @@ __device__ __forceinline__ A scaled_grad(A v, A mean, A rstd, A dy, int64_t p, c
 template <typename T, int COLS>
 __global__ void row_bwd_warp(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
                              RowShape sh, RowParams<typename Acc<T>::type> pr,
-                             const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd) {
+                             const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd,
+                             RowResidual<T> res) {
   using A = typename Acc<T>::type;
   const int lane = threadIdx.x;
   const A inv_l = inverse_count<A>(sh.L);
@@ -155,13 +190,17 @@ __global__ void row_bwd_warp(const T* __restrict__ x, const T* __restrict__ dy, 
         sum_gx += g[k] * xh[k];
       }
     }
-    sum_g = warp_sum(sum_g);
+    sum_g = pr.rms ? A(0) : warp_sum(sum_g);  // RMSNorm: no mean, no mean(g) term
     sum_gx = warp_sum(sum_gx);
     if (!active) continue;
     #pragma unroll
     for (int k = 0; k < COLS; ++k) {
       const int64_t i = lane + int64_t(k) * kWarp;
-      if (i < sh.L) dx[r * sh.L + i] = from_acc<T>(rs * (g[k] - sum_g * inv_l - xh[k] * sum_gx * inv_l));
+      if (i < sh.L) {
+        const int64_t idx = r * sh.L + i;
+        const A d = rs * (g[k] - sum_g * inv_l - xh[k] * sum_gx * inv_l);
+        dx[idx] = from_acc<T>(res.dres ? d + to_acc(res.dres[idx]) : d);
+      }
     }
   }
 }
@@ -169,7 +208,8 @@ __global__ void row_bwd_warp(const T* __restrict__ x, const T* __restrict__ dy, 
 template <typename T, bool CACHE>
 __global__ void row_bwd_block(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
                               RowShape sh, RowParams<typename Acc<T>::type> pr,
-                              const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd) {
+                              const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd,
+                              RowResidual<T> res) {
   using A = typename Acc<T>::type;
   FN_DYNAMIC_SMEM(A, cache);  // CACHE: xhat in [0, L), g in [L, 2L)
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -191,6 +231,7 @@ __global__ void row_bwd_block(const T* __restrict__ x, const T* __restrict__ dy,
       sum_gx += g * xh;
     }
     block_sum2(sum_g, sum_gx);
+    if (pr.rms) sum_g = A(0);  // RMSNorm: no mean, no mean(g) term
     for (int64_t i = tid; i < sh.L; i += nt) {
       A xh, g;
       if (CACHE) {
@@ -201,7 +242,8 @@ __global__ void row_bwd_block(const T* __restrict__ x, const T* __restrict__ dy,
         xh = (v - mu) * rs;
         g = scaled_grad(v, mu, rs, to_acc(gr[i]), sh.param(r, i), pr);
       }
-      dx[r * sh.L + i] = from_acc<T>(rs * (g - sum_g * inv_l - xh * sum_gx * inv_l));
+      const A d = rs * (g - sum_g * inv_l - xh * sum_gx * inv_l);
+      dx[r * sh.L + i] = from_acc<T>(res.dres ? d + to_acc(res.dres[r * sh.L + i]) : d);
     }
     __syncthreads();
   }

@@ -19,6 +19,7 @@ from .modules import (
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    RMSNorm,
 )
 from .sync_batchnorm import SyncBatchNorm
 
@@ -30,6 +31,6 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path, not install
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "GroupNorm", "SyncBatchNorm", "functional", "ops", "cpu_isa", "empty_cpu_cache", "convert",
+    "LayerNorm", "GroupNorm", "RMSNorm", "SyncBatchNorm", "functional", "ops", "cpu_isa", "empty_cpu_cache", "convert",
     "set_backend", "use_backend", "get_backend",
 ]

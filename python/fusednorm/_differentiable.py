@@ -42,7 +42,7 @@ class _Norm:
                 self.stats = (mean.reshape(channels), rstd.reshape(channels))
         elif kind == "instance_norm":
             self.dims = list(range(2, x.dim()))
-        elif kind == "layer_norm":
+        elif kind in ("layer_norm", "rms_norm"):
             k = len(ctx.normalized_shape)
             self.dims, self.param_shape = list(range(x.dim() - k, x.dim())), tuple(ctx.normalized_shape)
         elif kind == "group_norm":
@@ -51,6 +51,7 @@ class _Norm:
         else:
             raise ValueError(kind)
         self.kind = kind
+        self.centered = kind != "rms_norm"  # RMSNorm: statistics about zero
 
     def view(self, t):
         if self.kind != "group_norm":
@@ -62,7 +63,7 @@ class _Norm:
         """xhat = (x - mean) * rstd, and its tangent along x_t (None: no tangent)."""
         xs = _acc(self.view(x))
         if self.stats is None:
-            mean = xs.mean(self.dims, keepdim=True)
+            mean = xs.mean(self.dims, keepdim=True) if self.centered else xs.new_zeros(())
             rstd = torch.rsqrt((xs - mean).square().mean(self.dims, keepdim=True) + eps)
         else:
             mean, rstd = self.stats
@@ -72,9 +73,9 @@ class _Norm:
             ts = _acc(self.view(x_t))
             if self.stats is None:
                 # d xhat = rstd * (dx - mean(dx) - xhat * mean(xhat * dx)): the mean's and
-                # the variance's tangents folded in.
-                xhat_t = rstd * (ts - ts.mean(self.dims, keepdim=True)
-                                 - xhat * (xhat * ts).mean(self.dims, keepdim=True))
+                # the variance's tangents folded in (RMSNorm: no mean, no mean(dx) term).
+                centred = ts - ts.mean(self.dims, keepdim=True) if self.centered else ts
+                xhat_t = rstd * (centred - xhat * (xhat * ts).mean(self.dims, keepdim=True))
             else:
                 xhat_t = ts * rstd
             xhat_t = xhat_t.reshape(self.shape)

@@ -5,8 +5,9 @@ CUDA ops); the Triton ops and the fake kernels use these.
 - BatchNorm: contiguous input -> contiguous; dense channels_last -> channels_last; anything
   else follows suggest_memory_format (ATen's batch_norm); an empty input keeps its strides
   (preserve_format: torch clones it).
-- GroupNorm: suggest_memory_format (ATen's group_norm). For a channels_last-dense input whose
-  size-1 dimensions make its strides ambiguous, that can be contiguous.
+- GroupNorm, RMSNorm: suggest_memory_format (ATen's group_norm; rms_norm's). For a
+  channels_last-dense input whose size-1 dimensions make its strides ambiguous, that can be
+  contiguous. (The RMSNorm kernels write rows contiguously; functional.rms_norm restrides.)
 - InstanceNorm, LayerNorm: always contiguous."""
 import torch
 from torch._prims_common import suggest_memory_format
@@ -29,3 +30,6 @@ def batch_norm_format(x):
 
 def group_norm_format(x):
     return suggest_memory_format(x)
+
+
+rms_norm_format = group_norm_format

@@ -72,6 +72,24 @@ def _fake_layer_norm_bwd(dy, x, normalized_shape, mean, rstd, weight, bias, act,
     return dx, dw, db
 
 
+def _fake_add_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, residual_in_fp32, act, act_a, act_b):
+    _same_device(x, residual, weight, bias)
+    r = _ln_rows(x, normalized_shape)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if residual is None:
+        s = x.new_empty((0,))
+    else:
+        s = torch.empty_like(x, dtype=torch.float32 if residual_in_fp32 else x.dtype,
+                             memory_format=torch.contiguous_format)
+    normalised = s if residual is not None else x
+    return y, s, x.new_empty((r,), dtype=_stat_dtype(normalised)), x.new_empty((r,), dtype=_stat_dtype(normalised))
+
+
+def _fake_add_norm_bwd(dy, dres, x, normalized_shape, mean, rstd, weight, bias, rms, act, act_a, act_b, mask):
+    _same_device(x, dy, dres, mean, rstd, weight, bias)
+    return _fake_layer_norm_bwd(dy, x, normalized_shape, mean, rstd, weight, bias, act, act_a, act_b, mask)
+
+
 def _fake_group_norm_fwd(x, num_groups, weight, bias, eps, act, act_a, act_b):
     _same_device(x, weight, bias)
     y = torch.empty_like(x, memory_format=group_norm_format(x))
@@ -100,6 +118,8 @@ FAKES = {
     "batch_norm_bwd": _fake_batch_norm_bwd,
     "layer_norm_fwd": _fake_layer_norm_fwd,
     "layer_norm_bwd": _fake_layer_norm_bwd,
+    "add_norm_fwd": _fake_add_norm_fwd,
+    "add_norm_bwd": _fake_add_norm_bwd,
     "group_norm_fwd": _fake_group_norm_fwd,
     "group_norm_bwd": _fake_group_norm_bwd,
     "instance_norm_fwd": _fake_instance_norm_fwd,

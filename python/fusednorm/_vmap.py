@@ -34,7 +34,7 @@ def _per_sample(op, batch_size, in_dims, args):
         sample = [a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
                   for a, d in zip(args, in_dims)]  # a list argument's in_dims entry is a list
         outs.append(op(*sample))
-    return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0, 0)
+    return tuple(torch.stack(parts) for parts in zip(*outs)), (0,) * len(outs[0])
 
 
 def _no_samples(x, x_dim, weight, bias, mask):
@@ -67,6 +67,25 @@ def _layer_norm_fwd_rule(op):
             stats = (xb.shape[0], math.prod(xb.shape[1:xb.dim() - len(normalized_shape)]))  # (B, rows)
             return (y, mean.reshape(stats), rstd.reshape(stats)), (0, 0, 0)
         return _per_sample(op, info.batch_size, in_dims, (x, normalized_shape, weight, bias, eps, act, act_a, act_b))
+    return rule
+
+
+def _leading(t, d, batch_size):
+    """t with the batch dim first; unbatched (a tensor shared by the samples): expanded."""
+    return t.movedim(d, 0) if d is not None else t.expand(batch_size, *t.shape)
+
+
+def _add_norm_fwd_rule(op):
+    def rule(info, in_dims, x, residual, normalized_shape, weight, bias, *rest):
+        x_dim, r_dim, w_dim, b_dim = in_dims[0], in_dims[1], in_dims[3], in_dims[4]
+        if w_dim is not None or b_dim is not None or (x_dim is None and r_dim is None):
+            return _per_sample(op, info.batch_size, in_dims, (x, residual, normalized_shape, weight, bias, *rest))
+        # The batch dim is one more leading dim: mean/rstd have one entry per row.
+        xb = _leading(x, x_dim, info.batch_size)
+        rb = None if residual is None else _leading(residual, r_dim, info.batch_size)
+        y, s, mean, rstd = op(xb, rb, normalized_shape, weight, bias, *rest)
+        stats = (xb.shape[0], math.prod(xb.shape[1:xb.dim() - len(normalized_shape)]))  # (B, rows)
+        return (y, s, mean.reshape(stats), rstd.reshape(stats)), (0, 0 if rb is not None else None, 0, 0)
     return rule
 
 
@@ -188,31 +207,50 @@ def _layer_norm_bwd_rule(op):
     statistics (_differentiable.layer_norm_param_grads). Large samples, and batched
     parameters, go one op call per sample."""
     def rule(info, in_dims, dy, x, normalized_shape, mean, rstd, weight, bias, act, act_a, act_b, mask):
-        B = info.batch_size
-        sample_numel = x.numel() // B if in_dims[1] is not None and B else x.numel()
-        if in_dims[5] is not None or in_dims[6] is not None or sample_numel > _STACKED_LAYER_NORM_BWD_MAX:
-            return _per_sample(op, B, in_dims, (dy, x, normalized_shape, mean, rstd, weight, bias, act, act_a, act_b,
-                                                mask))
-
-        def leading(t, d):  # batch dim first; unbatched (jacrev's shared input): repeated
-            return t.movedim(d, 0) if d is not None else t.expand(B, *t.shape)
-
-        dy, x, mean, rstd = (leading(t, d) for t, d in zip((dy, x, mean, rstd), in_dims[:2] + in_dims[3:5]))
-        empty = x.new_empty((0,))
-        # Outputs not asked for (mask, or an absent parameter) are empty and unbatched.
-        outs = [(empty, None)] * 3
-        if mask[0]:
-            dx = op(dy, x, normalized_shape, mean.reshape(-1), rstd.reshape(-1), weight, bias, act, act_a, act_b,
-                    [True, False, False])[0]
-            outs[0] = (dx, 0)
-        if mask[1] or mask[2]:
-            dw, db = _differentiable.layer_norm_param_grads(dy, x, normalized_shape, mean, rstd, weight,
-                                                            bias, Activation(act, act_a, act_b))
-            for i, g in ((1, dw), (2, db)):
-                if mask[i] and g is not None:
-                    outs[i] = (g, 0)
-        return tuple(t for t, _ in outs), tuple(d for _, d in outs)
+        def dx_call(dy, x, mean, rstd):
+            return op(dy, x, normalized_shape, mean, rstd, weight, bias, act, act_a, act_b, [True, False, False])[0]
+        return _row_bwd(info, in_dims[:2] + in_dims[3:7], (dy, x, mean, rstd, weight, bias), dx_call,
+                        lambda: _per_sample(op, info.batch_size, in_dims, (dy, x, normalized_shape, mean, rstd,
+                                                                          weight, bias, act, act_a, act_b, mask)),
+                        normalized_shape, Activation(act, act_a, act_b), mask)
     return rule
+
+
+def _add_norm_bwd_rule(op):
+    """add_norm_bwd under vmap: LayerNorm's rule, the residual's gradient batched as dy."""
+    def rule(info, in_dims, dy, dres, x, normalized_shape, mean, rstd, weight, bias, rms, act, act_a, act_b,
+             mask):
+        def dx_call(dy, x, mean, rstd):
+            d = None if dres is None else _leading(dres, in_dims[1], info.batch_size)
+            return op(dy, d, x, normalized_shape, mean, rstd, weight, bias, rms, act, act_a, act_b,
+                      [True, False, False])[0]
+        return _row_bwd(info, (in_dims[0], in_dims[2]) + in_dims[4:8], (dy, x, mean, rstd, weight, bias), dx_call,
+                        lambda: _per_sample(op, info.batch_size, in_dims, (dy, dres, x, normalized_shape, mean, rstd,
+                                                                          weight, bias, rms, act, act_a, act_b, mask)),
+                        normalized_shape, Activation(act, act_a, act_b), mask)
+    return rule
+
+
+def _row_bwd(info, dims, tensors, dx_call, per_sample, normalized_shape, act, mask):
+    """The body of the two rules above: dims/tensors are those of (dy, x, mean, rstd,
+    weight, bias); dx_call(dy, x, mean, rstd) the op's input gradient on stacked samples."""
+    B = info.batch_size
+    dy, x, mean, rstd, weight, bias = tensors
+    sample_numel = x.numel() // B if dims[1] is not None and B else x.numel()
+    if dims[4] is not None or dims[5] is not None or sample_numel > _STACKED_LAYER_NORM_BWD_MAX:
+        return per_sample()
+    dy, x, mean, rstd = (_leading(t, d, B) for t, d in zip((dy, x, mean, rstd), dims[:4]))
+    empty = x.new_empty((0,))
+    # Outputs not asked for (mask, or an absent parameter) are empty and unbatched.
+    outs = [(empty, None)] * 3
+    if mask[0]:
+        outs[0] = (dx_call(dy, x, mean.reshape(-1), rstd.reshape(-1)), 0)
+    if mask[1] or mask[2]:
+        dw, db = _differentiable.layer_norm_param_grads(dy, x, normalized_shape, mean, rstd, weight, bias, act)
+        for i, g in ((1, dw), (2, db)):
+            if mask[i] and g is not None:
+                outs[i] = (g, 0)
+    return tuple(t for t, _ in outs), tuple(d for _, d in outs)
 
 
 def register_vmap_rules(namespace):
@@ -225,5 +263,7 @@ def register_vmap_rules(namespace):
     torch.library.register_vmap(f"{namespace}::group_norm_bwd",
                                 _side_by_side_bwd_rule(ops.group_norm_bwd, 5, _group_norm_bwd_args))
     torch.library.register_vmap(f"{namespace}::layer_norm_bwd", _layer_norm_bwd_rule(ops.layer_norm_bwd))
+    torch.library.register_vmap(f"{namespace}::add_norm_fwd", _add_norm_fwd_rule(ops.add_norm_fwd))
+    torch.library.register_vmap(f"{namespace}::add_norm_bwd", _add_norm_bwd_rule(ops.add_norm_bwd))
     torch.library.register_vmap(f"{namespace}::batch_norm_bwd",
                                 _side_by_side_bwd_rule(ops.batch_norm_bwd, 2, _batch_norm_bwd_args))

@@ -90,8 +90,14 @@ def _recomputed_grads(recompute, ctx, dy):
     """The gradients of (x, weight, bias) that need one, from the output recomputed in
     differentiable torch ops: a graph that torch.autograd, or an enclosing torch.func
     transform, differentiates again (torch.func.vjp works under both)."""
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    mask = _grad_mask(ctx, weight, bias)
+    mask = _grad_mask(ctx, *ctx.saved_tensors[1:3])
+    return _grads(mask, *_recomputed(recompute, ctx, dy, mask), len(ctx.needs_input_grad) - 3)
+
+
+def _recomputed(recompute, ctx, dy, mask):
+    """[dx, dweight, dbias] from the recomputed output, None where mask is False; x,
+    weight, bias, mean, rstd are the first five saved tensors."""
+    x, weight, bias, mean, rstd = ctx.saved_tensors[:5]
     saved = (x, weight, bias)
     wanted = [i for i in range(3) if mask[i]]
 
@@ -106,7 +112,7 @@ def _recomputed_grads(recompute, ctx, dy):
         _, pullback = torch.func.vjp(output, *(saved[i] for i in wanted))
         for i, g in zip(wanted, pullback(dy)):
             grads[i] = g
-    return _grads(mask, *grads, len(ctx.needs_input_grad) - 3)
+    return grads
 
 
 def _forward_mode():
@@ -148,16 +154,17 @@ def apply(function, x, weight, bias, *rest):
     return function.apply(x, weight, bias, *rest)[0]
 
 
-def _classic(function):
-    """`function` with torch's classic forward(ctx, *args), returning y alone: the same
-    forward, setup_context and backward, without the setup_context form's per-call argument
-    binding, which made a tiny BatchNorm's forward+backward 1.9x as slow (in one process,
-    against the Function before the split; this form: 1.03x). torch.func transforms refuse
-    this form; apply() picks the form."""
+def _classic(function, outputs=1):
+    """`function` with torch's classic forward(ctx, *args), returning y alone (or its first
+    `outputs` outputs): the same forward, setup_context and backward, without the
+    setup_context form's per-call argument binding, which made a tiny BatchNorm's
+    forward+backward 1.9x as slow (in one process, against the Function before the split;
+    this form: 1.03x). torch.func transforms refuse this form; apply() picks the form."""
     def forward(ctx, *args):
         out = function.forward(*args)
         function.setup_context(ctx, args, out)
-        return out[0]  # y alone: the statistics are saved, and two fewer outputs cost less
+        # The statistics are saved, and fewer outputs cost less.
+        return out[0] if outputs == 1 else out[:outputs]
 
     return type(function.__name__, (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(function.backward),

@@ -9,9 +9,12 @@ import math
 import torch
 
 from ._activation import resolve
+from ._layout import rms_norm_format
 from .autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction, LayerNormFunction, apply
+from .autograd_add import apply_add_norm
 
-__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm"]
+__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "add_layer_norm",
+           "add_rms_norm"]
 
 
 def _verify_batch_size(size):
@@ -90,3 +93,59 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
     input, weight, bias = _autocast_float32(input, weight, bias)
     return apply(GroupNormFunction, input, weight, bias, int(num_groups), float(eps), *act)
+
+
+def _shape(normalized_shape):
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    return [int(v) for v in normalized_shape]
+
+
+def _rms_eps(eps, dtype):
+    """torch's rms_norm default: the epsilon of the type it computes in (float32 for
+    16-bit inputs, as the code does; its documentation says the input dtype's)."""
+    if eps is not None:
+        return float(eps)
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _same_dtype_weight(input, weight):
+    """torch.nn.RMSNorm returns the input's dtype whatever the weight's: a weight the
+    kernels would refuse beside this input (float64 beside float32, bfloat16 beside
+    float32) is converted, which is exact where torch's promotion keeps the input's dtype."""
+    if weight is None or weight.dtype == input.dtype:
+        return weight
+    if weight.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16):
+        return weight
+    return weight.to(input.dtype)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, activation=None, negative_slope=0.01):
+    """torch.nn.functional.rms_norm followed by the activation, in one fused kernel."""
+    act = resolve(activation, negative_slope)
+    input, weight, _ = _autocast_float32(input, weight, None)
+    y = apply_add_norm(input, None, _same_dtype_weight(input, weight), None, _shape(normalized_shape), True,
+                       False, _rms_eps(eps, input.dtype), *act)
+    fmt = rms_norm_format(input)  # torch's strides (a channels_last input stays channels_last)
+    return y if fmt == torch.contiguous_format else y.contiguous(memory_format=fmt)
+
+
+def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None,
+                   negative_slope=0.01, residual_in_fp32=False):
+    """(act(layer_norm(input + residual)), input + residual) in one pass: the pre-norm
+    transformer block's residual add. The sum is in float32 if residual_in_fp32, else in
+    the input's dtype; the output is in the input's dtype."""
+    act = resolve(activation, negative_slope)
+    return apply_add_norm(input, residual, weight, bias, _shape(normalized_shape), False, bool(residual_in_fp32),
+                          float(eps), *act)
+
+
+def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, *, activation=None,
+                 negative_slope=0.01, residual_in_fp32=False):
+    """(act(rms_norm(input + residual)), input + residual) in one pass; as add_layer_norm.
+    eps=None: torch's default for the sum's dtype."""
+    act = resolve(activation, negative_slope)
+    sum_dtype = torch.float32 if residual_in_fp32 else input.dtype
+    return apply_add_norm(input, residual, weight, None, _shape(normalized_shape), True, bool(residual_in_fp32),
+                          _rms_eps(eps, sum_dtype), *act)
+

@@ -16,7 +16,7 @@ from ._activation import activation_repr, resolve
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "GroupNorm",
+    "LayerNorm", "GroupNorm", "RMSNorm",
 ]
 
 
@@ -26,7 +26,7 @@ def fx_leaf(forward):
     input checks. Record ours the same way: a call_module node, so the traced model still
     runs the module (and its current train/eval mode) at call time."""
     @functools.wraps(forward)
-    def wrapper(self, input):
+    def wrapper(self, input, *args, **kwargs):
         if isinstance(input, torch.fx.Proxy):
             tracer = input.tracer
             path = tracer.path_of_module(self)
@@ -34,8 +34,8 @@ def fx_leaf(forward):
                 raise torch.fx.proxy.TraceError(
                     f"fusednorm.{type(self).__name__} is traced as one call of the module, which "
                     "needs a model around it: trace e.g. torch.nn.Sequential(norm)")
-            return tracer.create_proxy("call_module", path, (input,), {})
-        return forward(self, input)
+            return tracer.create_proxy("call_module", path, (input, *args), kwargs)
+        return forward(self, input, *args, **kwargs)
     return wrapper
 
 
@@ -160,14 +160,39 @@ class LayerNorm(_FusedActivation, torch.nn.LayerNorm):
     """torch.nn.LayerNorm + fused activation."""
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
-                 device=None, dtype=None, *, activation=None, negative_slope=0.01):
+                 device=None, dtype=None, *, activation=None, negative_slope=0.01, residual_in_fp32=False):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
         self._set_activation(activation, negative_slope)
+        self.residual_in_fp32 = residual_in_fp32  # the sum's dtype in forward(x, residual)
 
     @fx_leaf
-    def forward(self, input):
+    def forward(self, input, residual=None):
+        """act(layer_norm(input)); with `residual`, the pair (act(layer_norm(input + residual)),
+        input + residual), fused (functional.add_layer_norm)."""
+        if residual is not None:
+            return F.add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
+                                    activation=self._act, residual_in_fp32=self.residual_in_fp32)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                             activation=self._act)
+
+
+class RMSNorm(_FusedActivation, torch.nn.RMSNorm):
+    """torch.nn.RMSNorm + fused activation (and fused residual add: forward(x, residual))."""
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *,
+                 activation=None, negative_slope=0.01, residual_in_fp32=False):
+        super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
+        self._set_activation(activation, negative_slope)
+        self.residual_in_fp32 = residual_in_fp32
+
+    @fx_leaf
+    def forward(self, input, residual=None):
+        """act(rms_norm(input)); with `residual`, the pair (act(rms_norm(input + residual)),
+        input + residual), fused (functional.add_rms_norm)."""
+        if residual is not None:
+            return F.add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
+                                  activation=self._act, residual_in_fp32=self.residual_in_fp32)
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, activation=self._act)
 
 
 class GroupNorm(_FusedActivation, torch.nn.GroupNorm):

@@ -72,6 +72,24 @@ def check_layer_norm(x, shape, weight, bias):
     return math.prod(shape)
 
 
+def check_add_norm(x, residual, shape, weight, bias, rms, op):
+    """check_layer_norm, no bias for RMSNorm, a residual (or its gradient) shaped like x, on
+    its device, in its dtype or float32 (csrc/common/checks.h's check_add_norm)."""
+    length = check_layer_norm(x, shape, weight, bias)
+    if rms and bias is not None:
+        raise RuntimeError(f"{op}: RMSNorm has no bias")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise RuntimeError(f"{op}: the residual has shape {list(residual.shape)} but the input has shape "
+                               f"{list(x.shape)}")
+        if residual.device != x.device:
+            raise RuntimeError(f"{op}: the residual is on {residual.device} but the input is on {x.device}")
+        if residual.dtype not in (x.dtype, torch.float32):
+            raise RuntimeError(f"{op}: the residual has dtype {residual.dtype} but the input has dtype {x.dtype} "
+                               "(float32 residuals are allowed with any input)")
+    return length
+
+
 def check_group_norm(x, groups, weight, bias, op="group_norm"):
     if x.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {x.dim()}")

@@ -181,6 +181,12 @@ def rstd_from_m2(m2, count, eps):
 
 
 @triton.jit
+def m2_about_zero(m2, mean, count):
+    """RMSNorm's statistic, the sum of squares M2 + count * mean^2 (norm_math.h's twin)."""
+    return tl.maximum(m2, 0.0) + count * mean * mean
+
+
+@triton.jit
 def unbiased_var(m2, count):
     """M2 / (count - 1); NaN for fewer than two values, as torch."""
     return tl.where(count > 1, tl.maximum(m2, 0.0) / tl.maximum(count - 1, 1.0), float("nan"))

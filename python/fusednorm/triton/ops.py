@@ -23,12 +23,12 @@ from . import channel_kernels as ck
 from . import row_kernels as rk
 from .checks import (
     check_activation,
+    check_add_norm,
     check_backward,
     check_bn,
     check_group_norm,
     check_group_norm_sizes,
     check_instance_norm,
-    check_layer_norm,
 )
 
 Tensor = torch.Tensor
@@ -294,50 +294,96 @@ def _row_block(length):
     return min(_LIMITS["max_block"], triton.next_power_of_2(max(length, 1)))
 
 
-def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, act_ab, store_m2=False):
-    """Launches row_fwd_kernel over a contiguous x: (y, mean, rstd, m2 or None)."""
-    stat_dtype, acc = _acc(x)
+def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, act_ab, store_m2=False,
+              rms=False, residual=None, sum_dtype=None):
+    """Launches row_fwd_kernel over a contiguous x (plus a contiguous residual, summed into
+    a new tensor of sum_dtype that is normalised): (y, mean, rstd, m2 or None, sum or None)."""
+    total = None if residual is None else torch.empty_like(x, dtype=sum_dtype)
+    stat_dtype, acc = _acc(x if total is None else total)
     y = torch.empty_like(x)
     mean = torch.empty(rows, dtype=stat_dtype, device=x.device)
     rstd = torch.empty(rows, dtype=stat_dtype, device=x.device)
     m2 = torch.empty(rows, dtype=stat_dtype, device=x.device) if store_m2 else None
     if rows and length:
         block = _row_block(length)
-        _launch(rk.row_fwd_kernel, (rows,), x, y, _or(weight, mean), _or(bias, mean), mean, rstd,
-                _or(m2, mean), length, groups, per_group, s,
+        _launch(rk.row_fwd_kernel, (rows,), x, _or(residual, x), _or(total, x), y, _or(weight, mean), _or(bias, mean),
+                mean, rstd, _or(m2, mean), length, groups, per_group, s,
                 _scalars(x, stat_dtype, eps=eps, act=act_ab), ACT=act, HAS_W=weight is not None,
-                HAS_B=bias is not None, STORE_M2=store_m2, ACC=acc, BLOCK=block,
-                num_warps=_num_warps(block))
+                HAS_B=bias is not None, STORE_M2=store_m2, RMS=rms, HAS_RES=residual is not None, ACC=acc,
+                BLOCK=block, num_warps=_num_warps(block))
     elif rows:  # empty rows: the statistics of nothing, as the C++ kernels give
         mean.zero_()
         rstd.fill_(eps ** -0.5)
         if m2 is not None:
             m2.zero_()
-    return y, mean, rstd, m2
+    return y, mean, rstd, m2, total
 
 
-def _rows_bwd(dy, x, mean, rstd, rows, length, groups, per_group, s, weight, bias, act, act_ab):
+def _rows_bwd(dy, x, mean, rstd, rows, length, groups, per_group, s, weight, bias, act, act_ab, rms=False,
+              dres=None):
     dx = torch.empty_like(x)
     if rows and length:
         _, acc = _acc(x)
         block = _row_block(length)
-        _launch(rk.row_bwd_kernel, (rows,), dy, x, dx, _or(weight, mean), _or(bias, mean), mean,
+        _launch(rk.row_bwd_kernel, (rows,), dy, x, _or(dres, x), dx, _or(weight, mean), _or(bias, mean), mean,
                 rstd, length, groups, per_group, s, _scalars(x, mean.dtype, act=act_ab), ACT=act,
-                HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc, BLOCK=block,
-                num_warps=_num_warps(block))
+                HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, HAS_RES=dres is not None, ACC=acc,
+                BLOCK=block, num_warps=_num_warps(block))
     return dx
+
+
+def _add_norm_fwd(input, residual, normalized_shape, weight, bias, eps, rms, residual_in_fp32, act, act_ab):
+    length = check_add_norm(input, residual, normalized_shape, weight, bias, rms, "add_norm_fwd")
+    check_activation(act)
+    x = input.contiguous()
+    rows = _ln_rows(x, normalized_shape)
+    r = None if residual is None else residual.contiguous()
+    sum_dtype = torch.float32 if residual_in_fp32 else x.dtype
+    if r is not None and x.dtype == torch.float64 and sum_dtype != torch.float64:
+        # The kernel adds in the sum's accumulation type: a float64 input into a float32
+        # sum is added in float64 first (rounded once), then normalised.
+        total = (x + r.double()).to(sum_dtype)
+        y, mean, rstd, _, _ = _rows_fwd(total, rows, length, 1, length, 1, _dense(weight), _dense(bias), eps, act,
+                                        act_ab, rms=rms)
+        return y.to(x.dtype), total, mean, rstd
+    y, mean, rstd, _, total = _rows_fwd(x, rows, length, 1, length, 1, _dense(weight), _dense(bias), eps, act, act_ab,
+                                        rms=rms, residual=r, sum_dtype=sum_dtype)
+    return y, (total if total is not None else x.new_empty((0,))), mean, rstd
+
+
+def _add_norm_bwd(grad_out, grad_residual, input, normalized_shape, mean, rstd, weight, bias, rms, act, act_ab,
+                  output_mask, op):
+    length = check_add_norm(input, grad_residual, normalized_shape, weight, bias, rms, op)
+    check_activation(act)
+    rows = _ln_rows(input, normalized_shape)
+    check_backward(grad_out, input, mean, rstd, rows, op)
+    x = input.contiguous()
+    stat_dtype, acc = _acc(x)
+    dy = grad_out.to(x.dtype).contiguous()
+    mean, rstd = mean.to(stat_dtype).contiguous(), rstd.to(stat_dtype).contiguous()
+    w, b = _dense(weight), _dense(bias)
+    dres = None if grad_residual is None else grad_residual.contiguous()
+    dx = _rows_bwd(dy, x, mean, rstd, rows, length, 1, length, 1, w, b, act, act_ab, rms=rms,
+                   dres=dres) if output_mask[0] else None
+    dw = db = None
+    if output_mask[1] or output_mask[2]:
+        # Parameter gradients: LayerNorm seen as (rows, L, 1); the statistics are per row
+        # (RMSNorm's mean is 0).
+        if rows and length:
+            sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, w, b, (rows, length, 1, (length, 1, 0)),
+                                       (1, length), act, act_ab, acc)
+        else:
+            sum_g, sum_gx = _zero_sums(length, stat_dtype, x.device)
+        dw, db = _param_grads(output_mask, weight, bias, sum_g, sum_gx, tuple(normalized_shape))
+    return _empty_unless(dx, x), _empty_unless(dw, x), _empty_unless(db, x)
 
 
 @torch.library.custom_op(f"{_NS}::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(input: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
                    bias: Optional[Tensor], eps: float, activation: int,
                    act_a: float, act_b: float) -> Tuple[Tensor, Tensor, Tensor]:
-    length = check_layer_norm(input, normalized_shape, weight, bias)
-    check_activation(activation)
-    x = input.contiguous()
-    rows = _ln_rows(x, normalized_shape)
-    y, mean, rstd, _ = _rows_fwd(x, rows, length, 1, length, 1, _dense(weight), _dense(bias), eps,
-                                 activation, (act_a, act_b))
+    y, _, mean, rstd = _add_norm_fwd(input, None, normalized_shape, weight, bias, eps, False, False, activation,
+                                     (act_a, act_b))
     return y, mean, rstd
 
 
@@ -345,27 +391,25 @@ def layer_norm_fwd(input: Tensor, normalized_shape: List[int], weight: Optional[
 def layer_norm_bwd(grad_out: Tensor, input: Tensor, normalized_shape: List[int], mean: Tensor,
                    rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
                    act_a: float, act_b: float, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
-    length = check_layer_norm(input, normalized_shape, weight, bias)
-    check_activation(activation)
-    rows = _ln_rows(input, normalized_shape)
-    check_backward(grad_out, input, mean, rstd, rows, "layer_norm_bwd")
-    x = input.contiguous()
-    stat_dtype, acc = _acc(x)
-    dy = grad_out.to(x.dtype).contiguous()
-    mean, rstd = mean.to(stat_dtype).contiguous(), rstd.to(stat_dtype).contiguous()
-    w, b = _dense(weight), _dense(bias)
-    dx = _rows_bwd(dy, x, mean, rstd, rows, length, 1, length, 1, w, b, activation,
-                   (act_a, act_b)) if output_mask[0] else None
-    dw = db = None
-    if output_mask[1] or output_mask[2]:
-        # Parameter gradients: LayerNorm seen as (rows, L, 1); the statistics are per row.
-        if rows and length:
-            sum_g, sum_gx = _grad_sums(dy, x, mean, rstd, w, b, (rows, length, 1, (length, 1, 0)),
-                                       (1, length), activation, (act_a, act_b), acc)
-        else:
-            sum_g, sum_gx = _zero_sums(length, stat_dtype, x.device)
-        dw, db = _param_grads(output_mask, weight, bias, sum_g, sum_gx, tuple(normalized_shape))
-    return _empty_unless(dx, x), _empty_unless(dw, x), _empty_unless(db, x)
+    return _add_norm_bwd(grad_out, None, input, normalized_shape, mean, rstd, weight, bias, False, activation,
+                         (act_a, act_b), output_mask, "layer_norm_bwd")
+
+
+@torch.library.custom_op(f"{_NS}::add_norm_fwd", mutates_args=())
+def add_norm_fwd(input: Tensor, residual: Optional[Tensor], normalized_shape: List[int], weight: Optional[Tensor],
+                 bias: Optional[Tensor], eps: float, rms: bool, residual_in_fp32: bool, activation: int,
+                 act_a: float, act_b: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _add_norm_fwd(input, residual, normalized_shape, weight, bias, eps, rms, residual_in_fp32, activation,
+                         (act_a, act_b))
+
+
+@torch.library.custom_op(f"{_NS}::add_norm_bwd", mutates_args=())
+def add_norm_bwd(grad_out: Tensor, grad_residual: Optional[Tensor], input: Tensor, normalized_shape: List[int],
+                 mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rms: bool,
+                 activation: int, act_a: float, act_b: float,
+                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    return _add_norm_bwd(grad_out, grad_residual if output_mask[0] else None, input, normalized_shape, mean, rstd,
+                         weight, bias, rms, activation, (act_a, act_b), output_mask, "add_norm_bwd")
 
 
 def _group_layout(input):
@@ -384,7 +428,7 @@ def group_norm_fwd(input: Tensor, num_groups: int, weight: Optional[Tensor], bia
     x, fmt = _group_layout(input)
     n, c, s = x.shape[0], x.shape[1], _spatial(x)
     per_group = c // num_groups
-    y, mean, rstd, _ = _rows_fwd(x, n * num_groups, per_group * s, num_groups, per_group, s,
+    y, mean, rstd, _, _ = _rows_fwd(x, n * num_groups, per_group * s, num_groups, per_group, s,
                                  weight, bias, eps, activation, (act_a, act_b))
     y = y.contiguous(memory_format=fmt)
     return y, mean.view(n, num_groups), rstd.view(n, num_groups)
@@ -429,7 +473,7 @@ def instance_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
     x = input.contiguous()  # torch.nn.InstanceNorm returns a contiguous output
     n, c, s = x.shape[0], x.shape[1], _spatial(x)
     update = running_mean is not None or running_var is not None
-    y, mean, rstd, m2 = _rows_fwd(x, n * c, s, c, 1, s, weight, bias, eps, activation,
+    y, mean, rstd, m2, _ = _rows_fwd(x, n * c, s, c, 1, s, weight, bias, eps, activation,
                                   (act_a, act_b), store_m2=update)
     if update and n == 0:  # torch's average over no instances: NaN
         for r in (running_mean, running_var):

@@ -8,7 +8,11 @@ i of row r is (r % G) * P + i // S:
   InstanceNorm  G = C,          P = 1,    S = spatial size
 Statistics: block moments (two-pass in registers) merged by Chan; the output pass re-reads
 the row. Backward: one pass for the row's two gradient sums, one to write dx. The
-parameter gradients are channel_grad_sums_kernel's (channel_kernels.py)."""
+parameter gradients are channel_grad_sums_kernel's (channel_kernels.py).
+
+RMSNorm (RMS) and the residual add (HAS_RES) are flags of the same kernels: statistics about
+zero (mean 0) and no mean term in dx; the forward adds the residual to x, stores the sum in
+its own dtype and normalises the stored sum; the backward adds the sum's own gradient."""
 import triton
 import triton.language as tl
 
@@ -18,6 +22,7 @@ from .math import (
     block_moments,
     input_grad_coefficients,
     load_scalars,
+    m2_about_zero,
     merge,
     pre_activation,
     round_for,
@@ -34,9 +39,10 @@ def _params(w_ptr, b_ptr, p, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC
 
 
 @triton.jit
-def row_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G, P, S, scalars_ptr,
+def row_fwd_kernel(x_ptr, r_ptr, s_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G, P, S, scalars_ptr,
                    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                   STORE_M2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                   STORE_M2: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK: tl.constexpr):
     eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     r = tl.program_id(0).to(tl.int64)
     row = r * L
@@ -47,18 +53,26 @@ def row_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G,
         i = i0 + tl.arange(0, BLOCK)
         mask = i < L
         x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
+        if HAS_RES:  # the sum as stored (in its dtype) is what is normalised
+            s = round_for(x + tl.load(r_ptr + row + i, mask=mask, other=0.0).to(ACC), s_ptr)
+            tl.store(s_ptr + row + i, s, mask=mask)
+            x = s.to(ACC)
         b_count, b_mean, b_m2 = block_moments(x, mask, 0)
         count, mean, m2 = merge(count, mean, m2, b_count, b_mean, b_m2)
+    if RMS:
+        m2 = m2_about_zero(m2, mean, count)
+        mean = count * 0.0  # (count is finite; mean may not be)
     rstd = rstd_from_m2(m2, count, eps)
     tl.store(mean_ptr + r, mean)
     tl.store(rstd_ptr + r, rstd)
     if STORE_M2:
         tl.store(m2_ptr + r, m2)
     first_param = (r % G) * P
+    src_ptr = s_ptr if HAS_RES else x_ptr
     for i0 in range(0, L, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
         mask = i < L
-        x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
+        x = tl.load(src_ptr + row + i, mask=mask, other=0.0).to(ACC)
         gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
         y = activate(pre_activation(x, mean, rstd * gamma, beta), ACT, act_a, act_b)
         tl.store(y_ptr + row + i, round_for(y, y_ptr), mask=mask)
@@ -79,9 +93,9 @@ def _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S, mean, r
 
 
 @triton.jit
-def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G, P, S, scalars_ptr,
-                   ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK: tl.constexpr):
+def row_bwd_kernel(dy_ptr, x_ptr, dres_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G, P, S, scalars_ptr,
+                   ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
+                   HAS_RES: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     r = tl.program_id(0).to(tl.int64)
     row = r * L
@@ -93,13 +107,17 @@ def row_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G
     for i0 in range(0, L, BLOCK):
         i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
                                            mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
-        sum_dy += tl.sum(g * (rstd * gamma), axis=0)
+        if not RMS:  # RMSNorm has no mean, so no mean(dyhat) term
+            sum_dy += tl.sum(g * (rstd * gamma), axis=0)
         sum_dyxhat += tl.sum(g * gamma * (x - mean) * rstd, axis=0)
     for i0 in range(0, L, BLOCK):
         i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
                                            mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
         a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, tl.cast(L, ACC))
-        tl.store(dx_ptr + row + i, round_for(a * g + b * (x - mean) + k, dx_ptr), mask=mask)
+        dx = a * g + b * (x - mean) + k
+        if HAS_RES:
+            dx += tl.load(dres_ptr + row + i, mask=mask, other=0.0).to(ACC)
+        tl.store(dx_ptr + row + i, round_for(dx, dx_ptr), mask=mask)
 
 
 @triton.jit
