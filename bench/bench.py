@@ -39,9 +39,26 @@ ACT_MODULES = {None: None, "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0
                "gelu": nn.GELU, "hardswish": nn.Hardswish}
 
 
+class AddNorm(nn.Module):
+    """A pre-norm block's residual add: (norm(x + r), x + r), r a parameter so that its
+    gradient is computed too. fused: fusednorm's norm(x, residual=r); else torch.nn's norm
+    (and activation) after a separate add."""
+
+    def __init__(self, norm, residual, fused):
+        super().__init__()
+        self.norm, self.fused = norm, fused
+        self.residual = nn.Parameter(residual)
+
+    def forward(self, x):
+        if self.fused:
+            return self.norm(x, residual=self.residual)
+        s = x + self.residual
+        return self.norm(s), s
+
+
 @dataclasses.dataclass
 class Case:
-    norm: str            # BatchNorm2d, InstanceNorm2d, GroupNorm, LayerNorm
+    norm: str            # BatchNorm2d, InstanceNorm2d, GroupNorm, LayerNorm, RMSNorm, Add+LayerNorm, Add+RMSNorm
     shape: tuple
     activation: object = None
     train: bool = True
@@ -66,7 +83,7 @@ class Case:
 def build(case):
     """(fusednorm module, torch.nn module (+ activation), input, grad) for a case."""
     dtype = getattr(torch, case.dtype)
-    c = case.shape[1] if case.norm != "LayerNorm" else case.shape[-1]
+    c = case.shape[-1] if "LayerNorm" in case.norm or "RMSNorm" in case.norm else case.shape[1]
     if case.norm == "BatchNorm2d":
         ours, ref = fusednorm.BatchNorm2d(c, activation=case.activation), nn.BatchNorm2d(c)
     elif case.norm == "InstanceNorm2d":
@@ -75,12 +92,17 @@ def build(case):
     elif case.norm == "GroupNorm":
         ours = fusednorm.GroupNorm(case.groups, c, activation=case.activation)
         ref = nn.GroupNorm(case.groups, c)
-    elif case.norm == "LayerNorm":
+    elif case.norm in ("LayerNorm", "Add+LayerNorm"):
         ours, ref = fusednorm.LayerNorm(c, activation=case.activation), nn.LayerNorm(c)
+    elif case.norm in ("RMSNorm", "Add+RMSNorm"):
+        ours, ref = fusednorm.RMSNorm(c, activation=case.activation), nn.RMSNorm(c)
     else:
         raise ValueError(case.norm)
     if case.activation:
         ref = nn.Sequential(ref, ACT_MODULES[case.activation]())
+    if case.norm.startswith("Add+"):
+        r = torch.randn(case.shape).to(dtype)
+        ours, ref = AddNorm(ours, r.clone(), True), AddNorm(ref, r.clone(), False)
     ours, ref = ours.to(case.device), ref.to(case.device)
     ours.train(case.train)
     ref.train(case.train)
@@ -104,6 +126,8 @@ def step_fn(module, x, g, backward, backend="auto"):
     def fwd_bwd():
         with selected():
             y = module(xg)
+            if isinstance(y, tuple):  # (output, sum) of a residual add: both receive gradients
+                return torch.autograd.grad(y, [xg] + params, (g, g))
             return torch.autograd.grad(y, [xg] + params, g)
     return fwd_bwd
 
@@ -180,8 +204,11 @@ def peak_memory(fn, device):
 def run_case(case, compile_ref, min_run_time):
     ours, ref, x, g = build(case)
     # Bytes the operation must move: forward reads x and writes y; backward reads x and dy
-    # and writes dx.
+    # and writes dx. A residual add: forward also reads r and writes the sum; backward also
+    # reads the sum's gradient (x + r's gradient is one tensor for both).
     tensors = 5 if case.backward else 2
+    if case.norm.startswith("Add+"):
+        tensors = 8 if case.backward else 4
     nbytes = tensors * x.numel() * x.element_size()
     row = {"case": case.name, **dataclasses.asdict(case)}
     row["shape"] = list(case.shape)
@@ -246,6 +273,12 @@ def default_cases():
                  backend=backend),
             Case("GroupNorm", big, "relu", True, False, "float32", "channels_last", device=dev, backend=backend),
             Case("LayerNorm", (8192, 1024), "relu", True, False, "float32", device=dev, backend=backend),
+            # Pre-norm transformer blocks (Llama: RMSNorm, ViT/GPT: LayerNorm) at hidden size
+            # 4096, the residual add fused.
+            Case("Add+RMSNorm", (8192, 4096), None, True, True, "float32", device=dev, backend=backend),
+            Case("Add+RMSNorm", (8192, 4096), None, True, True, "bfloat16", device=dev, backend=backend),
+            Case("Add+LayerNorm", (8192, 4096), None, True, True, "float32", device=dev, backend=backend),
+            Case("RMSNorm", (8192, 4096), None, True, True, "float32", device=dev, backend=backend),
         ]
     return cases
 

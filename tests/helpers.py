@@ -3,7 +3,7 @@ dtype-derived tolerances, and builders for paired fusednorm / torch.nn modules."
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import REFERENCE_MODULES
+from reference import REFERENCE_MODULES, reference_activation
 
 import fusednorm
 
@@ -64,15 +64,11 @@ def activate(y, activation, negative_slope=SLOPE):
     negative_slope) or a torch.nn module itself."""
     if activation is None:
         return y
-    if activation == "hardsigmoid" and y.dtype == torch.float64:
-        # torch.nn.Hardsigmoid's formula with an exact 1/6: its float64 backward multiplies
-        # by 1/6 rounded to float32 (ATen's hardsigmoid_backward), 3e-8 relative.
-        return F.relu6(y + 3) / 6
     if isinstance(activation, torch.nn.Module):
         return activation(y)
     if activation == "leaky_relu":
         return F.leaky_relu(y, negative_slope)
-    return REFERENCE_MODULES[activation]()(y)
+    return reference_activation(activation, y)
 
 
 def tolerances(dtype):

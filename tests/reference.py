@@ -9,3 +9,12 @@ REFERENCE_MODULES = {
     "hardswish": torch.nn.Hardswish, "hardsigmoid": torch.nn.Hardsigmoid, "sigmoid": torch.nn.Sigmoid,
     "tanh": torch.nn.Tanh, "softplus": torch.nn.Softplus, "mish": torch.nn.Mish,
 }
+
+
+def reference_activation(name, y):
+    """torch.nn's activation `name` applied to y; float64 Hardsigmoid with an exact 1/6 (its
+    float64 backward multiplies by 1/6 rounded to float32, ATen's hardsigmoid_backward: 3e-8
+    relative; ours is exact, a documented difference)."""
+    if name == "hardsigmoid" and y.dtype == torch.float64:
+        return torch.nn.functional.relu6(y + 3) / 6
+    return REFERENCE_MODULES[name]()(y)

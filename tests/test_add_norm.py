@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fusednorm
 from fusednorm import functional as FN
-from helpers import SLOPE, TARGETS, add_norm_reference, assert_close, make_input
+from helpers import SLOPE, TARGETS, activate, add_norm_reference, assert_close, make_input
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # The Triton interpreter's cases in the slow tier (about a second each).
@@ -135,3 +135,66 @@ def test_errors():
         fusednorm.RMSNorm(8, activation="swish2")
     with pytest.raises(RuntimeError, match="normalized_shape"):
         FN.rms_norm(x, (5,))
+
+
+def _fn64(rms, activation):
+    """add_{rms,layer}_norm on float64 (x, r, w, b), both outputs returned."""
+    def fn(x, r, w, b):
+        if rms:
+            return FN.add_rms_norm(x, r, NORMALIZED, w, 1e-5, activation=activation)
+        return FN.add_layer_norm(x, r, NORMALIZED, w, b, 1e-5, activation=activation)
+    return fn
+
+
+def _ref64(rms, activation):
+    def fn(x, r, w, b):
+        s = x + r
+        y = F.rms_norm(s, NORMALIZED, w, 1e-5) if rms else F.layer_norm(s, NORMALIZED, w, b, 1e-5)
+        return activate(y, activation), s
+    return fn
+
+
+def _inputs64(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_()
+            for s in ((2, 3, 24), (2, 3, 24), NORMALIZED, NORMALIZED)]
+
+
+@pytest.mark.parametrize("activation", [None, "silu"], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_double_backward(rms, activation):
+    """gradgradcheck through both outputs (the backward recomputed in torch ops)."""
+    x, r, w, b = _inputs64()
+    inputs = (x, r, w, b) if not rms else (x, r, w, b.detach())
+    assert torch.autograd.gradgradcheck(_fn64(rms, activation), inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("activation", [None, "silu"], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_forward_mode(rms, activation):
+    """torch.func.jvp of both outputs against torch.nn's composition."""
+    primals = _inputs64()
+    tangents = _inputs64(seed=1)
+    primals, tangents = [p.detach() for p in primals], [t.detach() for t in tangents]
+    out, out_t = torch.func.jvp(_fn64(rms, activation), tuple(primals), tuple(tangents))
+    ref, ref_t = torch.func.jvp(_ref64(rms, activation), tuple(primals), tuple(tangents))
+    for a, e, what in zip((*out, *out_t), (*ref, *ref_t), ("y", "sum", "y tangent", "sum tangent")):
+        assert_close(a, e, torch.float64, what)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_vmap_per_sample_gradients(rms):
+    """vmap(grad) over samples: each sample's gradients as from its own call."""
+    x, r, w, b = (t.detach().float() for t in _inputs64())
+    fn = _fn64(rms, "silu")
+
+    def loss(w, b, x, r):
+        y, s = fn(x, r, w, b)
+        return (y * s).sum()
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2, 3)), in_dims=(None, None, 0, 0))(w, b, x, r)
+    for i in range(x.shape[0]):
+        one = torch.func.grad(loss, argnums=(0, 1, 2, 3))(w, b, x[i], r[i])
+        for a, e, what in zip(per_sample, one, ("weight", "bias", "input", "residual")):
+            if rms and what == "bias":
+                continue
+            assert_close(a[i], e, torch.float32, what)

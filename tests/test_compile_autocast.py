@@ -35,6 +35,18 @@ def step(model, x):
     return y, dict(zip(["input"] + names, grads))
 
 
+def assert_same_steps(eager, compiled, shape):
+    """Two steps of each: the same outputs and gradients (input and parameters)."""
+    for i in range(2):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(i))
+        y, g = step(eager, x)
+        yc, gc = step(compiled, x)
+        torch.testing.assert_close(yc, y, rtol=1e-4, atol=1e-5)
+        for name in g:
+            atol = 1e-4 * max(1.0, g[name].abs().max().item())
+            torch.testing.assert_close(gc[name], g[name], rtol=1e-4, atol=atol, msg=name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_compile_fullgraph_matches_eager(train):
@@ -42,16 +54,34 @@ def test_compile_fullgraph_matches_eager(train):
     eager = Net().train(train)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
-    for i in range(2):
-        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i))
-        y, g = step(eager, x)
-        yc, gc = step(compiled, x)
-        torch.testing.assert_close(yc, y, rtol=1e-4, atol=1e-5)
-        for name in g:
-            atol = 1e-4 * max(1.0, g[name].abs().max().item())
-            torch.testing.assert_close(gc[name], g[name], rtol=1e-4, atol=atol, msg=name)
+    assert_same_steps(eager, compiled, (4, 3, 8, 8))
     for (name, b), (_, bc) in zip(eager.named_buffers(), compiled_model.named_buffers()):
         torch.testing.assert_close(bc, b, msg=name)
+
+
+class PreNormBlock(nn.Module):
+    """Two pre-norm transformer sublayers: RMSNorm and LayerNorm with the residual add
+    fused (the second takes the first's sum as its residual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1 = fusednorm.RMSNorm(16)
+        self.fc1 = nn.Linear(16, 16)
+        self.norm2 = fusednorm.LayerNorm(16, activation="gelu", residual_in_fp32=True)
+        self.fc2 = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.fc1(self.norm1(x))
+        h, residual = self.norm2(h, residual=x)
+        return self.fc2(h) + residual
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_add_norm_matches_eager():
+    torch.manual_seed(0)
+    eager = PreNormBlock()
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+    assert_same_steps(eager, compiled, (2, 5, 16))
 
 
 def pairs():

@@ -101,7 +101,7 @@ def assert_same_function(original, converted, x):
 
 
 def norms(model):
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
     return {n: m for n, m in model.named_modules() if isinstance(m, norms)}
 
 
@@ -244,3 +244,47 @@ def test_activation_with_a_runtime_argument_is_not_fused():
         converted = fusednorm.convert(M())
     assert converted.bn.activation is None
     assert_same_function(M(), converted, torch.randn(4, 4))
+
+
+class PreNormTransformer(nn.Module):
+    """Llama-style pre-norm blocks (RMSNorm -> attention-like mixing -> residual add ->
+    RMSNorm -> SiLU-gated MLP -> residual add) followed by a ViT-style LayerNorm block, all
+    written with `+`: each norm(x + r) becomes the fused residual add and the sum's other use
+    (the next residual) takes the fused op's second output."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm_in = nn.RMSNorm(d)
+        self.mix = nn.Linear(d, d)
+        self.norm_mlp = nn.RMSNorm(d, eps=1e-6)
+        self.up, self.gate, self.down = nn.Linear(d, 2 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.mix(self.norm_in(x))
+        x = x + h
+        m = self.norm_mlp(x)
+        x = x + self.down(F.silu(self.gate(m)) * self.up(m))
+        y = F.gelu(self.ln(x + self.head(x)))
+        return y + x
+
+
+def test_pre_norm_residual_adds_are_fused():
+    torch.manual_seed(0)
+    model = PreNormTransformer()
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    converted = fusednorm.convert(model)
+    assert sorted(converted.state_dict()) == sorted(keys)  # (torch.fx orders modules by first use)
+    found = norms(converted)
+    assert found["norm_mlp"].eps == 1e-6
+    assert type(found["norm_in"]) is fusednorm.RMSNorm and type(found["ln"]) is fusednorm.LayerNorm
+    assert found["ln"].activation == "gelu"
+    from fusednorm.convert import norm_of_sum
+    fused = [n for n in converted.graph.nodes if n.target is norm_of_sum]
+    assert len(fused) == 2, converted.graph  # norm_mlp(x + h) and ln(x + head(x))
+    assert_same_function(original, converted, torch.randn(2, 5, 16))
+    # Mixed dtypes (a float32 residual stream beside bfloat16): the sum as torch promotes it.
+    y, s = norm_of_sum(found["norm_mlp"], torch.randn(3, 16).bfloat16(), torch.randn(3, 16))
+    assert s.dtype == torch.float32

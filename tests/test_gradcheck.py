@@ -91,6 +91,27 @@ def test_group_norm(activation, affine, groups):
     check(lambda x, w, b: FF.group_norm(x, groups, w, b, 1e-5, activation=activation, negative_slope=SLOPE), (x, w, b))
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS + ["silu"], ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_rms_norm(activation, affine):
+    x = rand(3, 2, 5)
+    w = rand(2, 5, seed=3) if affine else None
+    check(lambda x, w: FF.rms_norm(x, (2, 5), w, 1e-5, activation=activation, negative_slope=SLOPE), (x, w))
+
+
+@pytest.mark.parametrize("activation", [None, "silu"], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_add_norm(rms, activation):
+    """Both outputs (the normalised sum and the sum itself) differentiated."""
+    x, r, w, b = rand(3, 2, 5), rand(3, 2, 5, seed=1), rand(2, 5, seed=3), rand(2, 5, seed=4)
+
+    def fn(x, r, w, b):
+        if rms:
+            return FF.add_rms_norm(x, r, (2, 5), w, 1e-5, activation=activation)
+        return FF.add_layer_norm(x, r, (2, 5), w, b, 1e-5, activation=activation)
+    check(fn, (x, r, w, b if not rms else b.detach()))
+
+
 # ---- torch.library.opcheck: schema, fake kernel, autograd registration, AOT dispatch ----
 
 def _x(*shape, dtype=torch.float32):
@@ -121,6 +142,17 @@ def opcheck_cases():
         yield "gn_bwd", "group_norm_bwd", (torch.randn_like(xg), xg, 3, torch.randn(4, 3), torch.rand(4, 3) + 0.5, gw, gb, act, 0.2, 0.0, [True, True, True])
         yield "in_fwd", "instance_norm_fwd", (xg, gw, gb, torch.zeros(6), torch.ones(6), 0.1, 1e-5, act, 0.2, 0.0)
         yield "in_fwd_nostats", "instance_norm_fwd", (xg, None, None, None, None, 0.1, 1e-5, act, 0.2, 0.0)
+    # RMSNorm and the residual add (add_norm_fwd/bwd), with each residual dtype.
+    x16 = x.bfloat16()
+    for rms, bias in ((False, lb), (True, None)):
+        name = "rms" if rms else "ln"
+        yield f"{name}_add_fwd", "add_norm_fwd", (x, torch.randn_like(x), [5, 2], lw, bias, 1e-5, rms, False, 3, 0.0, 0.0)
+        yield f"{name}_fwd", "add_norm_fwd", (x, None, [5, 2], lw, bias, 1e-5, rms, False, 1, 0.0, 0.0)
+        yield f"{name}_add_fwd_fp32", "add_norm_fwd", (x16, torch.randn_like(x), [5, 2], lw, bias, 1e-5, rms, True, 0, 0.0, 0.0)
+        yield f"{name}_add_fwd_fp32_first", "add_norm_fwd", (x16, torch.randn_like(x16), [5, 2], lw, bias, 1e-5, rms, True, 0, 0.0, 0.0)
+        stats = (torch.zeros(12) if rms else torch.randn(12), torch.rand(12) + 0.5)
+        yield f"{name}_add_bwd", "add_norm_bwd", (torch.randn_like(x), torch.randn_like(x), x, [5, 2], *stats, lw, bias, rms, 3, 0.0, 0.0, [True] * 3)
+        yield f"{name}_bwd", "add_norm_bwd", (torch.randn_like(x), None, x, [5, 2], *stats, lw, bias, rms, 0, 0.0, 0.0, [True, True, False])
     # LayerNorm over a dim of size 0: one (empty) row per leading index, as the fake kernel
     # and torch count them (the compiled ops once returned no statistics at all there).
     e = _x(4, 3, 0)

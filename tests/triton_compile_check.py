@@ -81,6 +81,26 @@ def edge_sizes(ops):
                         ops.layer_norm_fwd(xi, last, lw, lb, 1e-5, act, 0.2, 0.0)
                         ops.layer_norm_bwd(xi, xi, last, torch.zeros(rows, dtype=pd), torch.ones(rows, dtype=pd),
                                            lw, lb, act, 0.2, 0.0, [True, affine, affine])
+                        add_norms(ops, xi.contiguous(), last, lw, lb, act, pd)
+
+
+def add_norms(ops, x, last, w, b, act, pd):
+    """RMSNorm and the residual add (add_norm_fwd/bwd): with and without a residual, each
+    residual dtype and residual_in_fp32."""
+    rows = x.numel() // last[0]
+    for rms in (False, True):
+        bias = None if rms else b
+        residuals = [(None, False), (x, False), (x, True)]
+        if x.dtype in (torch.bfloat16, torch.float16):
+            residuals.append((x.float(), True))
+        for r, fp32 in residuals:
+            y, s, mean, rstd = ops.add_norm_fwd(x, r, last, w, bias, 1e-5, rms, fp32, act, 0.2, 0.0)
+            normalised = s if r is not None else x
+            wn = w if w is None or normalised.dtype != torch.float32 or w.dtype != torch.float64 else w.float()
+            bn = bias if bias is None or normalised.dtype != torch.float32 or bias.dtype != torch.float64 else bias.float()
+            ops.add_norm_bwd(y.to(x.dtype), None if r is None else normalised, normalised, last,
+                             torch.zeros(rows, dtype=mean.dtype), torch.ones(rows, dtype=rstd.dtype), wn, bn, rms,
+                             act, 0.2, 0.0, [True, w is not None, bias is not None])
 
 
 def main():

@@ -6,9 +6,13 @@ optimisers that hold the parameters keep working) and each module's training mod
 modules of exactly a torch.nn norm type are swapped: SyncBatchNorm and user subclasses are
 left alone. Fusing needs the dataflow, so the model is traced with torch.fx; a norm whose
 only use is an activation (module, functional, torch.* or tensor method, inplace or not,
-with constant arguments) gets that activation, and the activation disappears from the graph. Models that torch.fx cannot
-trace are swapped without fusing, with a warning."""
+with constant arguments) gets that activation, and the activation disappears from the graph.
+A LayerNorm or RMSNorm of a sum, norm(x + r) (pre-norm transformer blocks), becomes the
+fused residual add, whose second output replaces the sum's other uses. Models that torch.fx
+cannot trace are swapped without fusing, with a warning."""
 import warnings
+from operator import add as operator_add
+from operator import getitem as operator_getitem
 
 import torch
 import torch.fx
@@ -25,10 +29,13 @@ SWAPS = {
     nn.BatchNorm1d: fm.BatchNorm1d, nn.BatchNorm2d: fm.BatchNorm2d, nn.BatchNorm3d: fm.BatchNorm3d,
     nn.InstanceNorm1d: fm.InstanceNorm1d, nn.InstanceNorm2d: fm.InstanceNorm2d,
     nn.InstanceNorm3d: fm.InstanceNorm3d, nn.LayerNorm: fm.LayerNorm, nn.GroupNorm: fm.GroupNorm,
+    nn.RMSNorm: fm.RMSNorm,
 }
 FUSEDNORM_TYPES = tuple(SWAPS.values())
 # Every norm (subclasses and SyncBatchNorm too) is a leaf when tracing: never traced into.
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+# Norms that take a fused residual add: norm(x + r) -> norm(x, residual=r).
+RESIDUAL_TYPES = (fm.LayerNorm, fm.RMSNorm)
 
 
 def convert(model, *, fuse_activations=True, sync=False):
@@ -45,7 +52,8 @@ def convert(model, *, fuse_activations=True, sync=False):
             warnings.warn(f"fusednorm.convert: torch.fx could not trace {type(model).__name__} "
                           f"({type(e).__name__}: {e}); norms are swapped without fusing activations")
         else:
-            if _fuse(traced):
+            fused_act = _fuse(traced)
+            if _fuse_residual_adds(traced) or fused_act:
                 model = traced
     return _swap(model)
 
@@ -181,12 +189,65 @@ def _fuse(gm):
             act_node.replace_all_uses_with(node)
             gm.graph.erase_node(act_node)
         fused = True
-    if fused:
+    return _recompiled(gm, fused)
+
+
+def _recompiled(gm, changed):
+    """changed, with gm's code regenerated from its edited graph if it is."""
+    if changed:
         gm.graph.lint()
         gm.recompile()
-    return fused
+    return changed
 
 
 def _set_submodule(root, target, module):
     parent, _, name = target.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _is_add(node):
+    """node is x + r of two graph values (operator.add, torch.add or Tensor.add, no alpha)."""
+    if node.op == "call_function" and node.target in (operator_add, torch.add):
+        pass
+    elif not (node.op == "call_method" and node.target == "add"):
+        return False
+    return len(node.args) == 2 and not node.kwargs and all(isinstance(a, torch.fx.Node) for a in node.args)
+
+
+def norm_of_sum(norm, x, r):
+    """(norm(x + r), x + r): fused where the sum keeps x's dtype and shape; otherwise (type
+    promotion or broadcasting would change the sum) as torch computes it."""
+    if isinstance(x, torch.Tensor) and isinstance(r, torch.Tensor) and x.dtype == r.dtype and x.shape == r.shape:
+        return norm(x, residual=r)
+    total = x + r
+    return norm(total), total
+
+
+def _fuse_residual_adds(gm):
+    """norm(x + r) -> norm_of_sum(norm, x, r) for LayerNorm/RMSNorm calls; True if any."""
+    fused = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not _is_add(node.args[0]):
+            continue
+        norm = gm.get_submodule(node.target)
+        if type(norm) in SWAPS and issubclass(SWAPS[type(norm)], RESIDUAL_TYPES):
+            norm = _swapped(norm, getattr(norm, "activation", None), getattr(norm, "negative_slope", 0.01))
+            _set_submodule(gm, node.target, norm)
+        if not isinstance(norm, RESIDUAL_TYPES):
+            continue
+        add = node.args[0]
+        # Right after the sum (before its other uses), each new node after the last.
+        with gm.graph.inserting_after(add):
+            module = gm.graph.get_attr(node.target)
+        with gm.graph.inserting_after(module):
+            pair = gm.graph.call_function(norm_of_sum, (module, *add.args))
+        with gm.graph.inserting_after(pair):
+            y = gm.graph.call_function(operator_getitem, (pair, 0))
+        with gm.graph.inserting_after(y):
+            total = gm.graph.call_function(operator_getitem, (pair, 1))
+        node.replace_all_uses_with(y)
+        add.replace_all_uses_with(total)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(add)
+        fused = True
+    return _recompiled(gm, fused)

@@ -157,7 +157,9 @@ class InstanceNorm3d(_InstanceNorm, torch.nn.InstanceNorm3d):
 
 
 class LayerNorm(_FusedActivation, torch.nn.LayerNorm):
-    """torch.nn.LayerNorm + fused activation."""
+    """torch.nn.LayerNorm + fused activation (and fused residual add: forward(x, residual))."""
+
+    residual_in_fp32 = False  # (a class default too: convert() builds modules without __init__)
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
                  device=None, dtype=None, *, activation=None, negative_slope=0.01, residual_in_fp32=False):
@@ -178,6 +180,8 @@ class LayerNorm(_FusedActivation, torch.nn.LayerNorm):
 
 class RMSNorm(_FusedActivation, torch.nn.RMSNorm):
     """torch.nn.RMSNorm + fused activation (and fused residual add: forward(x, residual))."""
+
+    residual_in_fp32 = False  # (a class default too: convert() builds modules without __init__)
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *,
                  activation=None, negative_slope=0.01, residual_in_fp32=False):

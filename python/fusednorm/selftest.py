@@ -28,8 +28,36 @@ ACTS = {None: lambda y: y, "leaky_relu": lambda y: F.leaky_relu(y, 0.1),
 COMMON_ACTS = (None, "relu", "leaky_relu", "silu", "gelu")
 
 
+class AddNorm(nn.Module):
+    """A pre-norm block's residual add checked as one output, act(norm(x + r)) + (x + r)
+    with r = x reversed along the last dim: fusednorm's fused form, or torch.nn's norm
+    after a separate add with the activation applied here, on the sum rounded to the
+    dtype fusednorm stores it in (sum_dtype, set by check())."""
+
+    sum_dtype = None
+
+    def __init__(self, norm, fused, act=None):
+        super().__init__()
+        self.norm, self.fused, self.act = norm, fused, act
+
+    def forward(self, x):
+        r = x.flip(-1)
+        if self.fused:
+            y, total = self.norm(x, residual=r)
+        else:
+            total = x + r
+            if self.sum_dtype is not None:  # rounded as stored; the gradient passes through
+                total = total + (total.to(self.sum_dtype).to(total.dtype) - total).detach()
+            y = ACTS[self.act](self.norm(total))
+        return y + total
+
+
 def cases():
     """(name, fusednorm module, torch.nn module, input shape, channels_last)."""
+    yield "RMSNorm(96)", lambda a: fusednorm.RMSNorm(96, activation=a, negative_slope=0.1), lambda: nn.RMSNorm(96), (64, 96), False
+    yield "RMSNorm(3000)", lambda a: fusednorm.RMSNorm(3000, activation=a, negative_slope=0.1), lambda: nn.RMSNorm(3000), (8, 3000), False
+    yield "add+RMSNorm(1024)", lambda a: AddNorm(fusednorm.RMSNorm(1024, activation=a, negative_slope=0.1), True), lambda a: AddNorm(nn.RMSNorm(1024), False, a), (64, 1024), False
+    yield "add+LayerNorm(96)", lambda a: AddNorm(fusednorm.LayerNorm(96, activation=a, negative_slope=0.1), True), lambda a: AddNorm(nn.LayerNorm(96), False, a), (64, 96), False
     yield "BatchNorm2d", lambda a: fusednorm.BatchNorm2d(16, activation=a, negative_slope=0.1), lambda: nn.BatchNorm2d(16), (8, 16, 12, 12), False
     yield "BatchNorm2d NHWC", lambda a: fusednorm.BatchNorm2d(16, activation=a, negative_slope=0.1), lambda: nn.BatchNorm2d(16), (8, 16, 12, 12), True
     yield "BatchNorm1d", lambda a: fusednorm.BatchNorm1d(16, activation=a, negative_slope=0.1), lambda: nn.BatchNorm1d(16), (64, 16), False
@@ -50,7 +78,10 @@ def tolerance(dtype):
 def check(name, make, make_ref, shape, cl, device, dtype, act, train):
     torch.manual_seed(0)
     ours = make(act).to(device).train(train)
-    ref = make_ref().to(device).train(train)
+    act_inside = make_ref.__code__.co_argcount == 1  # the reference applies the activation itself
+    ref = (make_ref(act) if act_inside else make_ref()).to(device).train(train)
+    if isinstance(ref, AddNorm):
+        ref.sum_dtype = dtype
     with torch.no_grad():
         for p in ours.parameters():
             p.uniform_(0.5, 1.5)
@@ -66,7 +97,7 @@ def check(name, make, make_ref, shape, cl, device, dtype, act, train):
     xh = x.to(dtype).requires_grad_()
     xr = xh.detach().float().requires_grad_()
     y = ours(xh)
-    yr = ACTS[act](ref(xr))
+    yr = ref(xr) if act_inside else ACTS[act](ref(xr))
     g = torch.randn_like(yr)
     gx, *gp = torch.autograd.grad(y, [xh] + list(ours.parameters()), g.to(dtype))
     grx, *grp = torch.autograd.grad(yr, [xr] + list(ref.parameters()), g)
@@ -97,7 +128,7 @@ def targets(interpreter=True):
 
 
 def speed(device, rounds=15):
-    """fwd+bwd time of BatchNorm2d+ReLU and LayerNorm: fusednorm and torch.nn alternate
+    """fwd+bwd time of BatchNorm2d+ReLU, LayerNorm and RMSNorm: fusednorm and torch.nn alternate
     call by call (allocator and cache states hit both alike); medians. Indicative only:
     bench/bench.py is the measurement."""
     out = []
@@ -105,6 +136,7 @@ def speed(device, rounds=15):
         ("BatchNorm2d+ReLU 16x64x56x56", fusednorm.BatchNorm2d(64, activation="relu"),
          nn.Sequential(nn.BatchNorm2d(64), nn.ReLU()), (16, 64, 56, 56)),
         ("LayerNorm(1024) 4096 rows", fusednorm.LayerNorm(1024), nn.LayerNorm(1024), (4096, 1024)),
+        ("RMSNorm(4096) 4096 rows", fusednorm.RMSNorm(4096), nn.RMSNorm(4096), (4096, 4096)),
     ]:
         x = torch.randn(shape, device=device, requires_grad=True)
         g = torch.randn(shape, device=device)

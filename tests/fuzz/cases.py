@@ -18,14 +18,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from reference import REFERENCE_MODULES
+from reference import REFERENCE_MODULES, reference_activation
 
 SIZES = (0, 1, 2, 3, 5, 7, 16)
 MAX_NUMEL = 3000  # small: the Triton interpreter and the CUDA emulation run these too
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 KINDS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d",
-         "InstanceNorm3d", "LayerNorm", "GroupNorm")
+         "InstanceNorm3d", "LayerNorm", "GroupNorm", "RMSNorm")
+ROW_KINDS = ("LayerNorm", "RMSNorm")  # statistics over the trailing normalized_shape
 VALUES = ("standard", "offset", "constant", "tiny")
 LAYOUTS = ("contiguous", "channels_last", "permuted", "sliced", "offset")
 
@@ -53,7 +54,7 @@ def strategy():
             ndim = draw(st.integers(1, 4))
         shape = [draw(size) for _ in range(ndim)]
         channel_dim = 0 if kind.startswith("InstanceNorm") and ndim == int(kind[-2]) + 1 else 1
-        if kind != "LayerNorm":
+        if kind not in ROW_KINDS:
             shape[channel_dim] = c
         shape = _bounded(shape)
         case = {"kind": kind, "shape": shape, "seed": draw(st.integers(0, 2 ** 31 - 1)),
@@ -78,7 +79,9 @@ def strategy():
             k = draw(st.integers(1, min(2, ndim)))
             case["normalized_shape"] = shape[ndim - k:]
             case["affine"] = draw(st.booleans())
-            case["bias"] = draw(st.booleans())
+            case["bias"] = kind == "LayerNorm" and draw(st.booleans())
+            if kind == "RMSNorm" and draw(st.booleans()):
+                case["eps"] = None  # torch's default: the compute type's epsilon
         return case
 
     return cases()
@@ -105,6 +108,8 @@ def _modules(case, nn, **extra):
                    track_running_stats=case["track_running_stats"], **extra)
     if kind == "GroupNorm":
         return cls(case["groups"], case["shape"][1], eps=case["eps"], affine=case["affine"], **extra)
+    if kind == "RMSNorm":
+        return cls(case["normalized_shape"], eps=case["eps"], elementwise_affine=case["affine"], **extra)
     return cls(case["normalized_shape"], eps=case["eps"], elementwise_affine=case["affine"],
                bias=case["bias"], **extra)
 
@@ -129,7 +134,16 @@ def build(case, fusednorm):
     ref.load_state_dict(ours.state_dict())
     arbiter = _modules(case, torch.nn).double()
     arbiter.load_state_dict(ref.state_dict())
+    if case["eps"] is None:  # the case dtype's default, not float64's
+        arbiter.eps = _eps(case)
     return ours, ref, arbiter
+
+
+def _eps(case):
+    """The case's eps; RMSNorm's None: the epsilon torch computes the case's dtype in."""
+    if case["eps"] is not None:
+        return case["eps"]
+    return torch.finfo(torch.float64 if case["dtype"] == "float64" else torch.float32).eps
 
 
 def make_input(case, step):
@@ -148,7 +162,7 @@ def make_input(case, step):
     elif kind == "constant" and values.numel():
         # Some channels (rows, for LayerNorm) constant at a value every implementation sums
         # exactly (a multiple of 1/2): they normalise to exactly 0, on the activation's kink.
-        dim = values.dim() - 1 if case["kind"] == "LayerNorm" else min(1, values.dim() - 1)
+        dim = values.dim() - 1 if case["kind"] in ROW_KINDS else min(1, values.dim() - 1)
         if case["kind"].startswith("InstanceNorm") and values.dim() == int(case["kind"][-2]) + 1:
             dim = 0
         pick = torch.rand(values.shape[dim], generator=g) < 0.5
@@ -188,7 +202,7 @@ def _activate(case, y):
         return y
     if case["activation"] == "leaky_relu":
         return F.leaky_relu(y, case["slope"])
-    return REFERENCE_MODULES[case["activation"]]()(y)
+    return reference_activation(case["activation"], y)
 
 
 def _snap_kinks(z):
@@ -234,7 +248,7 @@ def condition(case, x):
     kind = case["kind"]
     if x.numel() == 0:
         return 1.0
-    if kind == "LayerNorm":
+    if kind in ROW_KINDS:
         sets = x.reshape(-1, math.prod(case["normalized_shape"]))
     elif kind.startswith("BatchNorm"):
         sets = x.transpose(0, 1).reshape(x.shape[1], -1)
@@ -242,8 +256,8 @@ def condition(case, x):
         sets = x.reshape(-1, math.prod(x.shape[-int(kind[-2]):]))
     else:
         sets = x.reshape(x.shape[0] * case["groups"], -1)
-    var = sets.var(dim=1, unbiased=False)
-    return (x.abs().max() / (var.min() + case["eps"]).sqrt()).item()
+    var = sets.square().mean(dim=1) if kind == "RMSNorm" else sets.var(dim=1, unbiased=False)
+    return (x.abs().max() / (var.min() + _eps(case)).sqrt()).item()
 
 
 def compare_either(what, ours, ref, arbiters, dtype, cond=1.0):
