@@ -56,6 +56,22 @@ class AddNorm(nn.Module):
         return self.norm(s), s
 
 
+class BatchNormAdd(nn.Module):
+    """A ResNet block's tail, act(bn(x) + r), r a parameter so that its gradient is
+    computed too: fusednorm's bn(x, residual=r), or torch.nn's norm, add and activation."""
+
+    def __init__(self, norm, residual, fused, act=None):
+        super().__init__()
+        self.norm, self.fused, self.act = norm, fused, act
+        self.residual = nn.Parameter(residual)
+
+    def forward(self, x):
+        if self.fused:
+            return self.norm(x, residual=self.residual)
+        y = self.norm(x) + self.residual
+        return self.act(y) if self.act is not None else y
+
+
 @dataclasses.dataclass
 class Case:
     norm: str            # BatchNorm2d, InstanceNorm2d, GroupNorm, LayerNorm, RMSNorm, Add+LayerNorm, Add+RMSNorm
@@ -84,7 +100,7 @@ def build(case):
     """(fusednorm module, torch.nn module (+ activation), input, grad) for a case."""
     dtype = getattr(torch, case.dtype)
     c = case.shape[-1] if "LayerNorm" in case.norm or "RMSNorm" in case.norm else case.shape[1]
-    if case.norm == "BatchNorm2d":
+    if case.norm in ("BatchNorm2d", "BatchNorm2d+add"):
         ours, ref = fusednorm.BatchNorm2d(c, activation=case.activation), nn.BatchNorm2d(c)
     elif case.norm == "InstanceNorm2d":
         ours = fusednorm.InstanceNorm2d(c, affine=True, activation=case.activation)
@@ -98,7 +114,11 @@ def build(case):
         ours, ref = fusednorm.RMSNorm(c, activation=case.activation), nn.RMSNorm(c)
     else:
         raise ValueError(case.norm)
-    if case.activation:
+    if case.norm == "BatchNorm2d+add":
+        r = torch.randn(case.shape).to(dtype)
+        act = ACT_MODULES[case.activation]() if case.activation else None
+        ours, ref = BatchNormAdd(ours, r.clone(), True), BatchNormAdd(ref, r.clone(), False, act)
+    elif case.activation:
         ref = nn.Sequential(ref, ACT_MODULES[case.activation]())
     if case.norm.startswith("Add+"):
         r = torch.randn(case.shape).to(dtype)
@@ -209,6 +229,8 @@ def run_case(case, compile_ref, min_run_time):
     tensors = 5 if case.backward else 2
     if case.norm.startswith("Add+"):
         tensors = 8 if case.backward else 4
+    elif case.norm == "BatchNorm2d+add":  # r read forward, its gradient written backward
+        tensors = 7 if case.backward else 3
     nbytes = tensors * x.numel() * x.element_size()
     row = {"case": case.name, **dataclasses.asdict(case)}
     row["shape"] = list(case.shape)
@@ -279,6 +301,8 @@ def default_cases():
             Case("Add+RMSNorm", (8192, 4096), None, True, True, "bfloat16", device=dev, backend=backend),
             Case("Add+LayerNorm", (8192, 4096), None, True, True, "float32", device=dev, backend=backend),
             Case("RMSNorm", (8192, 4096), None, True, True, "float32", device=dev, backend=backend),
+            # ResNet tails: relu(bn(conv(x)) + identity), ResNet-18 stage 1 at batch 32.
+            Case("BatchNorm2d+add", big, "relu", True, True, "float32", device=dev, backend=backend),
         ]
     return cases
 

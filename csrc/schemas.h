@@ -10,10 +10,12 @@ inline void define_schemas(torch::Library& m) {
   // min_val/max_val, beta/threshold), unused by the others.
   // BatchNorm: statistics per channel (dim 1) over batch and spatial dims. In eval
   // (training=False) mean/rstd come from the running statistics.
+  // residual: z of act(bn(x) + z) (ResNet tails), shaped and typed as the input; the
+  // activation is then none, relu or leaky_relu.
   m.def(
       "batch_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps, int activation, "
-      "float act_a, float act_b) -> (Tensor, Tensor, Tensor)");
+      "float act_a, float act_b, Tensor? residual=None) -> (Tensor, Tensor, Tensor)");
   // Per-channel batch statistics only: mean and M2 = sum((x - mean)^2) (SyncBatchNorm
   // merges them across processes).
   m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");

@@ -1,6 +1,7 @@
 """fusednorm.convert on models written the usual ways: torch.nn norms swapped (same
 parameters and buffers, state_dict unchanged, training modes kept), a norm feeding only an
-activation fused with it, residual additions and shared uses left alone, untraceable
+activation fused with it, residual additions fused into the norm where it allows (BatchNorm's
+act(bn(x) + z), LayerNorm/RMSNorm of a sum), shared uses left alone, untraceable
 models swapped with a warning; the converted model computes what the original did."""
 import copy
 import warnings
@@ -115,9 +116,12 @@ def test_resnet_basic_block():
     found = norms(converted)
     assert all(type(m).__module__ == "fusednorm.modules" for m in found.values())
     assert found["0.bn1"].activation == "relu" and found["1.bn1"].activation == "relu"
-    # bn2 feeds the residual addition; the downsample BN feeds it too: not fused.
-    assert found["0.bn2"].activation is None and found["1.bn2"].activation is None
+    # bn2 feeds the residual addition and the ReLU after it: relu(bn2(x) + identity) fused
+    # (BatchNorm's residual add); the downsample BN, the identity there, is left alone.
+    assert found["0.bn2"].activation == "relu" and found["1.bn2"].activation == "relu"
     assert found["0.downsample.1"].activation is None
+    from fusednorm.convert import bn_residual
+    assert sum(n.target is bn_residual for n in converted.graph.nodes) == 2
     assert_same_function(original, converted, torch.randn(2, 4, 8, 8))
 
 
@@ -288,3 +292,42 @@ def test_pre_norm_residual_adds_are_fused():
     # Mixed dtypes (a float32 residual stream beside bfloat16): the sum as torch promotes it.
     y, s = norm_of_sum(found["norm_mlp"], torch.randn(3, 16).bfloat16(), torch.randn(3, 16))
     assert s.dtype == torch.float32
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet Bottleneck (ResNet-50's block), written out."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        width, out = planes, planes * 4
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += self.downsample(x)
+        return self.relu(out)
+
+
+def test_resnet_bottleneck_tail_is_fused():
+    torch.manual_seed(0)
+    model = nn.Sequential(Bottleneck(8, 4, stride=2))
+    original = copy.deepcopy(model)
+    converted = fusednorm.convert(model)
+    found = norms(converted)
+    assert [found[f"0.bn{i}"].activation for i in (1, 2, 3)] == ["relu"] * 3
+    assert found["0.downsample.1"].activation is None
+    assert_same_function(original, converted, torch.randn(2, 8, 8, 8))
+    original.eval(), converted.eval()
+    assert_same_function(original, converted, torch.randn(2, 8, 8, 8))
+    # A residual in another dtype: the sum as torch promotes it, not fused.
+    from fusednorm.convert import bn_residual
+    bn = fusednorm.BatchNorm2d(3, activation="relu")
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(bn_residual(bn, x, x.double()),
+                               torch.relu(nn.functional.batch_norm(x, None, None, training=True) + x.double()))

@@ -129,6 +129,23 @@ def test_batch_norm_eval(emu, act, layout):
         assert_close(a, e.float(), torch.float32, what)
 
 
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("shape", [(3, 4, 4, 4), (3, 4, 5, 5), (12, 4)], ids=["vectorised", "scalar", "2d"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_batch_norm_residual_forward(emu, dtype, layout, shape, act):
+    """act(bn(x) + z): the apply kernel's residual in both layouts, packed and scalar."""
+    limits(emu, per_split=5)
+    x, z = data(shape, dtype), data(shape, dtype, 6)
+    if layout == "nhwc" and x.dim() == 4:
+        x, z = x.to(memory_format=torch.channels_last), z.contiguous()  # z in another layout than x
+    w, b = data((4,), torch.float32, 1) + 1, data((4,), torch.float32, 2)
+    y, mean, rstd = ops().batch_norm_fwd(x, w, b, None, None, True, 0.1, 1e-5, act, SLOPE, 0.0, z)
+    yr = activate(F.batch_norm(x.double(), None, None, w.double(), b.double(), True, 0.0, 1e-5) + z.double(),
+                  ACTS[act])
+    assert_close(y, yr if dtype == torch.float64 else yr.float(), dtype, "output")
+
+
 # ---- row norms ------------------------------------------------------------------------------
 
 # (L, limits) -> the tier it must select (checked through emu.row_tier).

@@ -129,6 +129,7 @@ def opcheck_cases():
             yield "bn_stats", "batch_norm_stats", (xi,)
             yield "bn_fwd_train", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), True, 0.1, 1e-5, act, 0.2, 0.0)
             yield "bn_fwd_eval", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), False, 0.1, 1e-5, act, 0.2, 0.0)
+            yield "bn_fwd_residual", "batch_norm_fwd", (xi, w, b, torch.zeros(c), torch.ones(c), True, 0.1, 1e-5, act, 0.2, 0.0, torch.randn_like(xi))
             mean, rstd = torch.randn(c), torch.rand(c) + 0.5
             yield "bn_bwd", "batch_norm_bwd", (torch.randn_like(xi), xi, w, b, mean, rstd, True, act, 0.2, 0.0, [True, True, True])
         yield "bn_bwd_partial", "batch_norm_bwd", (torch.randn_like(x), x, w, None, torch.randn(c), torch.rand(c) + 0.5, False, act, 0.2, 0.0, [False, True, False])

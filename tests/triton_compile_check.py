@@ -116,6 +116,7 @@ def main():
             for xi in (x, x.to(memory_format=torch.channels_last)):
                 for training in (True, False):
                     ops.batch_norm_fwd(xi, w, b, rm, rv, training, 0.1, 1e-5, act, 0.2, 0.0)
+                    ops.batch_norm_fwd(xi, w, b, rm, rv, training, 0.1, 1e-5, act, 0.2, 0.0, xi)  # residual
                     ops.batch_norm_bwd(xi, xi, w, b, rm, rv, training, act, 0.2, 0.0, [True, True, True])
             ops.batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, act, 0.2, 0.0)
             ops.batch_norm_bwd(x, x, None, None, rm, rv, True, act, 0.2, 0.0, [True, False, False])

@@ -108,6 +108,21 @@ inline void check_bn_args(const at::Tensor& input, const c10::optional<at::Tenso
   check_param(bias, input, "bias", C, "batch_norm");
 }
 
+// BatchNorm's residual z of act(bn(x) + z): shaped like the input, on its device, in its
+// dtype; the activation none, ReLU or LeakyReLU (the backward reads the derivative off
+// the output).
+inline void check_bn_residual(const at::Tensor& input, const c10::optional<at::Tensor>& residual, int64_t act) {
+  if (!has(residual)) return;
+  TORCH_CHECK(residual->sizes() == input.sizes(), "batch_norm: the residual has shape ", residual->sizes(),
+              " but the input has shape ", input.sizes());
+  TORCH_CHECK(residual->device() == input.device(), "batch_norm: the residual is on ", residual->device(),
+              " but the input is on ", input.device());
+  TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "batch_norm: the residual has dtype ",
+              residual->scalar_type(), " but the input has dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(act == kNone || act == kRelu || act == kLeakyRelu,
+                    "batch_norm with a residual: the activation must be none, relu or leaky_relu, not code ", act);
+}
+
 // LayerNorm: checks the shapes, returns the normalised size L.
 inline int64_t check_layer_norm(const at::Tensor& input, at::IntArrayRef shape,
                          const c10::optional<at::Tensor>& weight,

@@ -133,7 +133,7 @@ inline bool by_channel(const BnLayout& l, int64_t inputs, int64_t elem_bytes) {
 // then its output from cache. (Prefetching the next channel meanwhile was slower: three
 // channels' worth of lines do not fit a 1 MiB L2.)
 template <typename T, typename A>
-void forward_by_channel(const BnLayout& l, const T* x, T* out, const std::vector<A>& gamma,
+void forward_by_channel(const BnLayout& l, const T* x, const T* z, T* out, const std::vector<A>& gamma,
                         const std::vector<A>& bias, A eps, int64_t act, ActParams<A> ap,
                         std::vector<A>& mean, std::vector<A>& m2, std::vector<A>& rstd) {
   const auto& k = table<T>();
@@ -147,7 +147,8 @@ void forward_by_channel(const BnLayout& l, const T* x, T* out, const std::vector
       const A alpha = rstd[c] * gamma[c];
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = (n * C + c) * S;
-        k.apply_rows(x + row, out + row, 1, S, &mean[c], &alpha, &bias[c], act, ap, Ahead<T>{});
+        k.apply_rows(x + row, z ? z + row : nullptr, out + row, 1, S, &mean[c], &alpha, &bias[c], act, ap,
+                     Ahead<T>{});
       }
     }
   });
@@ -157,12 +158,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
-    int64_t act, double act_a, double act_b) {
+    int64_t act, double act_a, double act_b, const c10::optional<at::Tensor>& residual) {
   check_activation(act);
   check_bn_args(input, weight, bias, running_mean, running_var);
+  check_bn_residual(input, residual, act);
   TORCH_CHECK(training || (has(running_mean) && has(running_var)),
               "running_mean must be defined in evaluation mode");
   const BnLayout l = bn_layout(input);
+  // The residual laid out as the kernels read x.
+  const at::Tensor z = has(residual) && l.format != at::MemoryFormat::Preserve
+                           ? residual->contiguous(l.format) : at::Tensor();
   const int64_t C = l.C, M = l.N * l.S;
   at::Tensor y = bn_output(l);
   at::Tensor mean_t = at::empty({C}, input.options().dtype(acc_dtype(input)));
@@ -173,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     using A = acc_t<T>;
     const auto& k = table<T>();
     const T* x = ptr<T>(l.x);
+    const T* zp = z.defined() ? ptr<T>(z) : nullptr;
     T* out = ptr<T>(y);
     std::vector<A> gamma = to_acc_vector<A>(weight, C, A(1));
     std::vector<A> beta = to_acc_vector<A>(bias, C, A(0));
@@ -185,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
       } else {
         std::vector<A> m2(C);
         if (by_channel(l, 1, sizeof(T))) {
-          forward_by_channel<T, A>(l, x, out, gamma, beta, A(eps), act, act_params<A>(act_a, act_b), mean, m2, rstd);
+          forward_by_channel<T, A>(l, x, zp, out, gamma, beta, A(eps), act, act_params<A>(act_a, act_b), mean, m2,
+                                   rstd);
           written = true;
         } else {
           channel_moments<T, A>(l, mean, m2);
@@ -218,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     if (l.cols) {
       parallel_chunks(M, num_chunks(M, grain(C)),
                       [&](int64_t, int64_t b, int64_t e) {
-                        k.apply_cols(x + b * C, out + b * C, e - b, C, mean.data(), alpha.data(),
+                        k.apply_cols(x + b * C, zp ? zp + b * C : nullptr, out + b * C, e - b, C, mean.data(),
+                                     alpha.data(),
                                      beta.data(), act, act_params<A>(act_a, act_b));
                       });
     } else {
@@ -226,7 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
       std::vector<A> rm = per_row(mean, l.N), ra = per_row(alpha, l.N), rb = per_row(beta, l.N);
       parallel_chunks(R, num_chunks(R, grain(S)),
                       [&](int64_t, int64_t b, int64_t e) {
-                        k.apply_rows(x + b * S, out + b * S, e - b, S, &rm[b], &ra[b], &rb[b], act,
+                        k.apply_rows(x + b * S, zp ? zp + b * S : nullptr, out + b * S, e - b, S, &rm[b], &ra[b],
+                                     &rb[b], act,
                                      act_params<A>(act_a, act_b), Ahead<T>{});
                       });
     }

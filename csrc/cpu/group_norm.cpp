@@ -58,7 +58,7 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
             alpha[c] = rstd[r] * gamma[c];
           }
         }
-        k.apply_cols(xn, y + n * S * C, S, C, gmean.data(), alpha.data(), bias.data(), act, ap);
+        k.apply_cols(xn, nullptr, y + n * S * C, S, C, gmean.data(), alpha.data(), bias.data(), act, ap);
       }
     });
     return;
@@ -77,7 +77,7 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
           alpha[j] = rstd[r] * gamma[c0 + j0 + j];
         }
         const int64_t off = r * L + j0 * S;
-        k.apply_rows(x + off, y + off, nj, S, gmean, alpha, &bias[c0 + j0], act, ap,
+        k.apply_rows(x + off, nullptr, y + off, nj, S, gmean, alpha, &bias[c0 + j0], act, ap,
                      next_block<T>(x, nullptr, off, nj * S, (e - b) * L, s.N * G * L));
       }
     }

@@ -59,10 +59,12 @@ struct KernelTable {
   void (*moments_rows)(const T* x, int64_t rows, int64_t S, A* mean, A* m2);
   // Merge `rows` more rows into per-column (mean, m2) that already hold `count` rows.
   void (*moments_cols)(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2);
-  void (*apply_rows)(const T* x, T* y, int64_t rows, int64_t S, const A* mean, const A* alpha,
-                     const A* bias, int64_t act, ActParams<A> ap, Ahead<T> ahead);
-  void (*apply_cols)(const T* x, T* y, int64_t rows, int64_t C, const A* mean, const A* alpha,
-                     const A* bias, int64_t act, ActParams<A> ap);
+  // y = act(z + pre-activation) with z (BatchNorm's residual, laid out as x) non-null;
+  // then act is none, ReLU or LeakyReLU.
+  void (*apply_rows)(const T* x, const T* z, T* y, int64_t rows, int64_t S, const A* mean,
+                     const A* alpha, const A* bias, int64_t act, ActParams<A> ap, Ahead<T> ahead);
+  void (*apply_cols)(const T* x, const T* z, T* y, int64_t rows, int64_t C, const A* mean,
+                     const A* alpha, const A* bias, int64_t act, ActParams<A> ap);
   // Per-row sums (written), per-column sums (accumulated). grad_sums_rows also writes
   // dyhat to `dyhat` (rows x S) when that is non-null (keeps_dyhat).
   void (*grad_sums_rows)(const T* x, const T* dy, int64_t rows, int64_t S, const A* mean,

@@ -132,6 +132,13 @@ inline void with_activation(int64_t act, F&& f) {
   if (!with_constant_activation(act, f, std::make_integer_sequence<int64_t, constant_codes>{}))
     f(RuntimeAct{act});
 }
+// The same for the residual add's loops, whose activations are none, ReLU and LeakyReLU
+// only (BatchNorm's act(bn(x) + z): the backward reads the derivative off the output).
+template <typename F>
+inline void with_residual_activation(int64_t act, F&& f) {
+  if (!with_constant_activation(act, f, std::make_integer_sequence<int64_t, kLeakyRelu + 1>{}))
+    f(RuntimeAct{act});
+}
 
 // Elements handled per two-pass chunk: small enough that the second read hits L1.
 constexpr int64_t kChunk = 2048;
@@ -262,8 +269,22 @@ void moments_cols(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2) 
 }
 
 template <typename T, typename A>
-void apply_rows(const T* x, T* y, int64_t rows, int64_t S, const A* mean, const A* alpha,
+void apply_rows(const T* x, const T* z, T* y, int64_t rows, int64_t S, const A* mean, const A* alpha,
                 const A* bias, int64_t act, ActParams<A> ap, Ahead<T> ahead) {
+  if (z != nullptr) {  // y = act(z + x*alpha + bias)
+    with_residual_activation(act, [&](auto tag) {
+      const int64_t ACT = tag.value;
+      for (int64_t r = 0; r < rows; ++r) {
+        const A m = mean[r], a = alpha[r], b = bias[r];
+        const T* xr = x + r * S;
+        const T* zr = z + r * S;
+        store_all(y + r * S, S, ahead, [&](int64_t i) FN_INLINE {
+          return activate<A>(pre_activation<A>(A(load(xr[i])), m, a, b) + A(load(zr[i])), ACT, ap);
+        });
+      }
+    });
+    return;
+  }
   with_activation<T>(act, [&](auto tag) {
     const int64_t ACT = tag.value;
     for (int64_t r = 0; r < rows; ++r) {
@@ -277,8 +298,23 @@ void apply_rows(const T* x, T* y, int64_t rows, int64_t S, const A* mean, const 
 }
 
 template <typename T, typename A>
-void apply_cols(const T* x, T* y, int64_t rows, int64_t C, const A* mean, const A* alpha,
+void apply_cols(const T* x, const T* z, T* y, int64_t rows, int64_t C, const A* mean, const A* alpha,
                 const A* bias, int64_t act, ActParams<A> ap) {
+  if (z != nullptr) {  // y = act(z + x*alpha + bias)
+    with_residual_activation(act, [&](auto tag) {
+      const int64_t ACT = tag.value;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = x + r * C;
+        const T* zr = z + r * C;
+        T* yr = y + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c)
+          store(yr + c, activate<A>(pre_activation<A>(A(load(xr[c])), mean[c], alpha[c], bias[c]) +
+                                        A(load(zr[c])), ACT, ap));
+      }
+    });
+    return;
+  }
   with_activation<T>(act, [&](auto tag) {
     const int64_t ACT = tag.value;
     for (int64_t r = 0; r < rows; ++r) {

@@ -90,13 +90,18 @@ inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<a
                                   const c10::optional<at::Tensor>& bias,
                                   const c10::optional<at::Tensor>& running_mean,
                                   const c10::optional<at::Tensor>& running_var, bool training,
-                                  double momentum, double eps, int64_t act, double act_a, double act_b) {
+                                  double momentum, double eps, int64_t act, double act_a, double act_b,
+                                  const c10::optional<at::Tensor>& residual) {
   check_activation(act);
   check_bn_args(input, weight, bias, running_mean, running_var);
+  check_bn_residual(input, residual, act);
   TORCH_CHECK(training || (has(running_mean) && has(running_var)),
               "running_mean must be defined in evaluation mode");
   FN_DEVICE_GUARD(input);
   const BnLayout l = bn_layout(input);
+  // The residual laid out as the kernels read x.
+  const at::Tensor z = has(residual) && l.format != at::MemoryFormat::Preserve
+                           ? residual->contiguous(l.format) : at::Tensor();
   const int64_t C = l.C, M = l.N * l.S;
   const auto acc = input.options().dtype(acc_dtype(input));
   at::Tensor y = at::empty_like(l.x, l.format);
@@ -119,7 +124,8 @@ inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<a
     const at::Tensor alpha = rstd * gamma;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_apply", [&] {
       using A = typename Acc<scalar_t>::type;
-      apply<scalar_t>(l.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), l.x.numel(), C, l.S, l.cols,
+      apply<scalar_t>(l.x.data_ptr<scalar_t>(), z.defined() ? z.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                      l.x.numel(), C, l.S, l.cols,
                       aptr<A>(mean), aptr<A>(alpha), aptr<A>(beta), act, act_params<A>(act_a, act_b), FN_STREAM());
     });
   }

@@ -1,6 +1,6 @@
 // BatchNorm's elementwise passes, per channel, with z = (x - mean[c])*alpha[c] + beta[c]
 // (norm_math.h's pre_activation, alpha = rstd*gamma):
-//   apply:      y  = act(z)
+//   apply:      y  = act(z) (act(z + residual) with BatchNorm's residual add)
 //   input_grad: dx = cA[c]*dyhat + cB[c]*(x - mean[c]) + cC[c],  dyhat = dy * act'(z)
 // Channel of element i: (i / S) % C in NCHW, i % C in NHWC (S = 1). Grid-stride loops with
 // 64-bit indices; VEC moves 16 bytes per access (the launcher checks the alignment and that
@@ -11,9 +11,10 @@
 namespace fusednorm {
 namespace cuda {
 
+// z (optional, laid out as x): BatchNorm's residual, y = act(z + pre-activation).
 template <typename T, bool VEC>
-__global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t numel, int64_t C,
-                             int64_t S, const typename Acc<T>::type* __restrict__ mean,
+__global__ void apply_kernel(const T* __restrict__ x, const T* __restrict__ z, T* __restrict__ y, int64_t numel,
+                             int64_t C, int64_t S, const typename Acc<T>::type* __restrict__ mean,
                              const typename Acc<T>::type* __restrict__ alpha,
                              const typename Acc<T>::type* __restrict__ beta, int64_t act,
                              ActParams<typename Acc<T>::type> ap) {
@@ -22,10 +23,13 @@ __global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t
   const int64_t packs = numel / P;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
        p += int64_t(gridDim.x) * blockDim.x) {
-    Pack<T, P> in = reinterpret_cast<const Pack<T, P>*>(x)[p], out;
+    Pack<T, P> in = reinterpret_cast<const Pack<T, P>*>(x)[p], out, res;
+    if (z) res = reinterpret_cast<const Pack<T, P>*>(z)[p];
     for (int k = 0; k < P; ++k) {
       const int64_t c = ((p * P + k) / S) % C;
-      out.v[k] = from_acc<T>(activate<A>(pre_activation<A>(to_acc(in.v[k]), mean[c], alpha[c], beta[c]), act, ap));
+      A v = pre_activation<A>(to_acc(in.v[k]), mean[c], alpha[c], beta[c]);
+      if (z) v += to_acc(res.v[k]);
+      out.v[k] = from_acc<T>(activate<A>(v, act, ap));
     }
     reinterpret_cast<Pack<T, P>*>(y)[p] = out;
   }

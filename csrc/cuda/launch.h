@@ -196,17 +196,17 @@ inline dim3 elementwise_grid(int64_t work) {
 }
 
 template <typename T>
-void apply(const T* x, T* y, int64_t numel, int64_t C, int64_t S, bool nhwc,
+void apply(const T* x, const T* z, T* y, int64_t numel, int64_t C, int64_t S, bool nhwc,
            const typename Acc<T>::type* mean, const typename Acc<T>::type* alpha, const typename Acc<T>::type* beta, int64_t act,
            ActParams<typename Acc<T>::type> ap, fn_stream_t stream) {
   if (numel == 0) return;
   const int64_t s = nhwc ? 1 : S;
-  if (can_vectorize<T>(numel, s, nhwc, {x, y}))
+  if (can_vectorize<T>(numel, s, nhwc, {x, y, z ? z : x}))
     FN_LAUNCH((apply_kernel<T, true>), elementwise_grid(numel / pack_size<T>()), dim3(limits().threads), 0, stream,
-              x, y, numel, C, s, mean, alpha, beta, act, ap);
+              x, z, y, numel, C, s, mean, alpha, beta, act, ap);
   else
     FN_LAUNCH((apply_kernel<T, false>), elementwise_grid(numel), dim3(limits().threads), 0, stream,
-              x, y, numel, C, s, mean, alpha, beta, act, ap);
+              x, z, y, numel, C, s, mean, alpha, beta, act, ap);
   FN_LAUNCH_CHECK();
 }
 

@@ -31,8 +31,9 @@ def _empty_unless(flag, like, shape=None):
     return like.new_empty((0,))
 
 
-def _fake_batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, act, act_a, act_b):
-    _same_device(x, weight, bias, running_mean, running_var)
+def _fake_batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, act, act_a, act_b,
+                         residual=None):
+    _same_device(x, weight, bias, running_mean, running_var, residual)
     c = x.shape[1]
     y = torch.empty_like(x, memory_format=batch_norm_format(x))
     return y, x.new_empty((c,), dtype=_stat_dtype(x)), x.new_empty((c,), dtype=_stat_dtype(x))

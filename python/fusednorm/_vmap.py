@@ -113,11 +113,14 @@ def _instance_norm_fwd_rule(op):
 
 def _batch_norm_fwd_rule(op):
     def rule(info, in_dims, x, weight, bias, running_mean, running_var, training, momentum, eps, act, act_a,
-             act_b):
+             act_b, residual=None):
         x_dim, w_dim, b_dim, rm_dim, rv_dim = in_dims[:5]
         tracked = running_mean is not None or running_var is not None
         if training and tracked and (rm_dim is None or rv_dim is None):
             raise RuntimeError(_REFUSED.format(op="batch_norm"))
+        if residual is not None:  # act(bn(x) + z): one call per sample
+            args = (x, weight, bias, running_mean, running_var, training, momentum, eps, act, act_a, act_b, residual)
+            return _per_sample(op, info.batch_size, list(in_dims) + [None] * (len(args) - len(in_dims)), args)
         if not training and x_dim is not None and w_dim is None and b_dim is None \
                 and rm_dim is None and rv_dim is None:
             # Eval: per-channel running statistics, not batched: mean/rstd are shared.

@@ -142,10 +142,8 @@ def apply(function, x, weight, bias, *rest):
     - Under torch.func transforms, which need the setup_context form: the Function.
     - Under forward-mode AD: the Function with a jvp (_with_jvp)."""
     if not _forward_mode_or_torch_func():
-        if not torch.is_grad_enabled() or not (
-            x.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
+        if not torch.is_grad_enabled() or not any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, bias, *rest)
         ):
             return function.forward(x, weight, bias, *rest)[0]
         return function.classic.apply(x, weight, bias, *rest)

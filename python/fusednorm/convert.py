@@ -8,8 +8,10 @@ left alone. Fusing needs the dataflow, so the model is traced with torch.fx; a n
 only use is an activation (module, functional, torch.* or tensor method, inplace or not,
 with constant arguments) gets that activation, and the activation disappears from the graph.
 A LayerNorm or RMSNorm of a sum, norm(x + r) (pre-norm transformer blocks), becomes the
-fused residual add, whose second output replaces the sum's other uses. Models that torch.fx
-cannot trace are swapped without fusing, with a warning."""
+fused residual add, whose second output replaces the sum's other uses; a BatchNorm whose
+only use is a sum, act(bn(x) + z) (ResNet tails, act ReLU, LeakyReLU or none), becomes
+BatchNorm's fused residual add. Models that torch.fx cannot trace are swapped without
+fusing, with a warning."""
 import warnings
 from operator import add as operator_add
 from operator import getitem as operator_getitem
@@ -19,6 +21,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _activation
 from . import modules as fm
 from ._activation import MODULE_NAMES, resolve
 
@@ -52,8 +55,8 @@ def convert(model, *, fuse_activations=True, sync=False):
             warnings.warn(f"fusednorm.convert: torch.fx could not trace {type(model).__name__} "
                           f"({type(e).__name__}: {e}); norms are swapped without fusing activations")
         else:
-            fused_act = _fuse(traced)
-            if _fuse_residual_adds(traced) or fused_act:
+            fused = [_fuse(traced), _fuse_residual_adds(traced), _fuse_bn_residual_adds(traced)]
+            if any(fused):
                 model = traced
     return _swap(model)
 
@@ -157,12 +160,18 @@ def _activation_of(node, gm):
     return m, 0.01
 
 
-def _fuse(gm):
-    """Fuse activations into norm modules of gm's graph; True if any was fused."""
+def _module_calls(gm):
+    """{module target: its call nodes, in graph order}."""
     calls = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
+    return calls
+
+
+def _fuse(gm):
+    """Fuse activations into norm modules of gm's graph; True if any was fused."""
+    calls = _module_calls(gm)
     fused = False
     for target, nodes in calls.items():
         norm = gm.get_submodule(target)
@@ -249,5 +258,48 @@ def _fuse_residual_adds(gm):
         add.replace_all_uses_with(total)
         gm.graph.erase_node(node)
         gm.graph.erase_node(add)
+        fused = True
+    return _recompiled(gm, fused)
+
+
+def bn_residual(norm, x, z):
+    """act(norm(x) + z) for a BatchNorm `norm` holding the activation: fused where z has x's
+    dtype and shape; otherwise (type promotion or broadcasting) as torch computes it."""
+    if isinstance(z, torch.Tensor) and z.dtype == x.dtype and z.shape == x.shape:
+        return norm(x, residual=z)
+    return _activation.forward(norm._forward(x, None, _activation.NONE) + z, norm._act)
+
+
+def _fuse_bn_residual_adds(gm):
+    """act(bn(x) + z) -> bn_residual(bn, x, z), the activation (if any) moved into bn, for
+    BatchNorm modules called once, whose output's only use is the sum; True if any."""
+    fused = False
+    for target, nodes in _module_calls(gm).items():
+        node = nodes[0]
+        norm = gm.get_submodule(target)
+        bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, fm.BatchNorm1d, fm.BatchNorm2d, fm.BatchNorm3d)
+        if type(norm) not in bn_types or len(nodes) != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        if getattr(norm, "activation", None) is not None or len(node.users) != 1:
+            continue
+        add = next(iter(node.users))
+        if not _is_add(add) or add.args[0] is add.args[1]:
+            continue
+        z = add.args[1] if add.args[0] is node else add.args[0]
+        act, tail = (None, 0.01), add
+        if len(add.users) == 1:
+            found = _activation_of(next(iter(add.users)), gm)
+            if found is not None and resolve(*found).code in (1, 2) and resolve(*found).a >= 0:
+                act, tail = found, next(iter(add.users))
+        new = _swapped(norm, *act) if type(norm) in SWAPS else norm
+        new.activation, new.negative_slope = act
+        _set_submodule(gm, target, new)
+        with gm.graph.inserting_after(tail):
+            module = gm.graph.get_attr(target)
+        with gm.graph.inserting_after(module):
+            fused_node = gm.graph.call_function(bn_residual, (module, node.args[0], z))
+        tail.replace_all_uses_with(fused_node)
+        for dead in ([tail] if tail is not add else []) + [add, node]:
+            gm.graph.erase_node(dead)
         fused = True
     return _recompiled(gm, fused)

@@ -12,6 +12,7 @@ from ._activation import resolve
 from ._layout import rms_norm_format
 from .autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction, LayerNormFunction, apply
 from .autograd_add import apply_add_norm
+from .autograd_bn_add import BatchNormAddFunction
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "add_layer_norm",
            "add_rms_norm"]
@@ -39,13 +40,27 @@ def _autocast_float32(input, weight, bias):
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01):
-    """torch.nn.functional.batch_norm followed by the activation, in one fused kernel."""
+               momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, residual=None):
+    """torch.nn.functional.batch_norm followed by the activation, in one fused kernel. With
+    `residual` (a tensor shaped and typed as the input): act(batch_norm(input) + residual),
+    the ResNet block's tail; the activation is then None, "relu" or "leaky_relu" with a
+    non-negative slope (ValueError otherwise)."""
     act = resolve(activation, negative_slope)
     if training:
         _verify_batch_size(input.size())
+    if residual is not None:
+        _check_residual_activation(act)
+        return apply(BatchNormAddFunction, input, weight, bias, running_mean, running_var, bool(training),
+                     float(momentum), float(eps), *act, residual)
     return apply(BatchNormFunction, input, weight, bias, running_mean, running_var, bool(training),
                  float(momentum), float(eps), *act)
+
+
+def _check_residual_activation(act):
+    """BatchNorm's residual add reads the activation's derivative off its output."""
+    if act.code not in (0, 1, 2) or (act.code == 2 and act.a < 0):
+        raise ValueError("fusednorm: batch_norm with a residual fuses activation=None, 'relu' or 'leaky_relu' "
+                         f"with a non-negative slope, not {act}")
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,

@@ -71,7 +71,13 @@ class _BatchNorm(_FusedActivation):
         self._set_activation(activation, negative_slope)
 
     @fx_leaf
-    def forward(self, input):
+    def forward(self, input, residual=None):
+        """act(bn(input)); with `residual`, act(bn(input) + residual) (a ResNet block's tail,
+        activation None, relu or leaky_relu), fused (functional.batch_norm)."""
+        return self._forward(input, residual, self._act)
+
+    def _forward(self, input, residual, act):
+        """forward with the activation `act` (convert's fallback takes the norm alone)."""
         self._check_input_dim(input)
         # As torch.nn.modules.batchnorm._BatchNorm.forward.
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
@@ -80,7 +86,7 @@ class _BatchNorm(_FusedActivation):
             if self.momentum is None:  # cumulative moving average
                 # (an empty batch leaves the running statistics as they are, as torch.nn's)
                 if self.running_mean is not None and self.running_var is not None and input.numel():
-                    return self._cumulative_average_forward(input)
+                    return self._cumulative_average_forward(input, residual, act)
                 exponential_average_factor = 1.0 / float(self.num_batches_tracked)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
@@ -89,10 +95,10 @@ class _BatchNorm(_FusedActivation):
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
             self.weight, self.bias, bn_training, exponential_average_factor, self.eps,
-            activation=self._act,
+            activation=act, residual=residual,
         )
 
-    def _cumulative_average_forward(self, input):
+    def _cumulative_average_forward(self, input, residual, act):
         """momentum=None: running = (1 - f) * running + f * batch, f = 1 / num_batches_tracked,
         as torch.nn. The factor stays a tensor (torch.nn's float(num_batches_tracked) is a host
         sync, and a data-dependent value torch.compile cannot pass to an op): the kernel writes
@@ -102,7 +108,7 @@ class _BatchNorm(_FusedActivation):
         fresh_mean = torch.zeros_like(self.running_mean)
         fresh_var = torch.zeros_like(self.running_var)
         y = F.batch_norm(input, fresh_mean, fresh_var, self.weight, self.bias, True, 1.0, self.eps,
-                         activation=self._act)
+                         activation=act, residual=residual)
         with torch.no_grad():
             factor = (1.0 / self.num_batches_tracked.double())
             self.running_mean.copy_(self.running_mean * (1.0 - factor) + fresh_mean * factor)

@@ -101,10 +101,10 @@ def channel_finish_kernel(part_mean_ptr, part_m2_ptr, splits, rows_per_split, M,
 
 
 @triton.jit
-def channel_apply_kernel(x_ptr, y_ptr, mean_ptr, alpha_ptr, bias_ptr, total, C, chan_div, scalars_ptr,
-                         ACT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """y = act(pre_activation(x, mean[c], alpha[c], bias[c])) over the flat memory of a dense
-    tensor."""
+def channel_apply_kernel(x_ptr, z_ptr, y_ptr, mean_ptr, alpha_ptr, bias_ptr, total, C, chan_div, scalars_ptr,
+                         ACT: tl.constexpr, HAS_Z: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """y = act(pre_activation(x, mean[c], alpha[c], bias[c]) (+ z, BatchNorm's residual, laid
+    out as x)) over the flat memory of a dense tensor."""
     eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
@@ -113,7 +113,10 @@ def channel_apply_kernel(x_ptr, y_ptr, mean_ptr, alpha_ptr, bias_ptr, total, C, 
     mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
     alpha = tl.load(alpha_ptr + c, mask=mask, other=0.0)
     bias = tl.load(bias_ptr + c, mask=mask, other=0.0)
-    y = activate(pre_activation(x, mean, alpha, bias), ACT, act_a, act_b)
+    v = pre_activation(x, mean, alpha, bias)
+    if HAS_Z:
+        v += tl.load(z_ptr + e, mask=mask, other=0.0).to(ACC)
+    y = activate(v, ACT, act_a, act_b)
     tl.store(y_ptr + e, round_for(y, y_ptr), mask=mask)
 
 

@@ -26,6 +26,7 @@ from .checks import (
     check_add_norm,
     check_backward,
     check_bn,
+    check_bn_residual,
     check_group_norm,
     check_group_norm_sizes,
     check_instance_norm,
@@ -185,9 +186,10 @@ def _dense(t):
 def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
                    momentum: float, eps: float, activation: int,
-                   act_a: float, act_b: float) -> Tuple[Tensor, Tensor, Tensor]:
+                   act_a: float, act_b: float, residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     check_bn(input, weight, bias, running_mean, running_var)
     check_activation(activation)
+    check_bn_residual(input, residual, activation)
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean must be defined in evaluation mode")
     x, n, c, s, strides, chan_div = _channel_view(input)
@@ -206,9 +208,10 @@ def batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     _write_back(running_var, rv)
     if x.numel():
         block = _LIMITS["elementwise_block"]
-        _launch(ck.channel_apply_kernel, (triton.cdiv(x.numel(), block),), x, y, mean, alpha, bias_acc,
+        z = x if residual is None else _like_view(residual, x)  # (x: an unread pointer argument)
+        _launch(ck.channel_apply_kernel, (triton.cdiv(x.numel(), block),), x, z, y, mean, alpha, bias_acc,
                 x.numel(), c, chan_div, _scalars(x, stat_dtype, act=(act_a, act_b)),
-                ACT=activation, ACC=acc, BLOCK=block)
+                ACT=activation, HAS_Z=residual is not None, ACC=acc, BLOCK=block)
     return y, mean, rstd
 
 
