@@ -198,3 +198,25 @@ def test_vmap_per_sample_gradients(rms):
             if rms and what == "bias":
                 continue
             assert_close(a[i], e, torch.float32, what)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("shape,normalized", [((0, 8), (8,)), ((3, 0), (0,)), ((2, 3, 0), (3, 0)), ((0, 0), (0,))],
+                         ids=["no-rows", "empty-rows", "empty-rows-2d", "nothing"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_zero_size(target, shape, normalized, rms):
+    """No rows or empty rows: torch.nn's shapes, the sum, and gradients of the right shapes."""
+    device, backend = target
+    x = torch.randn(shape, device=device, requires_grad=True)
+    r = torch.randn(shape, device=device, requires_grad=True)
+    w = torch.ones(normalized, device=device, requires_grad=True)
+    with fusednorm.use_backend(backend):
+        if rms:
+            y, s = FN.add_rms_norm(x, r, normalized, w)
+            yr = F.rms_norm(x + r, normalized, w)
+        else:
+            y, s = FN.add_layer_norm(x, r, normalized, w)
+            yr = F.layer_norm(x + r, normalized, w)
+        grads = torch.autograd.grad(y.sum() + s.sum(), [x, r, w])
+    assert y.shape == yr.shape and torch.equal(s, (x + r).detach())
+    assert [g.shape for g in grads] == [x.shape, r.shape, w.shape]
