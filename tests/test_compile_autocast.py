@@ -90,6 +90,7 @@ def pairs():
     yield "in", fusednorm.InstanceNorm2d(8, affine=True), nn.InstanceNorm2d(8, affine=True), None
     yield "ln", fusednorm.LayerNorm(6, activation="relu"), nn.LayerNorm(6), F.relu
     yield "gn", fusednorm.GroupNorm(2, 8), nn.GroupNorm(2, 8), None
+    yield "rms", fusednorm.RMSNorm(6, activation="relu"), nn.RMSNorm(6), F.relu
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["f32-in", "bf16-in"])
