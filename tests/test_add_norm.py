@@ -61,9 +61,9 @@ def _check(target, rms, dtype, residual_dtype, residual_in_fp32, activation, use
     assert got[0].dtype == dtype and got[1].dtype == residual_dtype
     assert_close(got[0], dxr, _coarser(dtype, sum_dtype), "d input")
     assert_close(got[1], drr, _coarser(residual_dtype, sum_dtype), "d residual")
-    assert_close(got[2], dwr, dtype, "d weight")
+    assert_close(got[2], dwr, _coarser(dtype, sum_dtype), "d weight")
     if not rms:
-        assert_close(got[3], dbr, dtype, "d bias")
+        assert_close(got[3], dbr, _coarser(dtype, sum_dtype), "d bias")
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "silu", "gelu"], ids=str)
@@ -75,15 +75,18 @@ def test_add_norm_matches_composition(target, rms, dtype, activation):
 
 
 @pytest.mark.parametrize("use_sum", [True, False], ids=["sum-used", "sum-unused"])
-@pytest.mark.parametrize("residual_dtype,residual_in_fp32", [
-    (torch.float32, True),     # a float32 residual stream beside bfloat16 activations
-    (torch.bfloat16, True),    # its first block: the residual still bfloat16
-    (torch.float32, False),    # a float32 residual summed into bfloat16
-], ids=["fp32-stream", "first-block", "fp32-into-bf16"])
+@pytest.mark.parametrize("dtype,residual_dtype,residual_in_fp32", [
+    (torch.bfloat16, torch.float32, True),    # a float32 residual stream beside bfloat16 activations
+    (torch.bfloat16, torch.bfloat16, True),   # its first block: the residual still bfloat16
+    (torch.bfloat16, torch.float32, False),   # a float32 residual summed into bfloat16
+    (torch.float16, torch.float32, True),
+    (torch.float64, torch.float64, True),     # a float64 input summed into float32
+    (torch.float64, torch.float32, False),    # a float32 residual summed into float64
+], ids=["fp32-stream", "first-block", "fp32-into-bf16", "fp16-fp32-stream", "f64-into-fp32", "fp32-into-f64"])
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("target", TARGETS)
-def test_residual_dtypes(target, rms, residual_dtype, residual_in_fp32, use_sum):
-    _check(target, rms, torch.bfloat16, residual_dtype, residual_in_fp32, "silu", use_sum)
+def test_residual_dtypes(target, rms, dtype, residual_dtype, residual_in_fp32, use_sum):
+    _check(target, rms, dtype, residual_dtype, residual_in_fp32, "silu", use_sum)
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])

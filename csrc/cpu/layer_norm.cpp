@@ -90,14 +90,14 @@ Result4 add_norm_fwd_cpu(const at::Tensor& input, const c10::optional<at::Tensor
       const auto& k = table<T>();
       std::vector<float> gamma = to_acc_vector<float>(weight, L, 1.f);
       std::vector<float> beta = to_acc_vector<float>(bias, L, 0.f);
-      const float* rp = ptr<float>(r);
+      const float* rp = add ? ptr<float>(r) : nullptr;
       float* sp = ptr<float>(s);
       float* mean = mean_t.data_ptr<float>();
       float* rstd = rstd_t.data_ptr<float>();
       for_row_blocks(R, L, [&](int64_t b, int64_t e) {
         const int64_t off = b * L, n = (e - b) * L;
         std::vector<float> scratch(n);
-        k.add_to_float(xp + off, rp + off, sp + off, n);
+        if (add) k.add_to_float(xp + off, rp + off, sp + off, n);  // (presummed otherwise)
         kf.moments_rows(sp + off, e - b, L, mean + b, rstd + b);
         finish_stats<float>(mean, rstd, b, e, L, float(eps), rms);
         kf.layer_norm_apply(sp + off, scratch.data(), e - b, L, mean + b, rstd + b, gamma.data(),
