@@ -108,18 +108,26 @@ inline void check_bn_args(const at::Tensor& input, const c10::optional<at::Tenso
   check_param(bias, input, "bias", C, "batch_norm");
 }
 
-// BatchNorm's residual z of act(bn(x) + z): shaped like the input, on its device, in its
-// dtype; the activation none, ReLU or LeakyReLU (the backward reads the derivative off
-// the output).
-inline void check_bn_residual(const at::Tensor& input, const c10::optional<at::Tensor>& residual, int64_t act) {
+// A residual added to a norm (or its gradient): shaped like the input, on its device, in
+// its dtype (or float32 where allow_float32).
+inline void check_residual(const at::Tensor& input, const c10::optional<at::Tensor>& residual, const char* op,
+                           bool allow_float32) {
   if (!has(residual)) return;
-  TORCH_CHECK(residual->sizes() == input.sizes(), "batch_norm: the residual has shape ", residual->sizes(),
+  TORCH_CHECK(residual->sizes() == input.sizes(), op, ": the residual has shape ", residual->sizes(),
               " but the input has shape ", input.sizes());
-  TORCH_CHECK(residual->device() == input.device(), "batch_norm: the residual is on ", residual->device(),
+  TORCH_CHECK(residual->device() == input.device(), op, ": the residual is on ", residual->device(),
               " but the input is on ", input.device());
-  TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "batch_norm: the residual has dtype ",
-              residual->scalar_type(), " but the input has dtype ", input.scalar_type());
-  TORCH_CHECK_VALUE(act == kNone || act == kRelu || act == kLeakyRelu,
+  const auto t = residual->scalar_type();
+  TORCH_CHECK(t == input.scalar_type() || (allow_float32 && t == at::kFloat), op, ": the residual has dtype ", t,
+              " but the input has dtype ", input.scalar_type(),
+              allow_float32 ? " (float32 residuals are allowed with any input)" : "");
+}
+
+// BatchNorm's residual z of act(bn(x) + z): in the input's dtype; the activation none, ReLU
+// or LeakyReLU (the backward reads the derivative off the output).
+inline void check_bn_residual(const at::Tensor& input, const c10::optional<at::Tensor>& residual, int64_t act) {
+  check_residual(input, residual, "batch_norm", false);
+  TORCH_CHECK_VALUE(!has(residual) || act == kNone || act == kRelu || act == kLeakyRelu,
                     "batch_norm with a residual: the activation must be none, relu or leaky_relu, not code ", act);
 }
 
@@ -150,24 +158,14 @@ inline int64_t check_layer_norm(const at::Tensor& input, at::IntArrayRef shape,
   return L;
 }
 
-// LayerNorm's rows, one statistic each: the product of the dims before normalized_shape
-// (also when normalized_shape holds a 0, as torch and the fake kernels count them).
 // add_norm_fwd/bwd: LayerNorm's checks, no bias for RMSNorm, and a residual (or its
-// gradient) shaped like the input, on its device, in its dtype or float32.
+// gradient) in the input's dtype or float32.
 inline int64_t check_add_norm(const at::Tensor& input, const c10::optional<at::Tensor>& residual,
                               at::IntArrayRef shape, const c10::optional<at::Tensor>& weight,
                               const c10::optional<at::Tensor>& bias, bool rms, const char* op) {
   const int64_t L = check_layer_norm(input, shape, weight, bias);
   TORCH_CHECK(!rms || !has(bias), op, ": RMSNorm has no bias");
-  if (has(residual)) {
-    TORCH_CHECK(residual->sizes() == input.sizes(), op, ": the residual has shape ",
-                residual->sizes(), " but the input has shape ", input.sizes());
-    TORCH_CHECK(residual->device() == input.device(), op, ": the residual is on ",
-                residual->device(), " but the input is on ", input.device());
-    TORCH_CHECK(residual->scalar_type() == input.scalar_type() || residual->scalar_type() == at::kFloat,
-                op, ": the residual has dtype ", residual->scalar_type(), " but the input has dtype ",
-                input.scalar_type(), " (float32 residuals are allowed with any input)");
-  }
+  check_residual(input, residual, op, true);
   return L;
 }
 
@@ -176,6 +174,8 @@ inline at::ScalarType residual_dtype(const at::Tensor& input, bool residual_in_f
   return residual_in_fp32 ? at::kFloat : input.scalar_type();
 }
 
+// LayerNorm's rows, one statistic each: the product of the dims before normalized_shape
+// (also when normalized_shape holds a 0, as torch and the fake kernels count them).
 inline int64_t layer_norm_rows(const at::Tensor& input, at::IntArrayRef shape) {
   int64_t R = 1;
   for (int64_t d = 0; d < input.dim() - int64_t(shape.size()); ++d) R *= input.size(d);

@@ -165,9 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
   TORCH_CHECK(training || (has(running_mean) && has(running_var)),
               "running_mean must be defined in evaluation mode");
   const BnLayout l = bn_layout(input);
-  // The residual laid out as the kernels read x.
-  const at::Tensor z = has(residual) && l.format != at::MemoryFormat::Preserve
-                           ? residual->contiguous(l.format) : at::Tensor();
+  const at::Tensor z = has(residual) ? like_layout(*residual, l) : at::Tensor();  // laid out as x
   const int64_t C = l.C, M = l.N * l.S;
   at::Tensor y = bn_output(l);
   at::Tensor mean_t = at::empty({C}, input.options().dtype(acc_dtype(input)));

@@ -29,8 +29,9 @@ void dispatch_storage(at::ScalarType t, F&& f) {
 // which), allocated for a cheap first write (output_alloc.cpp).
 at::Tensor empty_output_like(const at::Tensor& x,
                              at::MemoryFormat format = at::MemoryFormat::Contiguous);
-// The same, contiguous, in dtype `dtype`.
-at::Tensor empty_output_like(const at::Tensor& x, at::ScalarType dtype);
+// The same in dtype `dtype`.
+at::Tensor empty_output_like(const at::Tensor& x, at::ScalarType dtype,
+                             at::MemoryFormat format = at::MemoryFormat::Contiguous);
 // Frees the large output blocks output_alloc.cpp keeps for reuse.
 void empty_output_cache();
 

@@ -268,30 +268,33 @@ void moments_cols(const T* x, int64_t rows, int64_t C, A count, A* mean, A* m2) 
   }
 }
 
+// v, plus z[i] with BatchNorm's residual (RES): the pre-activation of act(bn(x) + z).
+template <bool RES, typename T, typename A>
+inline A plus_residual(A v, const T* z, int64_t i) {
+  if constexpr (RES) return v + A(load(z[i]));
+  return v;
+}
+
+// Calls f(tag, residual), residual a std::bool_constant of z != nullptr: every activation
+// without a residual (with_activation), the residual add's with one.
+template <typename T, typename F>
+inline void with_apply_variant(const T* z, int64_t act, F&& f) {
+  if (z != nullptr) with_residual_activation(act, [&](auto tag) { f(tag, std::true_type{}); });
+  else with_activation<T>(act, [&](auto tag) { f(tag, std::false_type{}); });
+}
+
 template <typename T, typename A>
 void apply_rows(const T* x, const T* z, T* y, int64_t rows, int64_t S, const A* mean, const A* alpha,
                 const A* bias, int64_t act, ActParams<A> ap, Ahead<T> ahead) {
-  if (z != nullptr) {  // y = act(z + x*alpha + bias)
-    with_residual_activation(act, [&](auto tag) {
-      const int64_t ACT = tag.value;
-      for (int64_t r = 0; r < rows; ++r) {
-        const A m = mean[r], a = alpha[r], b = bias[r];
-        const T* xr = x + r * S;
-        const T* zr = z + r * S;
-        store_all(y + r * S, S, ahead, [&](int64_t i) FN_INLINE {
-          return activate<A>(pre_activation<A>(A(load(xr[i])), m, a, b) + A(load(zr[i])), ACT, ap);
-        });
-      }
-    });
-    return;
-  }
-  with_activation<T>(act, [&](auto tag) {
+  with_apply_variant(z, act, [&](auto tag, auto residual) {
     const int64_t ACT = tag.value;
+    constexpr bool RES = decltype(residual)::value;
     for (int64_t r = 0; r < rows; ++r) {
       const A m = mean[r], a = alpha[r], b = bias[r];
       const T* xr = x + r * S;
+      const T* zr = RES ? z + r * S : nullptr;
       store_all(y + r * S, S, ahead, [&](int64_t i) FN_INLINE {
-        return activate<A>(pre_activation<A>(A(load(xr[i])), m, a, b), ACT, ap);
+        return activate<A>(plus_residual<RES>(pre_activation<A>(A(load(xr[i])), m, a, b), zr, i), ACT, ap);
       });
     }
   });
@@ -300,30 +303,17 @@ void apply_rows(const T* x, const T* z, T* y, int64_t rows, int64_t S, const A* 
 template <typename T, typename A>
 void apply_cols(const T* x, const T* z, T* y, int64_t rows, int64_t C, const A* mean, const A* alpha,
                 const A* bias, int64_t act, ActParams<A> ap) {
-  if (z != nullptr) {  // y = act(z + x*alpha + bias)
-    with_residual_activation(act, [&](auto tag) {
-      const int64_t ACT = tag.value;
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* xr = x + r * C;
-        const T* zr = z + r * C;
-        T* yr = y + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          store(yr + c, activate<A>(pre_activation<A>(A(load(xr[c])), mean[c], alpha[c], bias[c]) +
-                                        A(load(zr[c])), ACT, ap));
-      }
-    });
-    return;
-  }
-  with_activation<T>(act, [&](auto tag) {
+  with_apply_variant(z, act, [&](auto tag, auto residual) {
     const int64_t ACT = tag.value;
+    constexpr bool RES = decltype(residual)::value;
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = x + r * C;
+      const T* zr = RES ? z + r * C : nullptr;
       T* yr = y + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c)
-        store(yr + c, activate<A>(pre_activation<A>(A(load(xr[c])), mean[c], alpha[c], bias[c]), ACT,
-                                  ap));
+        store(yr + c, activate<A>(plus_residual<RES>(pre_activation<A>(A(load(xr[c])), mean[c], alpha[c], bias[c]),
+                                                     zr, c), ACT, ap));
     }
   });
 }

@@ -129,16 +129,13 @@ class OutputAllocator final : public c10::Allocator {
 
 }  // namespace
 
-at::Tensor empty_output_like(const at::Tensor& x, at::MemoryFormat format) {
+at::Tensor empty_output_like(const at::Tensor& x, at::ScalarType dtype, at::MemoryFormat format) {
   return at::detail::empty_generic(x.sizes(), &OutputAllocator::get(),
-                                   c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type(),
-                                   format);
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, format);
 }
 
-at::Tensor empty_output_like(const at::Tensor& x, at::ScalarType dtype) {
-  return at::detail::empty_generic(x.sizes(), &OutputAllocator::get(),
-                                   c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
-                                   at::MemoryFormat::Contiguous);
+at::Tensor empty_output_like(const at::Tensor& x, at::MemoryFormat format) {
+  return empty_output_like(x, x.scalar_type(), format);
 }
 
 void empty_output_cache() { OutputAllocator::get().empty_cache(); }

@@ -99,9 +99,7 @@ inline TensorList3 batch_norm_fwd(const at::Tensor& input, const c10::optional<a
               "running_mean must be defined in evaluation mode");
   FN_DEVICE_GUARD(input);
   const BnLayout l = bn_layout(input);
-  // The residual laid out as the kernels read x.
-  const at::Tensor z = has(residual) && l.format != at::MemoryFormat::Preserve
-                           ? residual->contiguous(l.format) : at::Tensor();
+  const at::Tensor z = has(residual) ? like_layout(*residual, l) : at::Tensor();  // laid out as x
   const int64_t C = l.C, M = l.N * l.S;
   const auto acc = input.options().dtype(acc_dtype(input));
   at::Tensor y = at::empty_like(l.x, l.format);

@@ -121,6 +121,13 @@ def resolve(activation, negative_slope=0.01):
     return Activation(_TABLE[name].code, *_TABLE[name].params(activation))
 
 
+def readable_from_output(act):
+    """Whether act's derivative can be read off its output, as torch's ReLU backward reads
+    it: none, ReLU, LeakyReLU with a non-negative slope (output > 0 exactly where the input
+    is). BatchNorm's residual add takes these."""
+    return act.code in (0, 1) or (act.code == 2 and act.a >= 0)
+
+
 def forward(z, act):
     """act(z) in differentiable torch ops (torch.nn's own functions)."""
     if act.code == 0:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import _activation
 from . import modules as fm
-from ._activation import MODULE_NAMES, resolve
+from ._activation import MODULE_NAMES, readable_from_output, resolve
 
 __all__ = ["convert"]
 
@@ -37,8 +37,10 @@ SWAPS = {
 FUSEDNORM_TYPES = tuple(SWAPS.values())
 # Every norm (subclasses and SyncBatchNorm too) is a leaf when tracing: never traced into.
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-# Norms that take a fused residual add: norm(x + r) -> norm(x, residual=r).
+# Norms that take a fused residual add: norm(x + r) -> norm(x, residual=r); and the
+# BatchNorms of act(bn(x) + z), torch.nn's and ours.
 RESIDUAL_TYPES = (fm.LayerNorm, fm.RMSNorm)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, fm.BatchNorm1d, fm.BatchNorm2d, fm.BatchNorm3d)
 
 
 def convert(model, *, fuse_activations=True, sync=False):
@@ -277,8 +279,7 @@ def _fuse_bn_residual_adds(gm):
     for target, nodes in _module_calls(gm).items():
         node = nodes[0]
         norm = gm.get_submodule(target)
-        bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, fm.BatchNorm1d, fm.BatchNorm2d, fm.BatchNorm3d)
-        if type(norm) not in bn_types or len(nodes) != 1 or len(node.args) != 1 or node.kwargs:
+        if type(norm) not in BN_TYPES or len(nodes) != 1 or len(node.args) != 1 or node.kwargs:
             continue
         if getattr(norm, "activation", None) is not None or len(node.users) != 1:
             continue
@@ -289,7 +290,7 @@ def _fuse_bn_residual_adds(gm):
         act, tail = (None, 0.01), add
         if len(add.users) == 1:
             found = _activation_of(next(iter(add.users)), gm)
-            if found is not None and resolve(*found).code in (1, 2) and resolve(*found).a >= 0:
+            if found is not None and readable_from_output(resolve(*found)):
                 act, tail = found, next(iter(add.users))
         new = _swapped(norm, *act) if type(norm) in SWAPS else norm
         new.activation, new.negative_slope = act

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ._activation import resolve
+from ._activation import readable_from_output, resolve
 from ._layout import rms_norm_format
 from .autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction, LayerNormFunction, apply
 from .autograd_add import apply_add_norm
@@ -58,7 +58,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 def _check_residual_activation(act):
     """BatchNorm's residual add reads the activation's derivative off its output."""
-    if act.code not in (0, 1, 2) or (act.code == 2 and act.a < 0):
+    if not readable_from_output(act):
         raise ValueError("fusednorm: batch_norm with a residual fuses activation=None, 'relu' or 'leaky_relu' "
                          f"with a non-negative slope, not {act}")
 

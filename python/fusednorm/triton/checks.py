@@ -72,37 +72,35 @@ def check_layer_norm(x, shape, weight, bias):
     return math.prod(shape)
 
 
-def check_bn_residual(x, residual, act):
-    """BatchNorm's residual: shaped, placed and typed as x; the activation none, relu or
-    leaky_relu (csrc/common/checks.h's check_bn_residual)."""
+def _check_residual(x, residual, op, allow_float32):
+    """A residual (or its gradient) shaped, placed and typed as x, or float32 where
+    allow_float32 (csrc/common/checks.h's check_residual)."""
     if residual is None:
         return
     if residual.shape != x.shape:
-        raise RuntimeError(f"batch_norm: the residual has shape {list(residual.shape)} but the input has shape "
+        raise RuntimeError(f"{op}: the residual has shape {list(residual.shape)} but the input has shape "
                            f"{list(x.shape)}")
     if residual.device != x.device:
-        raise RuntimeError(f"batch_norm: the residual is on {residual.device} but the input is on {x.device}")
-    if residual.dtype != x.dtype:
-        raise RuntimeError(f"batch_norm: the residual has dtype {residual.dtype} but the input has dtype {x.dtype}")
-    if act not in (0, 1, 2):
+        raise RuntimeError(f"{op}: the residual is on {residual.device} but the input is on {x.device}")
+    if residual.dtype != x.dtype and not (allow_float32 and residual.dtype == torch.float32):
+        raise RuntimeError(f"{op}: the residual has dtype {residual.dtype} but the input has dtype {x.dtype}"
+                           + (" (float32 residuals are allowed with any input)" if allow_float32 else ""))
+
+
+def check_bn_residual(x, residual, act):
+    """BatchNorm's residual, in x's dtype; the activation none, relu or leaky_relu."""
+    _check_residual(x, residual, "batch_norm", False)
+    if residual is not None and act not in (0, 1, 2):
         raise ValueError(f"batch_norm with a residual: the activation must be none, relu or leaky_relu, not code {act}")
 
 
 def check_add_norm(x, residual, shape, weight, bias, rms, op):
-    """check_layer_norm, no bias for RMSNorm, a residual (or its gradient) shaped like x, on
-    its device, in its dtype or float32 (csrc/common/checks.h's check_add_norm)."""
+    """check_layer_norm, no bias for RMSNorm, a residual (or its gradient) in x's dtype or
+    float32 (csrc/common/checks.h's check_add_norm)."""
     length = check_layer_norm(x, shape, weight, bias)
     if rms and bias is not None:
         raise RuntimeError(f"{op}: RMSNorm has no bias")
-    if residual is not None:
-        if residual.shape != x.shape:
-            raise RuntimeError(f"{op}: the residual has shape {list(residual.shape)} but the input has shape "
-                               f"{list(x.shape)}")
-        if residual.device != x.device:
-            raise RuntimeError(f"{op}: the residual is on {residual.device} but the input is on {x.device}")
-        if residual.dtype not in (x.dtype, torch.float32):
-            raise RuntimeError(f"{op}: the residual has dtype {residual.dtype} but the input has dtype {x.dtype} "
-                               "(float32 residuals are allowed with any input)")
+    _check_residual(x, residual, op, True)
     return length
 
 
