@@ -6,6 +6,14 @@
 #include "cpu/cpu_utils.h"
 #include "cpu/kernels.h"
 
+#ifdef FUSEDNORM_WITH_CUDA
+namespace fusednorm {
+namespace cuda {
+std::vector<int64_t> row_tier_edges_for(bool backward, bool double_precision);  // ops_cuda.cu
+}  // namespace cuda
+}  // namespace fusednorm
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusednorm's compiled kernels; use them through torch.ops.fusednorm";
   m.def("cpu_isa", &fusednorm::cpu::isa_name,
@@ -14,6 +22,9 @@ PYBIND11_MODULE(_C, m) {
         "Frees the CPU output blocks (2 MiB and larger) kept for reuse by later outputs");
 #ifdef FUSEDNORM_WITH_CUDA
   m.attr("with_cuda") = true;
+  m.def("cuda_row_tier_edges", &fusednorm::cuda::row_tier_edges_for, py::arg("backward"),
+        py::arg("double_precision"),
+        "Row lengths where the CUDA row kernels change tier, and one above each (selftest)");
 #else
   m.attr("with_cuda") = false;
 #endif

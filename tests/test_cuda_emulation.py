@@ -31,6 +31,8 @@ ACTS = {0: None, 1: "relu", 2: "leaky_relu"}
 @pytest.fixture(scope="module")
 def emu():
     mod = load_emulation()
+    mod.set_emulation(3, int(os.environ.get("FUSEDNORM_EMU_SEED", "0")))  # 3 blocks at once, shuffled
+    mod.reset_coverage()
     yield mod
     mod.set_limits(16, 48 * 1024, 16384, 256, 65535, 256)
 
@@ -73,6 +75,30 @@ BN_CASES = [
 ]
 
 
+def check_batch_norm_train(x, act):
+    """BatchNorm training forward (output, running statistics) and backward of x against
+    torch.nn in float64; returns the output."""
+    dtype, C = x.dtype, x.shape[1]
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = data((C,), pdt, 1) + 1, data((C,), pdt, 2)
+    rm, rv = torch.zeros(C, dtype=pdt), torch.ones(C, dtype=pdt)
+    y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm, rv, True, 0.1, 1e-5, act, SLOPE, 0.0)
+    ref = lambda x, w, b: activate(F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5), ACTS[act])
+    g = data(x.shape, dtype, 3)
+    yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
+    assert_close(y, yr.to(tol_dtype(dtype)) if dtype != torch.float64 else yr, dtype, "output")
+    xr64 = x.double()
+    rm_ref = 0.9 * 0 + 0.1 * xr64.transpose(0, 1).reshape(C, -1).mean(1)
+    rv_ref = 0.9 * 1 + 0.1 * xr64.transpose(0, 1).reshape(C, -1).var(1, unbiased=True)
+    assert_close(rm, rm_ref.to(pdt), torch.float32, "running_mean")
+    assert_close(rv, rv_ref.to(pdt), torch.float32, "running_var")
+    dx, dw, db = ops().batch_norm_bwd(g, x, w, b, mean, rstd, True, act, SLOPE, 0.0, [True, True, True])
+    assert_close(dx, dxr.to(dx.dtype) if dtype == torch.float64 else dxr.float(), dtype, "dx")
+    assert_close(dw, dwr.to(pdt), pdt, "dweight")
+    assert_close(db, dbr.to(pdt), pdt, "dbias")
+    return y
+
+
 @pytest.mark.parametrize("act", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=["f32", "f64", "bf16", "f16"])
@@ -89,23 +115,7 @@ def test_batch_norm_train(emu, shape, layout, what, dtype, act, splits):
     x = data(shape, dtype)
     if layout == "nhwc" and x.dim() == 4:
         x = x.to(memory_format=torch.channels_last)
-    pdt = torch.float64 if dtype == torch.float64 else torch.float32
-    w, b = data((C,), pdt, 1) + 1, data((C,), pdt, 2)
-    rm, rv = torch.zeros(C, dtype=pdt), torch.ones(C, dtype=pdt)
-    y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm, rv, True, 0.1, 1e-5, act, SLOPE, 0.0)
-    ref = lambda x, w, b: activate(F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5), ACTS[act])
-    g = data(shape, dtype, 3)
-    yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
-    assert_close(y, yr.to(tol_dtype(dtype)) if dtype != torch.float64 else yr, dtype, "output")
-    xr64 = x.double()
-    rm_ref = 0.9 * 0 + 0.1 * xr64.transpose(0, 1).reshape(C, -1).mean(1)
-    rv_ref = 0.9 * 1 + 0.1 * xr64.transpose(0, 1).reshape(C, -1).var(1, unbiased=True)
-    assert_close(rm, rm_ref.to(pdt), torch.float32, "running_mean")
-    assert_close(rv, rv_ref.to(pdt), torch.float32, "running_var")
-    dx, dw, db = ops().batch_norm_bwd(g, x, w, b, mean, rstd, True, act, SLOPE, 0.0, [True, True, True])
-    assert_close(dx, dxr.to(dx.dtype) if dtype == torch.float64 else dxr.float(), dtype, "dx")
-    assert_close(dw, dwr.to(pdt), pdt, "dweight")
-    assert_close(db, dbr.to(pdt), pdt, "dbias")
+    y = check_batch_norm_train(x, act)
     if x.dim() == 4:
         assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "nhwc")
 
@@ -383,16 +393,12 @@ def test_inf_and_nan_gradients_through_the_activation(emu, case, act):
 PRODUCTION = dict(warp_cols=16, smem=48 * 1024, per_split=16384, max_splits=256, max_blocks=65535, threads=256)
 
 
-def tier_edges(dtype, backward):
-    """Row lengths at and one above each tier's top for the production limits: the warp
-    tiers (128, 512 elements) and the block tier, whose row cache plus static reduction
-    slots must fit CUDA's 48 KiB (row_kernels.cuh), and the common hidden sizes 6144 and
-    12288 that a block tier counting only the cache admitted at the limit."""
-    acc = 8 if dtype == torch.float64 else 4
-    cache_per_element = acc * (2 if backward else 1)
-    static = (2 if backward else 3) * 32 * acc
-    top = (48 * 1024 - static) // cache_per_element
-    return sorted({128, 129, 512, 513, top, top + 1, 6144, 12288})
+def tier_edges(emu, dtype, backward):
+    """Row lengths at and one above each tier's top for the limits in force (launch.h's
+    row_tier_edges: the warp tiers, and the block tier whose row cache plus static
+    reduction slots must fit CUDA's 48 KiB), and the common hidden sizes 6144 and 12288
+    that a block tier counting only the cache admitted at the limit."""
+    return sorted(set(emu.row_tier_edges(backward, dtype == torch.float64)) | {6144, 12288})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
@@ -403,7 +409,10 @@ def test_layer_norm_tier_edges_at_production_limits(emu, dtype, backward):
     emulation's launch checks are CUDA's): each launch must be accepted and the results
     match torch.nn."""
     limits(emu, **PRODUCTION)
-    for L in tier_edges(dtype, backward):
+    tiers = [emu.row_tier(L, backward, dtype == torch.float64)
+             for L in emu.row_tier_edges(backward, dtype == torch.float64)]
+    assert tiers == ["warp4", "warp16", "warp16", "block", "block", "long"]
+    for L in tier_edges(emu, dtype, backward):
         x = data((2, L), dtype)
         w, b = data((L,), torch.float32, 1) + 1, data((L,), torch.float32, 2)
         if dtype == torch.float64:
@@ -475,3 +484,147 @@ def test_static_shared_memory_matches_the_cubin(emu):
                 assert shared - RESERVED_SMEM == emu.row_static_smem(backward, double), (name, shared)
                 checked += 1
     assert checked >= 16, usage  # 4 dtypes x cache on/off x 2 directions
+
+
+def test_emulation_runs_blocks_out_of_order_and_at_once(emu):
+    """A kernel whose highest-index block sums the others' partials without a ticket is
+    right when blocks run one after another in index order (the emulation before it
+    shuffled them) and wrong here, as it can be on a GPU."""
+    expected = sum(range(64))
+    results = [emu.ordering_probe(64) for _ in range(5)]
+    assert any(r != expected for r in results), results
+
+
+# ---- 5-D inputs, misaligned views ------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
+
+
+def misaligned(t):
+    """t's values in a view starting one element past a 16-byte boundary: the vectorised
+    paths must fall back to scalar loads."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+def input_5d(shape, dtype, layout):
+    """A 5-D input in `layout`: contiguous, channels_last_3d or misaligned (contiguous)."""
+    x = data(shape, dtype)
+    if layout == "channels_last_3d":
+        return x.to(memory_format=torch.channels_last_3d)
+    return misaligned(x) if layout == "misaligned" else x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "misaligned"])
+def test_batch_norm_5d(emu, dtype, layout):
+    """BatchNorm3d input (N, C, D, H, W): NCDHW and NDHWC (channels_last_3d) layouts, and a
+    contiguous view off a 16-byte boundary (S = 32 is a multiple of every pack, so only the
+    alignment decides the path). Multi-split reductions."""
+    limits(emu, per_split=16)
+    y = check_batch_norm_train(input_5d((3, 5, 2, 4, 4), dtype, layout), 1)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) == (layout == "channels_last_3d")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "misaligned"])
+def test_group_norm_5d(emu, dtype, layout):
+    """GroupNorm over a 5-D input, three layouts; rows of 2*2*3*4 = 48 elements."""
+    limits(emu, per_split=16)
+    x = input_5d((2, 4, 2, 3, 4), dtype, layout)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = data((4,), pdt, 1) + 1, data((4,), pdt, 2)
+    y, mean, rstd = ops().group_norm_fwd(x, 2, w, b, 1e-5, 1, SLOPE, 0.0)
+    ref = lambda x, w, b: activate(F.group_norm(x, 2, w, b, 1e-5), "relu")
+    g = data(x.shape, dtype, 3)
+    yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
+    td = tol_dtype(dtype)
+    assert_close(y, yr.to(td), dtype, "output")
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) == (layout == "channels_last_3d")
+    dx, dw, db = ops().group_norm_bwd(g, x, 2, mean, rstd, w, b, 1, SLOPE, 0.0, [True, True, True])
+    assert_close(dx, dxr.to(td), dtype, "dx")
+    assert_close(dw, dwr.to(pdt), pdt, "dweight")
+    assert_close(db, dbr.to(pdt), pdt, "dbias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("L", [40, 300, 700, 900], ids=["warp4", "warp16", "block", "long"])
+def test_layer_norm_rows_every_dtype(emu, dtype, L):
+    """Every row kernel (each tier, both directions) in every dtype, on a misaligned input,
+    with more rows than the capped grid (warp tiers: blocks walk the rows grid-stride)."""
+    limits(emu, smem=2048 if L == 900 else 48 * 1024, max_blocks=2)
+    x = misaligned(data((11, L), dtype))
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = data((L,), pdt, 1) + 1, data((L,), pdt, 2)
+    y, mean, rstd = ops().layer_norm_fwd(x, [L], w, b, 1e-5, 2, SLOPE, 0.0)
+    ref = lambda x, w, b: activate(F.layer_norm(x, (L,), w, b, 1e-5), "leaky_relu", SLOPE)
+    g = data(x.shape, dtype, 3)
+    yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
+    td = tol_dtype(dtype)
+    assert_close(y, yr.to(td), dtype, f"output ({emu.row_tier(L, False, dtype == torch.float64)})")
+    dx, dw, db = ops().layer_norm_bwd(g, x, [L], mean, rstd, w, b, 2, SLOPE, 0.0, [True, True, True])
+    assert_close(dx, dxr.to(td), dtype, f"dx ({emu.row_tier(L, True, dtype == torch.float64)})")
+    assert_close(dw, dwr.to(pdt), pdt, "dweight")
+    assert_close(db, dbr.to(pdt), pdt, "dbias")
+
+
+# ---- what the emulated suite ran --------------------------------------------------------------
+
+def expected_paths():
+    """Every kernel x tier x path of the CUDA backend (launch.h): the row kernels' four
+    tiers per direction, the channel reductions (both layouts, both operations) with one
+    and with several splits, the elementwise kernels vectorised and scalar; each in every
+    element type."""
+    kernels = [f"row_{d}_warp<T,{c}>||one-split" for d in ("fwd", "bwd") for c in (4, 16)]
+    kernels += [f"row_{d}_block<T,{c}>||one-split" for d in ("fwd", "bwd") for c in ("true", "false")]
+    kernels += [f"channel_reduce_{lay}<T,Op>|{op}|{splits}" for lay in ("nchw", "nhwc")
+                for op in ("moments", "grad_sums") for splits in ("one-split", "multi-split")]
+    kernels += [f"{k}<T,{v}>||one-split" for k in ("apply_kernel", "input_grad_kernel") for v in ("true", "false")]
+    out = set()
+    for k in kernels:
+        name, op, splits = k.split("|")
+        for dtype in ("float32", "float64", "bfloat16", "float16"):
+            out.add(f"{name}|{op}|{dtype}|{splits}")
+    return out
+
+
+def coverage_table(records):
+    lines = ["| kernel | op | dtype | grid | launches | static smem B | blocks at once |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for key, n, smem, at_once in sorted(records):
+        lines.append("| " + " | ".join(key.split("|")) + f" | {n} | {smem} | {at_once} |")
+    return "\n".join(lines)
+
+
+def test_coverage_of_every_kernel_path(emu, request):
+    """Runs last in this file: every kernel x tier x path x dtype of expected_paths() was
+    launched by the tests above (a path nobody runs fails here), blocks of multi-block
+    launches ran concurrently, and the static shared memory the block-tier row kernels
+    declared is what launch.h counts (and test_static_shared_memory_matches_the_cubin
+    checks against the compiled kernels). The table is written to build/emulation-coverage.md."""
+    this_file = [i for i in request.session.items if i.path == request.node.path]
+    ran_all = {i.originalname for i in this_file} >= {
+        n for n, f in globals().items() if n.startswith("test_") and callable(f)}
+    if not ran_all:
+        pytest.skip("part of test_cuda_emulation.py was deselected: coverage is judged on the whole file")
+    records = [r for r in emu.coverage() if not r[0].startswith("probe_")]  # not a backend kernel
+    table = coverage_table(records)
+    out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "emulation-coverage.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(table + "\n")
+    ran = {key for key, *_ in records}
+    missing = expected_paths() - ran
+    assert not missing, f"kernel paths no emulation test ran: {sorted(missing)}\n{table}"
+    unexpected = ran - expected_paths()
+    assert not unexpected, f"launches the coverage table does not list: {sorted(unexpected)}"
+    multi = [(key, at_once) for key, n, smem, at_once in records if "multi-split" in key]
+    assert multi and all(at_once > 1 for _, at_once in multi), multi
+    for key, n, smem, at_once in records:
+        if key.startswith("row_") and "_block<" in key:
+            backward, double = key.startswith("row_bwd"), "|float64|" in key
+            assert smem == emu.row_static_smem(backward, double), (key, smem)

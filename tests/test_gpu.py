@@ -98,3 +98,19 @@ def test_selftest_runs_and_passes_here():
     # and the parity suites cover those kernels.
     from fusednorm import selftest
     assert selftest.main(["--no-speed", "--no-interpreter"]) == 0
+
+
+def test_selftest_covers_the_cuda_tier_edges():
+    """On a GPU the selftest adds LayerNorm at every CUDA row-tier edge (from the built
+    kernels' own limits); the cases build and match torch.nn here on the CPU kernels."""
+    from fusednorm import selftest
+    edges = selftest.tier_edge_lengths()
+    assert {6144, 12288} <= set(edges)
+    if fusednorm._C.with_cuda:  # warp4/warp16 tops and one above, block tops per direction/precision
+        assert {128, 129, 512, 513} <= set(edges) and len(edges) >= 10, edges
+    edge_cases = [c for c in selftest.cases("cuda") if "edge" in c[0]]
+    assert [c[3][1] for c in edge_cases] == edges
+    assert not [c for c in selftest.cases("cpu") if "edge" in c[0]]
+    for name, make, make_ref, shape, cl in edge_cases[:: max(1, len(edge_cases) // 3)]:
+        ok, worst = selftest.check(name, make, make_ref, shape, cl, "cpu", torch.float32, "relu", True)
+        assert ok, (name, worst)

@@ -52,8 +52,9 @@ def test_triton_kernels_ran_without_fallback(kind, monkeypatch):
 
 
 # Limits that make small inputs take the long paths: rows longer than one block (loops in
-# the row kernels) and reductions split over several programs (merged partials).
-SMALL = dict(max_block=8, block_j=4, max_programs=64)
+# the row kernels), more rows than row programs (the grid-stride row loop) and reductions
+# split over several programs (merged partials).
+SMALL = dict(max_block=8, block_j=4, max_programs=64, max_row_programs=3)
 
 
 @TRITON_CPU
@@ -84,6 +85,32 @@ def test_multi_block_rows_and_split_reductions(kind, layout, dtype, activation):
     for (name, b), br in zip(ours.named_buffers(), ref.buffers()):
         if b.dtype.is_floating_point:
             assert_close(b, br, b.dtype, name)
+
+
+@TRITON_CPU
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_residual_add_rows_walked_grid_stride(rms):
+    """The pre-norm residual add with more rows than row programs (and rows longer than a
+    block): each program walks several rows, forward and backward, against the composition
+    of torch ops in float64."""
+    import torch.nn.functional as F
+
+    from fusednorm.functional import add_layer_norm, add_rms_norm
+    from fusednorm.triton import limits
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(7, 20, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    w = (torch.rand(20, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    dy, ds = torch.randn(7, 20, generator=g, dtype=torch.float64), torch.randn(7, 20, generator=g, dtype=torch.float64)
+    with fusednorm.use_backend("triton"), limits(**SMALL):
+        y, total = add_rms_norm(x, r, (20,), w, 1e-5) if rms else add_layer_norm(x, r, (20,), w, None, 1e-5)
+        grads = torch.autograd.grad((y * dy).sum() + (total * ds).sum(), [x, r, w])
+    t = x + r
+    yr = F.rms_norm(t, (20,), w, 1e-5) if rms else F.layer_norm(t, (20,), w, None, 1e-5)
+    grads_ref = torch.autograd.grad((yr * dy).sum() + (t * ds).sum(), [x, r, w])
+    assert_close(y, yr, torch.float64, "output")
+    assert_close(total, t, torch.float64, "sum")
+    for a, e, what in zip(grads, grads_ref, ("dx", "dresidual", "dweight")):
+        assert_close(a, e, torch.float64, what)
 
 
 @pytest.mark.slow

@@ -84,6 +84,29 @@ def edge_sizes(ops):
                         add_norms(ops, xi.contiguous(), last, lw, lb, act, pd)
 
 
+def beyond_int32(ops):
+    """The row kernels with 2^31 or more rows, or a row of 2^31 or more elements: the
+    runtime types those ints i64, the grid is capped below CUDA's 2^31 - 1 programs and the
+    rows are walked grid-stride. No such tensors here: small ones stand in for the pointers
+    (the binder reads only their dtype and alignment) in the argument order of
+    ops._rows_fwd / _rows_bwd."""
+    import triton.language as tl
+
+    from fusednorm.triton import row_kernels as rk
+    for rows, length in ((2 ** 31 + 7, 8), (2, 2 ** 31 + 3)):
+        for dtype, acc, pd in ((torch.float32, tl.float32, torch.float32), (torch.bfloat16, tl.float32, torch.float32),
+                               (torch.float64, tl.float64, torch.float64)):
+            x, st = torch.zeros(16, dtype=dtype), torch.zeros(16, dtype=pd)
+            block = tops._row_block(length)
+            meta = dict(ACT=2, HAS_W=True, HAS_B=True, RMS=False, HAS_RES=True, ACC=acc, BLOCK=block,
+                        num_warps=tops._num_warps(block))
+            scalars = tops._scalars(x, pd, eps=1e-5, act=(0.2, 0.0))
+            tops._launch(rk.row_fwd_kernel, tops._row_grid(rows), x, x, x, x, st, st, st, st, st, rows, length, 1,
+                         length, 1, scalars, STORE_M2=False, **meta)
+            tops._launch(rk.row_bwd_kernel, tops._row_grid(rows), x, x, x, x, st, st, st, st, rows, length, 1,
+                         length, 1, scalars, **meta)
+
+
 def add_norms(ops, x, last, w, b, act, pd):
     """RMSNorm and the residual add (add_norm_fwd/bwd): with and without a residual, each
     residual dtype and residual_in_fp32."""
@@ -143,6 +166,7 @@ def main():
     ops.layer_norm_fwd(big, [5000], None, None, 1e-5, 0, 0.0, 0.0)
     ops.layer_norm_bwd(big, big, [5000], torch.zeros(2), torch.ones(2), None, None, 0, 0.0, 0.0, [True, False, False])
     edge_sizes(ops)
+    beyond_int32(ops)
     print(f"compiled {len(seen)} kernel variants for sm_90 and sm_80")
     names = {k[1] for k in seen}
     expected = {"channel_moments_kernel", "channel_finish_kernel", "channel_apply_kernel",

@@ -12,7 +12,7 @@
 #ifdef FN_EMULATE
 #include "emulation.h"
 #define FN_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::fnemu::launch(kernel, grid, block, smem, __VA_ARGS__)
+  ::fnemu::launch(#kernel, kernel, grid, block, smem, __VA_ARGS__)
 #define FN_LAUNCH_CHECK()
 using fn_stream_t = void*;
 #else
@@ -24,6 +24,8 @@ using fn_stream_t = void*;
 #define FN_DYNAMIC_SMEM(type, name)                          \
   extern __shared__ __align__(16) unsigned char fn_smem_[]; \
   type* name = reinterpret_cast<type*>(fn_smem_)
+// `__shared__ type name dims;` (the emulation gives each concurrently running block its own).
+#define FN_SHARED(type, name, dims) __shared__ type name dims
 using fn_stream_t = cudaStream_t;
 #endif
 
@@ -86,7 +88,9 @@ __device__ __forceinline__ A warp_sum(A v) {
 // 32, at most 1024); every thread gets the result. Uses 32 slots of shared memory.
 template <typename A>
 __device__ __forceinline__ Moments<A> block_merge(Moments<A> m) {
-  __shared__ A s_count[kWarp], s_mean[kWarp], s_m2[kWarp];
+  FN_SHARED(A, s_count, [kWarp]);
+  FN_SHARED(A, s_mean, [kWarp]);
+  FN_SHARED(A, s_m2, [kWarp]);
   const int tid = threadIdx.x + threadIdx.y * blockDim.x;
   const int warps = (blockDim.x * blockDim.y) / kWarp;
   m = warp_merge(m);
@@ -106,7 +110,8 @@ __device__ __forceinline__ Moments<A> block_merge(Moments<A> m) {
 // Block-wide sums of two values; every thread gets both.
 template <typename A>
 __device__ __forceinline__ void block_sum2(A& a, A& b) {
-  __shared__ A s_a[kWarp], s_b[kWarp];
+  FN_SHARED(A, s_a, [kWarp]);
+  FN_SHARED(A, s_b, [kWarp]);
   const int tid = threadIdx.x + threadIdx.y * blockDim.x;
   const int warps = (blockDim.x * blockDim.y) / kWarp;
   a = warp_sum(a);

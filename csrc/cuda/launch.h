@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "elementwise_kernels.cuh"
 #include "reduce_kernels.cuh"
@@ -47,6 +48,17 @@ inline RowTier row_tier(int64_t L, bool backward) {
   if (L <= 4 * kWarp && lim.warp_cols >= 4) return RowTier::Warp4;
   if (L <= lim.warp_cols * kWarp && lim.warp_cols >= 16) return RowTier::Warp16;
   return row_block_smem<A>(L, backward) <= lim.smem_bytes ? RowTier::Block : RowTier::Long;
+}
+
+// The row lengths at which the tier changes, and one above each: warp4 | warp16 | block |
+// long (tests and the GPU selftest run them).
+template <typename A>
+inline std::vector<int64_t> row_tier_edges(bool backward) {
+  const Limits& lim = limits();
+  const int64_t static_smem = int64_t(backward ? kRowBwdStaticSmem<A> : kRowFwdStaticSmem<A>);
+  const int64_t top = (lim.smem_bytes - static_smem) / row_cache_bytes<A>(1, backward);
+  const int64_t warp = 4 * kWarp, warp16 = lim.warp_cols * kWarp;
+  return {warp, warp + 1, warp16, warp16 + 1, top, top + 1};
 }
 
 // What the CUDA runtime checks at a launch (no kernel here opts in to more than the default

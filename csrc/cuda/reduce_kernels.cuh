@@ -31,6 +31,7 @@ __device__ __forceinline__ Vec<A, K> shfl_xor(Vec<A, K> s, int offset) {
 template <typename A>
 struct MomentsOp {
   using State = Vec<A, 3>;
+  static constexpr const char* kName = "moments";  // the emulation's coverage label
   A* mean;            // [C] out
   A* rstd;            // [C] out
   A* m2;              // [C] out: sum((x - mean)^2)
@@ -62,6 +63,7 @@ struct MomentsOp {
 template <typename A>
 struct GradSumsOp {
   using State = Vec<A, 2>;
+  static constexpr const char* kName = "grad_sums";
   const A* mean;
   const A* rstd;
   const A* gamma;     // [C]
@@ -111,7 +113,7 @@ __device__ __forceinline__ State reduce_over_y(State s) {
   constexpr int K = sizeof(State) / sizeof(s.v[0]);
   using A = typename std::remove_reference<decltype(s.v[0])>::type;
   if (blockDim.x == 1) {  // 1-D block along y: warp shuffles, then one warp over the warps
-    __shared__ A slots[K][kWarp];
+    FN_SHARED(A, slots, [K][kWarp]);
     const int tid = threadIdx.y;
     for (int o = kWarp / 2; o > 0; o /= 2) s = Op::combine(s, shfl_xor(s, o));
     if (tid % kWarp == 0)
@@ -125,7 +127,7 @@ __device__ __forceinline__ State reduce_over_y(State s) {
     return w;
   }
   // 2-D block (32 columns x blockDim.y rows): through shared memory, row 0 combines.
-  __shared__ A grid[K][8][kWarp];
+  FN_SHARED(A, grid, [K][8][kWarp]);
   for (int k = 0; k < K; ++k) grid[k][threadIdx.y][threadIdx.x] = s.v[k];
   __syncthreads();
   State out = Op::identity();
@@ -149,7 +151,7 @@ __device__ __forceinline__ void finish_columns(const Op& op, typename Op::State 
   using State = typename Op::State;
   const int col = threadIdx.x;  // 0 for NCHW blocks (one column per block)
   if (threadIdx.y == 0 && col < ncols && col0 + col < C) partials[(col0 + col) * splits + split] = mine;
-  __shared__ bool is_last;
+  FN_SHARED(bool, is_last, );
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0 && threadIdx.y == 0) is_last = atomicAdd(&tickets[group], 1) == splits - 1;

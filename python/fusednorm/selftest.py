@@ -52,8 +52,24 @@ class AddNorm(nn.Module):
         return y + total
 
 
-def cases():
-    """(name, fusednorm module, torch.nn module, input shape, channels_last)."""
+def tier_edge_lengths():
+    """LayerNorm row lengths at and one above each CUDA row tier's top (warp, block-cached,
+    long rows: launch.h), both directions and both statistics types, and the common hidden
+    sizes 6144 and 12288 whose shared memory sits at the limit."""
+    edges = {6144, 12288}
+    if fusednorm._C.with_cuda:
+        for backward in (False, True):
+            for double in (False, True):
+                edges.update(fusednorm._C.cuda_row_tier_edges(backward, double))
+    return sorted(edges)
+
+
+EDGE_ACTS = (None, "relu")
+
+
+def cases(device="cpu"):
+    """(name, fusednorm module, torch.nn module, input shape, channels_last); on a GPU also
+    the row-tier edges (tier_edge_lengths, activations EDGE_ACTS only)."""
     yield "RMSNorm(96)", lambda a: fusednorm.RMSNorm(96, activation=a, negative_slope=0.1), lambda: nn.RMSNorm(96), (64, 96), False
     yield "RMSNorm(3000)", lambda a: fusednorm.RMSNorm(3000, activation=a, negative_slope=0.1), lambda: nn.RMSNorm(3000), (8, 3000), False
     yield "add+RMSNorm(1024)", lambda a: AddNorm(fusednorm.RMSNorm(1024, activation=a, negative_slope=0.1), True), lambda a: AddNorm(nn.RMSNorm(1024), False, a), (64, 1024), False
@@ -66,6 +82,13 @@ def cases():
     yield "LayerNorm(3000)", lambda a: fusednorm.LayerNorm(3000, activation=a, negative_slope=0.1), lambda: nn.LayerNorm(3000), (8, 3000), False
     yield "GroupNorm(4)", lambda a: fusednorm.GroupNorm(4, 16, activation=a, negative_slope=0.1), lambda: nn.GroupNorm(4, 16), (8, 16, 12, 12), False
     yield "GroupNorm(4) NHWC", lambda a: fusednorm.GroupNorm(4, 16, activation=a, negative_slope=0.1), lambda: nn.GroupNorm(4, 16), (8, 16, 12, 12), True
+    if device != "cpu":
+        for n in tier_edge_lengths():
+            yield f"LayerNorm({n}) edge", *_layer_norm_pair(n), (4, n), False
+
+
+def _layer_norm_pair(n):
+    return (lambda a: fusednorm.LayerNorm(n, activation=a)), (lambda: nn.LayerNorm(n))
 
 
 def tolerance(dtype):
@@ -168,13 +191,13 @@ def main(argv=None):
     print(f"fusednorm {fusednorm.__version__}, torch {torch.__version__}, CPU kernels: {fusednorm.cpu_isa()}, "
           f"CUDA kernels built: {fusednorm._C.with_cuda}, GPU: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'}")
-    print(f"{'device':6} {'backend':7} {'case':18} {'dtype':9} {'activation':11} {'mode':5} result")
+    print(f"{'device':6} {'backend':7} {'case':22} {'dtype':9} {'activation':11} {'mode':5} result")
     failures = 0
     for device, backend in runs:
         dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
-        for name, make, make_ref, shape, cl in cases():
+        for name, make, make_ref, shape, cl in cases(device):
             for dtype in dtypes:
-                for act in ACTS if dtype == torch.float32 else COMMON_ACTS:
+                for act in EDGE_ACTS if "edge" in name else ACTS if dtype == torch.float32 else COMMON_ACTS:
                     for train in (True, False):
                         try:
                             with fusednorm.use_backend(backend):
@@ -183,7 +206,7 @@ def main(argv=None):
                         except Exception as e:  # noqa: BLE001 - reported, counted as a failure
                             ok, result = False, f"FAIL ({type(e).__name__}: {e})"
                         failures += not ok
-                        print(f"{device:6} {backend:7} {name:18} {str(dtype)[6:]:9} {str(act):11} "
+                        print(f"{device:6} {backend:7} {name:22} {str(dtype)[6:]:9} {str(act):11} "
                               f"{'train' if train else 'eval':5} {result}")
     if not args.no_speed:
         print("\nspeed (fwd+bwd, medians of a short interleaved run; indicative, see bench/bench.py):")

@@ -36,6 +36,51 @@ int64_t row_static_smem(bool backward, bool double_precision) {
   return int64_t(backward ? kRowBwdStaticSmem<float> : kRowFwdStaticSmem<float>);
 }
 
+std::vector<int64_t> tier_edges(bool backward, bool double_precision) {
+  using namespace fusednorm::cuda;
+  return double_precision ? row_tier_edges<double>(backward) : row_tier_edges<float>(backward);
+}
+
+// Blocks run at once, and the seed of the launches' shuffled block order.
+void set_emulation(int64_t teams, int64_t seed) {
+  fnemu::settings().teams = int(teams);
+  fnemu::settings().seed = uint64_t(seed);
+}
+
+// Every launch since the last reset: (kernel|op|element type|splits, launches, the most
+// static shared memory a launch used, the most blocks seen running at once).
+std::vector<std::tuple<std::string, int64_t, int64_t, int64_t>> coverage() {
+  std::lock_guard<std::mutex> lock(fnemu::coverage_mutex());
+  std::vector<std::tuple<std::string, int64_t, int64_t, int64_t>> out;
+  for (const auto& [key, r] : fnemu::coverage()) out.emplace_back(key, r.launches, r.static_smem, r.in_flight);
+  return out;
+}
+
+void reset_coverage() {
+  std::lock_guard<std::mutex> lock(fnemu::coverage_mutex());
+  fnemu::coverage().clear();
+}
+
+// A kernel with an ordering bug, for the test that the emulation exposes one: the block with
+// the highest index sums every block's partial, assuming the others ran before it (what a
+// sequential, in-order emulation makes true). Returns the sum of 0..blocks-1 it computed.
+__global__ void probe_last_index_sums(float* partial, float* out) {
+  if (threadIdx.x == 0) partial[blockIdx.x] = float(blockIdx.x);
+  __syncthreads();
+  if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1) {
+    float s = 0;
+    for (unsigned b = 0; b < gridDim.x; ++b) s += partial[b];
+    *out = s;
+  }
+}
+
+double ordering_probe(int64_t blocks) {
+  std::vector<float> partial(size_t(blocks), 0.0f);
+  float out = 0;
+  FN_LAUNCH(probe_last_index_sums, dim3(unsigned(blocks)), dim3(32), 0, nullptr, partial.data(), &out);
+  return out;
+}
+
 int64_t splits(bool nhwc, int64_t N, int64_t C, int64_t S) {
   return fusednorm::cuda::plan_channels(nhwc, N, C, S).splits;
 }
@@ -47,4 +92,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_tier", &tier_name);
   m.def("splits", &splits);
   m.def("row_static_smem", &row_static_smem);
+  m.def("row_tier_edges", &tier_edges);
+  m.def("set_emulation", &set_emulation);
+  m.def("coverage", &coverage);
+  m.def("reset_coverage", &reset_coverage);
+  m.def("ordering_probe", &ordering_probe);
 }

@@ -37,7 +37,8 @@ _NS = "fusednorm_triton"
 
 # Launch shapes. Tests shrink them (limits()) so that small inputs take the multi-block
 # and multi-split paths.
-_LIMITS = {"max_block": 4096, "block_j": 64, "elementwise_block": 1024, "max_programs": 1024}
+_LIMITS = {"max_block": 4096, "block_j": 64, "elementwise_block": 1024, "max_programs": 1024,
+           "max_row_programs": 2**31 - 1}  # CUDA's grid x limit: more rows are walked grid-stride
 
 launches = collections.Counter()  # kernel name -> number of launches
 
@@ -293,6 +294,10 @@ def batch_norm_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
 
 # ---- per-row (LayerNorm, GroupNorm, InstanceNorm) ---------------------------------------
 
+def _row_grid(rows):
+    return (min(rows, _LIMITS["max_row_programs"]),)
+
+
 def _row_block(length):
     return min(_LIMITS["max_block"], triton.next_power_of_2(max(length, 1)))
 
@@ -309,8 +314,8 @@ def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, act
     m2 = torch.empty(rows, dtype=stat_dtype, device=x.device) if store_m2 else None
     if rows and length:
         block = _row_block(length)
-        _launch(rk.row_fwd_kernel, (rows,), x, _or(residual, x), _or(total, x), y, _or(weight, mean), _or(bias, mean),
-                mean, rstd, _or(m2, mean), length, groups, per_group, s,
+        _launch(rk.row_fwd_kernel, _row_grid(rows), x, _or(residual, x), _or(total, x), y, _or(weight, mean),
+                _or(bias, mean), mean, rstd, _or(m2, mean), rows, length, groups, per_group, s,
                 _scalars(x, stat_dtype, eps=eps, act=act_ab), ACT=act, HAS_W=weight is not None,
                 HAS_B=bias is not None, STORE_M2=store_m2, RMS=rms, HAS_RES=residual is not None, ACC=acc,
                 BLOCK=block, num_warps=_num_warps(block))
@@ -328,8 +333,8 @@ def _rows_bwd(dy, x, mean, rstd, rows, length, groups, per_group, s, weight, bia
     if rows and length:
         _, acc = _acc(x)
         block = _row_block(length)
-        _launch(rk.row_bwd_kernel, (rows,), dy, x, _or(dres, x), dx, _or(weight, mean), _or(bias, mean), mean,
-                rstd, length, groups, per_group, s, _scalars(x, mean.dtype, act=act_ab), ACT=act,
+        _launch(rk.row_bwd_kernel, _row_grid(rows), dy, x, _or(dres, x), dx, _or(weight, mean), _or(bias, mean),
+                mean, rstd, rows, length, groups, per_group, s, _scalars(x, mean.dtype, act=act_ab), ACT=act,
                 HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, HAS_RES=dres is not None, ACC=acc,
                 BLOCK=block, num_warps=_num_warps(block))
     return dx

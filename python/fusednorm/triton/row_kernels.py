@@ -1,7 +1,8 @@
 """Triton kernels for per-row normalisation: LayerNorm, GroupNorm and InstanceNorm.
 
-The contiguous input is R rows of L elements; one program per row, looping over the row in
-blocks of BLOCK (a row longer than one block is never a problem). The parameter of element
+The contiguous input is R rows of L elements; one program per row (a grid-stride loop when
+R exceeds the grid, capped below CUDA's 2^31 - 1 programs), looping over the row in blocks
+of BLOCK (a row longer than one block is never a problem). The parameter of element
 i of row r is (r % G) * P + i // S:
   LayerNorm     G = 1,          P = L,    S = 1   (parameter = column)
   GroupNorm     G = num_groups, P = C/G,  S = spatial size
@@ -39,43 +40,44 @@ def _params(w_ptr, b_ptr, p, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC
 
 
 @triton.jit
-def row_fwd_kernel(x_ptr, r_ptr, s_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, L, G, P, S, scalars_ptr,
+def row_fwd_kernel(x_ptr, r_ptr, s_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, R, L, G, P, S, scalars_ptr,
                    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    STORE_M2: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr):
     eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
-    r = tl.program_id(0).to(tl.int64)
-    row = r * L
-    count = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
-    mean = count
-    m2 = count
-    for i0 in range(0, L, BLOCK):
-        i = i0 + tl.arange(0, BLOCK)
-        mask = i < L
-        x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
-        if HAS_RES:  # the sum as stored (in its dtype) is what is normalised
-            s = round_for(x + tl.load(r_ptr + row + i, mask=mask, other=0.0).to(ACC), s_ptr)
-            tl.store(s_ptr + row + i, s, mask=mask)
-            x = s.to(ACC)
-        b_count, b_mean, b_m2 = block_moments(x, mask, 0)
-        count, mean, m2 = merge(count, mean, m2, b_count, b_mean, b_m2)
-    if RMS:
-        m2 = m2_about_zero(m2, mean, count)
-        mean = count * 0.0  # (count is finite; mean may not be)
-    rstd = rstd_from_m2(m2, count, eps)
-    tl.store(mean_ptr + r, mean)
-    tl.store(rstd_ptr + r, rstd)
-    if STORE_M2:
-        tl.store(m2_ptr + r, m2)
-    first_param = (r % G) * P
-    src_ptr = s_ptr if HAS_RES else x_ptr
-    for i0 in range(0, L, BLOCK):
-        i = i0 + tl.arange(0, BLOCK)
-        mask = i < L
-        x = tl.load(src_ptr + row + i, mask=mask, other=0.0).to(ACC)
-        gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
-        y = activate(pre_activation(x, mean, rstd * gamma, beta), ACT, act_a, act_b)
-        tl.store(y_ptr + row + i, round_for(y, y_ptr), mask=mask)
+    for rr in range(tl.program_id(0), R, tl.num_programs(0)):  # grid-stride over the rows
+        r = tl.cast(rr, tl.int64)
+        row = r * L
+        count = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
+        mean = count
+        m2 = count
+        for i0 in range(0, L, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            mask = i < L
+            x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
+            if HAS_RES:  # the sum as stored (in its dtype) is what is normalised
+                s = round_for(x + tl.load(r_ptr + row + i, mask=mask, other=0.0).to(ACC), s_ptr)
+                tl.store(s_ptr + row + i, s, mask=mask)
+                x = s.to(ACC)
+            b_count, b_mean, b_m2 = block_moments(x, mask, 0)
+            count, mean, m2 = merge(count, mean, m2, b_count, b_mean, b_m2)
+        if RMS:
+            m2 = m2_about_zero(m2, mean, count)
+            mean = count * 0.0  # (count is finite; mean may not be)
+        rstd = rstd_from_m2(m2, count, eps)
+        tl.store(mean_ptr + r, mean)
+        tl.store(rstd_ptr + r, rstd)
+        if STORE_M2:
+            tl.store(m2_ptr + r, m2)
+        first_param = (r % G) * P
+        src_ptr = s_ptr if HAS_RES else x_ptr
+        for i0 in range(0, L, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            mask = i < L
+            x = tl.load(src_ptr + row + i, mask=mask, other=0.0).to(ACC)
+            gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
+            y = activate(pre_activation(x, mean, rstd * gamma, beta), ACT, act_a, act_b)
+            tl.store(y_ptr + row + i, round_for(y, y_ptr), mask=mask)
 
 
 @triton.jit
@@ -93,31 +95,32 @@ def _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S, mean, r
 
 
 @triton.jit
-def row_bwd_kernel(dy_ptr, x_ptr, dres_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, L, G, P, S, scalars_ptr,
+def row_bwd_kernel(dy_ptr, x_ptr, dres_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, R, L, G, P, S, scalars_ptr,
                    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
                    HAS_RES: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
-    r = tl.program_id(0).to(tl.int64)
-    row = r * L
-    mean = tl.load(mean_ptr + r)
-    rstd = tl.load(rstd_ptr + r)
-    first_param = (r % G) * P
-    sum_dy = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
-    sum_dyxhat = sum_dy
-    for i0 in range(0, L, BLOCK):
-        i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
-                                           mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
-        if not RMS:  # RMSNorm has no mean, so no mean(dyhat) term
-            sum_dy += tl.sum(g * (rstd * gamma), axis=0)
-        sum_dyxhat += tl.sum(g * gamma * (x - mean) * rstd, axis=0)
-    for i0 in range(0, L, BLOCK):
-        i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
-                                           mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
-        a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, tl.cast(L, ACC))
-        dx = a * g + b * (x - mean) + k
-        if HAS_RES:
-            dx += tl.load(dres_ptr + row + i, mask=mask, other=0.0).to(ACC)
-        tl.store(dx_ptr + row + i, round_for(dx, dx_ptr), mask=mask)
+    for rr in range(tl.program_id(0), R, tl.num_programs(0)):  # grid-stride over the rows
+        r = tl.cast(rr, tl.int64)
+        row = r * L
+        mean = tl.load(mean_ptr + r)
+        rstd = tl.load(rstd_ptr + r)
+        first_param = (r % G) * P
+        sum_dy = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
+        sum_dyxhat = sum_dy
+        for i0 in range(0, L, BLOCK):
+            i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
+                                               mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
+            if not RMS:  # RMSNorm has no mean, so no mean(dyhat) term
+                sum_dy += tl.sum(g * (rstd * gamma), axis=0)
+            sum_dyxhat += tl.sum(g * gamma * (x - mean) * rstd, axis=0)
+        for i0 in range(0, L, BLOCK):
+            i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
+                                               mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
+            a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, tl.cast(L, ACC))
+            dx = a * g + b * (x - mean) + k
+            if HAS_RES:
+                dx += tl.load(dres_ptr + row + i, mask=mask, other=0.0).to(ACC)
+            tl.store(dx_ptr + row + i, round_for(dx, dx_ptr), mask=mask)
 
 
 @triton.jit
