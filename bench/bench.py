@@ -8,8 +8,14 @@ torch.compile of the torch.nn version, timed in the same process.
 
 Per case: median time of each implementation (torch.utils.benchmark, with warm-up), the
 speed-up ratio eager/fusednorm and compile/fusednorm, the effective bandwidth (the bytes
-the operation must move, divided by fusednorm's time) and that as a fraction of the
-measured copy bandwidth for a tensor of the same size (the floor no kernel beats).
+the operation must move, divided by fusednorm's time) and fusednorm's time over the memory
+floor: preallocated torch ops that move the same bytes (a copy per read-write pair of
+tensors, an add for an odd one), timed in the same rounds. No kernel gets below 1.
+
+Same allocator on both sides by default: glibc keeps freed memory (as CUDA's caching
+allocator does) and fusednorm's CPU output cache is off unless FUSEDNORM_CPU_CACHE_MB or
+fusednorm.set_cpu_cache() turned it on (the header says which). --system-malloc keeps
+glibc's dynamic thresholds instead (what a default process gets: page faults included).
 """
 import argparse
 import contextlib
@@ -161,8 +167,8 @@ def steady_malloc():
     """Make glibc keep freed memory (as CUDA's caching allocator does) instead of its
     dynamic mmap/trim thresholds, which flip between reusing memory and page-faulting every
     new 25 MB tensor depending on the allocation history (the same eager call measured 4 ms
-    and 15 ms in one process). --steady-malloc: kernel-only numbers; the default keeps
-    glibc's behaviour, which is what users run (page faults included)."""
+    and 15 ms in one process): kernel-against-kernel numbers, the default. --system-malloc
+    keeps glibc's behaviour."""
     import ctypes
     import ctypes.util
     name = ctypes.util.find_library("c")
@@ -183,15 +189,21 @@ def median_time(fn, device, min_run_time):
     return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-def copy_bandwidth(numel, dtype, device, min_run_time, cache={}):
-    """Bytes/s of a plain copy of a tensor of this size: the floor for a memory-bound op."""
-    key = (numel, dtype, device)
-    if key not in cache:
-        src = torch.randn(numel, device=device).to(dtype)
-        dst = torch.empty_like(src)
-        t = median_time(lambda: dst.copy_(src), device, min_run_time)
-        cache[key] = 2 * src.numel() * src.element_size() / t
-    return cache[key]
+def floor_fn(tensors, x):
+    """Preallocated torch ops that move `tensors` tensor-sized passes over memory (the
+    fewest any implementation of the case must move): an add (read two, write one) when
+    the count is odd, then copies (read one, write one)."""
+    a, b, out = x.detach(), torch.randn_like(x), torch.empty_like(x)
+    ops, n = [], tensors
+    if n % 2:
+        ops.append(lambda: torch.add(a, b, out=out))
+        n -= 3
+    ops += [lambda: out.copy_(a)] * (n // 2)
+
+    def floor():
+        for op in ops:
+            op()
+    return floor
 
 
 def peak_memory(fn, device):
@@ -240,6 +252,7 @@ def run_case(case, compile_ref, min_run_time):
         impls["compile"] = torch.compile(ref)
     fns = {k: step_fn(m, x, g, case.backward, case.backend if k == "fusednorm" else "auto")
            for k, m in impls.items()}
+    fns["floor"] = floor_fn(tensors, x)
     # Interleaved rounds, median of the rounds' medians: slow drifts hit every column alike.
     times = {k: [] for k in fns}
     for _ in range(ROUNDS):
@@ -251,8 +264,9 @@ def run_case(case, compile_ref, min_run_time):
     row["speedup_vs_eager"] = row["eager_s"] / row["fusednorm_s"]
     row["speedup_vs_compile"] = row["compile_s"] / row["fusednorm_s"] if row["compile_s"] else None
     row["bandwidth_GBps"] = nbytes / row["fusednorm_s"] / 1e9
-    copy_bw = copy_bandwidth(x.numel(), x.dtype, case.device, min_run_time)
-    row["fraction_of_copy"] = nbytes / row["fusednorm_s"] / copy_bw
+    row["floor_s"] = med["floor"]
+    row["floor_ratio"] = row["fusednorm_s"] / row["floor_s"]
+    row["eager_floor_ratio"] = row["eager_s"] / row["floor_s"]
     row["peak_mem_MiB_fusednorm"] = row["peak_mem_MiB_eager"] = None
     if case.backward:
         for impl, m in (("fusednorm", ours), ("eager", ref)):
@@ -383,9 +397,9 @@ def fmt_ratio(v):
 
 def markdown(rows):
     lines = [
-        "| case | fusednorm | eager | compile | vs eager | vs compile | GB/s | of copy | peak MiB fwd+bwd "
-        "(fusednorm / eager) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | fusednorm | eager | compile | vs eager | vs compile | GB/s | floor | × floor "
+        "(fusednorm / eager) | peak MiB fwd+bwd (fusednorm / eager) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         comp = "—" if r["compile_s"] is None else f"{r['compile_s'] * 1e3:.2f} ms"
@@ -395,7 +409,8 @@ def markdown(rows):
         lines.append(
             f"| {r['case']} | {r['fusednorm_s'] * 1e3:.2f} ms | {r['eager_s'] * 1e3:.2f} ms | {comp} | "
             f"{fmt_ratio(r['speedup_vs_eager'])} | {fmt_ratio(r['speedup_vs_compile'])} | "
-            f"{r['bandwidth_GBps']:.1f} | {r['fraction_of_copy'] * 100:.0f}% | {mem} |"
+            f"{r['bandwidth_GBps']:.1f} | {r['floor_s'] * 1e3:.2f} ms | "
+            f"{r['floor_ratio']:.2f} / {r['eager_floor_ratio']:.2f} | {mem} |"
         )
     return "\n".join(lines)
 
@@ -437,8 +452,9 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
     p.add_argument("--no-sync", action="store_true", help="skip the distributed (2 gloo ranks) case")
-    p.add_argument("--steady-malloc", action="store_true",
-                   help="keep freed memory (no page faults on new tensors): kernel-only timings")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's dynamic thresholds (page faults on new tensors, as a default process "
+                        "gets) instead of keeping freed memory on both sides")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--csv", help="write the results as CSV")
     p.add_argument("--plot", help="write a PNG of the speed-ups (needs matplotlib)")
@@ -451,12 +467,15 @@ def main(argv=None):
     min_run_time = args.min_run_time or (0.1 if args.full else 0.2)
     compile_ref = not args.no_compile and not args.full
     warnings.filterwarnings("ignore")
-    steady = args.steady_malloc and steady_malloc()
+    steady = not args.system_malloc and steady_malloc()
+    cache = fusednorm.cpu_cache_info()
+    cache_state = f"on (up to {cache['limit_bytes'] >> 20} MiB)" if cache["limit_bytes"] else "off"
     cpu = platform.processor() or platform.machine()
     header = (f"fusednorm {fusednorm.__version__}, torch {torch.__version__}, {cpu}, "
               f"{torch.get_num_threads()} threads, CPU kernels: {fusednorm.cpu_isa()}, "
               f"{datetime.date.today().isoformat()}, "
-              f"{'steady malloc (freed memory kept)' if steady else 'system malloc'}")
+              f"{'steady malloc (freed memory kept)' if steady else 'system malloc'}, fusednorm CPU output cache "
+              f"{cache_state}")
     rows = []
     start = time.time()
     for i, case in enumerate(cases):
@@ -485,6 +504,8 @@ def main(argv=None):
         for k, v in sync.items():
             print(f"| {k} | {v * 1e3:.2f} ms | {base / v:.2f}× |")
     slower = [r["case"] for r in rows if r["speedup_vs_eager"] < 1 or (r["speedup_vs_compile"] or 2) < 1]
+    if cache["limit_bytes"]:
+        print(f"\nfusednorm's CPU output cache holds {fusednorm.cpu_cache_info()['cached_bytes'] / 2**20:.0f} MiB")
     print(f"\n{len(rows)} cases in {time.time() - start:.0f} s; slower than eager or compile: "
           f"{', '.join(slower) if slower else 'none'}")
     if args.json:

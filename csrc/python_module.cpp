@@ -20,6 +20,15 @@ PYBIND11_MODULE(_C, m) {
         "Instruction set of the CPU kernels in use (default, avx2 or avx512)");
   m.def("empty_cpu_cache", &fusednorm::cpu::empty_output_cache,
         "Frees the CPU output blocks (2 MiB and larger) kept for reuse by later outputs");
+  m.def("set_cpu_cache_limit", &fusednorm::cpu::set_output_cache_limit, py::arg("bytes"),
+        "Limit of the CPU output cache in bytes (0: off); use fusednorm.set_cpu_cache");
+  m.def("cpu_cache_info", [] {
+    const auto info = fusednorm::cpu::output_cache_info();
+    py::dict d;
+    d["limit_bytes"] = info.limit_bytes;
+    d["cached_bytes"] = info.cached_bytes;
+    return d;
+  }, "The CPU output cache: {'limit_bytes': its limit (0: off), 'cached_bytes': what it holds}");
 #ifdef FUSEDNORM_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("cuda_row_tier_edges", &fusednorm::cuda::row_tier_edges_for, py::arg("backward"),

@@ -22,5 +22,8 @@ def test_bench_writes_table_json_and_csv(tmp_path):
     rows = json.loads(out_json.read_text())["rows"]
     assert rows and all(r["fusednorm_s"] > 0 and r["eager_s"] > 0 for r in rows)
     assert all(abs(r["speedup_vs_eager"] - r["eager_s"] / r["fusednorm_s"]) < 1e-9 for r in rows)
+    # the memory floor is timed beside them; same allocator on both sides by default
+    assert all(r["floor_s"] > 0 and abs(r["floor_ratio"] - r["fusednorm_s"] / r["floor_s"]) < 1e-9 for r in rows)
+    assert "steady malloc" in res.stdout and "output cache off" in res.stdout
     with open(out_csv) as f:
         assert len(list(csv.DictReader(f))) == len(rows)

@@ -1,5 +1,5 @@
-"""The CPU ops' large outputs (csrc/cpu/output_alloc.cpp): huge-page blocks reused through
-a small cache. Reuse must never show stale data or share memory between live tensors, and
+"""The CPU ops' large outputs (csrc/cpu/output_alloc.cpp): huge-page blocks, reused through
+an opt-in cache. Reuse must never show stale data or share memory between live tensors, and
 the tensors must behave like any other (resize, free, cache release)."""
 import os
 import subprocess
@@ -14,11 +14,20 @@ from helpers import assert_close
 BIG = (64, 128, 32, 32)  # 32 MiB of float32: well above the 2 MiB threshold
 
 
+@pytest.fixture
+def cache_on():
+    """The output cache turned on (256 MiB) for the test, off again after it."""
+    before = fusednorm.cpu_cache_info()["limit_bytes"]
+    fusednorm.set_cpu_cache(256)
+    yield
+    fusednorm.set_cpu_cache(before >> 20)
+
+
 def _reference(x, bn):
     return torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True)
 
 
-def test_reused_blocks_hold_fresh_results_and_live_tensors_never_share():
+def test_reused_blocks_hold_fresh_results_and_live_tensors_never_share(cache_on):
     bn = fusednorm.BatchNorm2d(BIG[1])
     x1 = torch.randn(BIG)
     y1 = bn(x1)
@@ -34,7 +43,7 @@ def test_reused_blocks_hold_fresh_results_and_live_tensors_never_share():
     assert_close(y2, _reference(x2, bn), torch.float32, "first output left intact")
 
 
-def test_outputs_behave_like_ordinary_tensors():
+def test_outputs_behave_like_ordinary_tensors(cache_on):
     ln = fusednorm.LayerNorm(1024)
     x = torch.randn(1024, 1024, requires_grad=True)
     y = ln(x)
@@ -49,8 +58,34 @@ def test_outputs_behave_like_ordinary_tensors():
     assert_close(ln(x), z, torch.float32, "after emptying the cache")
 
 
+def test_cache_is_off_by_default_and_reports_what_it_holds():
+    """Off unless turned on (FUSEDNORM_CPU_CACHE_MB is not set in the test environment);
+    set_cpu_cache turns it on and down, freeing what no longer fits; bad limits are a
+    ValueError."""
+    assert "FUSEDNORM_CPU_CACHE_MB" not in os.environ, "run without FUSEDNORM_CPU_CACHE_MB"
+    bn = fusednorm.BatchNorm2d(BIG[1])
+    x = torch.randn(BIG)
+    assert fusednorm.cpu_cache_info() == {"limit_bytes": 0, "cached_bytes": 0}
+    y = bn(x)
+    del y  # freed with the cache off: not kept
+    assert fusednorm.cpu_cache_info()["cached_bytes"] == 0
+    try:
+        fusednorm.set_cpu_cache(64)
+        y = bn(x)
+        nbytes = y.numel() * y.element_size()
+        del y
+        assert fusednorm.cpu_cache_info() == {"limit_bytes": 64 << 20, "cached_bytes": nbytes}
+        fusednorm.set_cpu_cache(16)  # below what it holds: the block is freed
+        assert fusednorm.cpu_cache_info() == {"limit_bytes": 16 << 20, "cached_bytes": 0}
+    finally:
+        fusednorm.set_cpu_cache(0)
+    for bad in (-1, 1.5, True, "64"):
+        with pytest.raises(ValueError, match="non-negative number of MiB"):
+            fusednorm.set_cpu_cache(bad)
+
+
 @pytest.mark.slow
-def test_cache_can_be_disabled():
+def test_environment_variable_turns_the_cache_on():
     code = ("import torch, fusednorm\n"
             "bn = fusednorm.BatchNorm2d(128)\n"
             "x = torch.randn(64, 128, 32, 32)\n"
@@ -59,7 +94,8 @@ def test_cache_can_be_disabled():
             "    y = bn(x)\n"
             "    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)\n"
             "    del y\n"
-            "print('ok')\n")
-    env = dict(os.environ, FUSEDNORM_CPU_CACHE_MB="0")
+            "print(fusednorm.cpu_cache_info())\n")
+    env = dict(os.environ, FUSEDNORM_CPU_CACHE_MB="64")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    assert out.returncode == 0, out.stderr
+    assert f"{{'limit_bytes': {64 << 20}, 'cached_bytes': {32 << 20}}}" in out.stdout, out.stdout

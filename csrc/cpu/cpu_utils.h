@@ -34,6 +34,12 @@ at::Tensor empty_output_like(const at::Tensor& x, at::ScalarType dtype,
                              at::MemoryFormat format = at::MemoryFormat::Contiguous);
 // Frees the large output blocks output_alloc.cpp keeps for reuse.
 void empty_output_cache();
+// The output cache's limit (0: off) and the bytes it holds.
+struct CacheInfo {
+  size_t limit_bytes, cached_bytes;
+};
+void set_output_cache_limit(size_t bytes);
+CacheInfo output_cache_info();
 
 // t, or an empty tensor of its own when t is undefined (an op's outputs must not alias).
 inline at::Tensor or_empty(const at::Tensor& t, const at::TensorOptions& options) {

@@ -8,10 +8,12 @@
 // or more:
 //  - are 2 MiB-aligned and marked MADV_HUGEPAGE (what torch's opt-in THP_MEM_ALLOC_ENABLE=1
 //    does for every allocation): fresh memory is mapped 2 MiB at a time;
-//  - go, when freed, to a small cache of blocks kept for the next output of the same
-//    rounded size (like CUDA's caching allocator): a training loop, which repeats its
-//    shapes, writes warm memory. The cache holds at most FUSEDNORM_CPU_CACHE_MB megabytes
-//    (default 256; 0 disables it); fusednorm.empty_cpu_cache() frees it.
+//  - can go, when freed, to a cache of blocks kept for the next output of the same rounded
+//    size (like CUDA's caching allocator): a training loop, which repeats its shapes,
+//    writes warm memory. Opt-in, off by default: it holds memory, and it makes comparisons
+//    with torch.nn measure allocation rather than kernels. FUSEDNORM_CPU_CACHE_MB at load
+//    or fusednorm.set_cpu_cache(MiB) sets its limit; cpu_cache_info() reports it;
+//    fusednorm.empty_cpu_cache() frees it.
 // Each block handed out and given back is reported to torch's profiler, as torch's own CPU
 // allocator reports its allocations, so memory profiles (profile_memory=True) count it.
 #include <ATen/ATen.h>
@@ -42,7 +44,7 @@ struct Block {
 
 size_t cache_limit_from_env() {
   const char* v = std::getenv("FUSEDNORM_CPU_CACHE_MB");
-  const long mb = v ? std::atol(v) : 256;
+  const long mb = v ? std::atol(v) : 0;
   return mb > 0 ? size_t(mb) << 20 : 0;
 }
 
@@ -69,12 +71,17 @@ class OutputAllocator final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
-  void empty_cache() {
+  void empty_cache() { trim(0); }
+
+  // A new limit; blocks beyond it are freed.
+  void set_limit(size_t bytes) {
+    limit_.store(bytes);
+    trim(bytes);
+  }
+
+  CacheInfo info() {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& [size, blocks] : cached_)
-      for (Block* b : blocks) destroy(b);
-    cached_.clear();
-    cached_bytes_ = 0;
+    return {limit_.load(), cached_bytes_};
   }
 
   static OutputAllocator& get() {
@@ -93,13 +100,24 @@ class OutputAllocator final : public c10::Allocator {
     return b;
   }
 
+  // Frees cached blocks until at most `keep` bytes are cached.
+  void trim(size_t keep) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [size, blocks] : cached_)
+      while (!blocks.empty() && cached_bytes_ > keep) {
+        destroy(blocks.back());
+        blocks.pop_back();
+        cached_bytes_ -= size;
+      }
+  }
+
   static void release(void* ctx) {
     Block* b = static_cast<Block*>(ctx);
     OutputAllocator& self = get();
     self.report(b, -int64_t(b->size));
     {
       std::lock_guard<std::mutex> lock(self.mutex_);
-      if (self.cached_bytes_ + b->size <= self.limit_) {
+      if (self.cached_bytes_ + b->size <= self.limit_.load()) {
         self.cached_[b->size].push_back(b);
         self.cached_bytes_ += b->size;
         return;
@@ -124,7 +142,7 @@ class OutputAllocator final : public c10::Allocator {
   std::unordered_map<size_t, std::vector<Block*>> cached_;
   size_t cached_bytes_ = 0;
   std::atomic<size_t> live_bytes_{0};  // handed out and not yet given back
-  const size_t limit_ = cache_limit_from_env();
+  std::atomic<size_t> limit_{cache_limit_from_env()};
 };
 
 }  // namespace
@@ -139,6 +157,10 @@ at::Tensor empty_output_like(const at::Tensor& x, at::MemoryFormat format) {
 }
 
 void empty_output_cache() { OutputAllocator::get().empty_cache(); }
+
+void set_output_cache_limit(size_t bytes) { OutputAllocator::get().set_limit(bytes); }
+
+CacheInfo output_cache_info() { return OutputAllocator::get().info(); }
 
 }  // namespace cpu
 }  // namespace fusednorm
