@@ -135,6 +135,21 @@ def test_group_norm_groups(groups, layout):
     compare(ours, ref, make_input((3, 6, 4, 5), torch.float32, layout))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_group_norm_channels_last_fewer_samples_than_threads(batch, dtype):
+    """Channels_last GroupNorm with fewer samples than threads splits each sample's rows
+    over the threads (partial column moments and gradient sums merged per channel): the
+    same results as torch.nn, forward and backward, with an activation."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)  # 1 or 3 samples: 2 row chunks each (1024 rows of 64 channels)
+        ours, ref = pair(fusednorm.GroupNorm, torch.nn.GroupNorm, 8, 64, activation="silu")
+        compare(ours.to(dtype), ref.to(dtype), make_input((batch, 64, 32, 32), dtype, "channels_last"), dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_group_norm_2d_input_and_many_channels_per_group():
     # 2-D input (no spatial dims) and more than 64 channels per group (the fold batches).
     ours, ref = pair(fusednorm.GroupNorm, torch.nn.GroupNorm, 2, 160)

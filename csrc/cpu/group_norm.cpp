@@ -30,6 +30,23 @@ Moments<A> merge_channels(const A* cmean, const A* cm2, int64_t c0, int64_t cg, 
   return acc;
 }
 
+// Channels_last: row chunks per sample, so that a batch with fewer samples than threads
+// still uses every thread (1 when each thread has a sample, or a chunk would be small).
+inline int64_t sample_splits(const GnShape& s) {
+  const int64_t threads = at::get_num_threads();
+  if (s.N <= 0 || s.N >= threads) return 1;
+  return std::max<int64_t>(1, std::min((threads + s.N - 1) / s.N, num_chunks(s.S, grain(s.C))));
+}
+
+// Task t of N*P: rows [s0, s1) of sample n, chunk t % P of sample t / P.
+struct SampleChunk {
+  int64_t n, s0, s1;
+};
+inline SampleChunk sample_chunk(int64_t S, int64_t P, int64_t t) {
+  const int64_t n = t / P, p = t % P;
+  return {n, p * S / P, (p + 1) * S / P};
+}
+
 // Forward. Writes mean/rstd per (n, g) and, if m2 is given, each group's M2 (InstanceNorm's
 // running variance needs it).
 template <typename T, typename A>
@@ -38,7 +55,53 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
                         A* rstd, A* m2) {
   const auto& k = table<T>();
   const int64_t C = s.C, Cg = s.cg(), S = s.S, L = s.row_len(), G = s.G;
-  if (s.channels_last) {
+  // Channels_last: sample n's group statistics from its per-channel column moments;
+  // fills the sample's per-channel mean and rstd*gamma.
+  const auto finish_sample = [&](int64_t n, const A* cmean, const A* cm2, A* gmean, A* alpha) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = n * G + g;
+      const Moments<A> st = merge_channels(cmean, cm2, g * Cg, Cg, S);
+      mean[r] = st.mean;
+      rstd[r] = rstd_from_m2<A>(st.m2, L, eps);
+      if (m2) m2[r] = st.m2;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        gmean[c] = mean[r];
+        alpha[c] = rstd[r] * gamma[c];
+      }
+    }
+  };
+  const int64_t P = s.channels_last ? sample_splits(s) : 1;
+  if (s.channels_last && P > 1) {
+    // Fewer samples than threads: each sample's S rows in P chunks (column moments per
+    // chunk, merged per channel in chunk order), then the output chunk by chunk.
+    const int64_t tasks = s.N * P;
+    std::vector<A> pm(tasks * C, A(0)), pq(tasks * C, A(0)), gmean(s.N * C), alpha(s.N * C);
+    parallel_chunks(tasks, tasks, [&](int64_t t, int64_t, int64_t) {
+      const auto [n, s0, s1] = sample_chunk(S, P, t);
+      k.moments_cols(x + (n * S + s0) * C, s1 - s0, C, A(0), &pm[t * C], &pq[t * C]);
+    });
+    std::vector<A> cmean(C), cm2(C);
+    for (int64_t n = 0; n < s.N; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        Moments<A> acc{0, 0, 0};
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t t = n * P + p;
+          const SampleChunk ch = sample_chunk(S, P, t);
+          acc = merge(acc, Moments<A>{A(ch.s1 - ch.s0), pm[t * C + c], pq[t * C + c]});
+        }
+        cmean[c] = acc.mean;
+        cm2[c] = acc.m2;
+      }
+      finish_sample(n, cmean.data(), cm2.data(), &gmean[n * C], &alpha[n * C]);
+    }
+    parallel_chunks(tasks, tasks, [&](int64_t t, int64_t, int64_t) {
+      const auto [n, s0, s1] = sample_chunk(S, P, t);
+      k.apply_cols(x + (n * S + s0) * C, nullptr, y + (n * S + s0) * C, s1 - s0, C, &gmean[n * C],
+                   &alpha[n * C], bias.data(), act, ap);
+    });
+    return;
+  }
+  if (s.channels_last) {  // a sample per task: its statistics, then its output from cache
     parallel_chunks(s.N, num_chunks(s.N, grain(S * C)),
                     [&](int64_t, int64_t b, int64_t e) {
       std::vector<A> cmean(C), cm2(C), alpha(C), gmean(C);
@@ -47,17 +110,7 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
         std::fill(cmean.begin(), cmean.end(), A(0));
         std::fill(cm2.begin(), cm2.end(), A(0));
         k.moments_cols(xn, S, C, A(0), cmean.data(), cm2.data());
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t r = n * G + g;
-          const Moments<A> st = merge_channels(cmean.data(), cm2.data(), g * Cg, Cg, S);
-          mean[r] = st.mean;
-          rstd[r] = rstd_from_m2<A>(st.m2, L, eps);
-          if (m2) m2[r] = st.m2;
-          for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-            gmean[c] = mean[r];
-            alpha[c] = rstd[r] * gamma[c];
-          }
-        }
+        finish_sample(n, cmean.data(), cm2.data(), gmean.data(), alpha.data());
         k.apply_cols(xn, nullptr, y + n * S * C, S, C, gmean.data(), alpha.data(), bias.data(), act, ap);
       }
     });
@@ -109,16 +162,62 @@ void group_norm_backward(const GnShape& s, const T* x, const T* g, T* dx,
                          const A* rstd, int64_t act, ActParams<A> ap, A* sdy, A* sdx) {
   const auto& k = table<T>();
   const int64_t C = s.C, Cg = s.cg(), S = s.S, L = s.row_len(), G = s.G;
-  if (s.channels_last) {
+  // Channels_last: sample n's per-channel mean and rstd*gamma; its coefficients from its
+  // per-channel sums.
+  const auto sample_params = [&](int64_t n, A* cmean, A* alpha) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t r = n * G + c / Cg;
+      alpha[c] = rstd[r] * gamma[c];
+      cmean[c] = mean[r];
+    }
+  };
+  const auto sample_coefficients = [&](int64_t n, const A* sdy_n, const A* sdx_n, A* cA, A* cB, A* cC) {
+    for (int64_t gr = 0; gr < G; ++gr)
+      group_coefficients(s, n * G + gr, mean, rstd, gamma, sdy_n + gr * Cg, sdx_n + gr * Cg, &cA[gr * Cg],
+                         &cB[gr * Cg], &cC[gr * Cg]);
+  };
+  const int64_t P = s.channels_last ? sample_splits(s) : 1;
+  if (s.channels_last && P > 1) {
+    // Fewer samples than threads: each sample's S rows in P chunks; per-chunk sums added
+    // in chunk order, then dx chunk by chunk.
+    const int64_t tasks = s.N * P;
+    std::vector<A> cmean(s.N * C), alpha(s.N * C), cA(s.N * C), cB(s.N * C), cC(s.N * C);
+    std::vector<A> psy(tasks * C, A(0)), psx(tasks * C, A(0));
+    for (int64_t n = 0; n < s.N; ++n) sample_params(n, &cmean[n * C], &alpha[n * C]);
+    parallel_chunks(tasks, tasks, [&](int64_t t, int64_t, int64_t) {
+      const auto [n, s0, s1] = sample_chunk(S, P, t);
+      k.grad_sums_cols(x + (n * S + s0) * C, g + (n * S + s0) * C, s1 - s0, C, &cmean[n * C], &alpha[n * C],
+                       bias.data(), act, ap, &psy[t * C], &psx[t * C]);
+    });
+    for (int64_t n = 0; n < s.N; ++n) {
+      A* sdy_n = sdy + n * C;
+      A* sdx_n = sdx + n * C;
+      for (int64_t c = 0; c < C; ++c) {
+        A a = 0, b = 0;
+        for (int64_t p = 0; p < P; ++p) {
+          a += psy[(n * P + p) * C + c];
+          b += psx[(n * P + p) * C + c];
+        }
+        sdy_n[c] = a;
+        sdx_n[c] = b;
+      }
+      if (dx) sample_coefficients(n, sdy_n, sdx_n, &cA[n * C], &cB[n * C], &cC[n * C]);
+    }
+    if (!dx) return;
+    parallel_chunks(tasks, tasks, [&](int64_t t, int64_t, int64_t) {
+      const auto [n, s0, s1] = sample_chunk(S, P, t);
+      const int64_t off = (n * S + s0) * C;
+      k.input_grad_cols(x + off, g + off, dx + off, s1 - s0, C, &cmean[n * C], &alpha[n * C], bias.data(),
+                        &cA[n * C], &cB[n * C], &cC[n * C], act, ap);
+    });
+    return;
+  }
+  if (s.channels_last) {  // a sample per task
     parallel_chunks(s.N, num_chunks(s.N, grain(S * C)),
                     [&](int64_t, int64_t b, int64_t e) {
       std::vector<A> alpha(C), cmean(C), cA(C), cB(C), cC(C);
       for (int64_t n = b; n < e; ++n) {
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t r = n * G + c / Cg;
-          alpha[c] = rstd[r] * gamma[c];
-          cmean[c] = mean[r];
-        }
+        sample_params(n, cmean.data(), alpha.data());
         A* sdy_n = sdy + n * C;
         A* sdx_n = sdx + n * C;
         std::fill(sdy_n, sdy_n + C, A(0));
@@ -127,9 +226,7 @@ void group_norm_backward(const GnShape& s, const T* x, const T* g, T* dx,
         k.grad_sums_cols(x + off, g + off, S, C, cmean.data(), alpha.data(), bias.data(), act,
                          ap, sdy_n, sdx_n);
         if (!dx) continue;
-        for (int64_t gr = 0; gr < G; ++gr)
-          group_coefficients(s, n * G + gr, mean, rstd, gamma, sdy_n + gr * Cg, sdx_n + gr * Cg,
-                             &cA[gr * Cg], &cB[gr * Cg], &cC[gr * Cg]);
+        sample_coefficients(n, sdy_n, sdx_n, cA.data(), cB.data(), cC.data());
         k.input_grad_cols(x + off, g + off, dx + off, S, C, cmean.data(), alpha.data(),
                           bias.data(), cA.data(), cB.data(), cC.data(), act, ap);
       }
