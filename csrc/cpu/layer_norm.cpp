@@ -135,8 +135,11 @@ Result3 add_norm_bwd_cpu(const at::Tensor& grad_out, const c10::optional<at::Ten
     const at::Tensor mean_c = mean_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
     const at::Tensor rstd_c = rstd_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
     const int64_t chunks = num_chunks(R, grain(L));
-    // One dgamma/dbeta partial per chunk, summed in chunk order.
-    std::vector<A> pg(std::max<int64_t>(chunks, 1) * L, A(0)), pb(std::max<int64_t>(chunks, 1) * L, A(0));
+    // One dgamma/dbeta partial per chunk, summed in chunk order; a cache line's gap between
+    // chunks (short rows' partials would otherwise share lines between threads).
+    constexpr int64_t kLine = 64 / int64_t(sizeof(A));
+    const int64_t stride = L + kLine;
+    std::vector<A> pg(std::max<int64_t>(chunks, 1) * stride, A(0)), pb(std::max<int64_t>(chunks, 1) * stride, A(0));
     const T* xp = ptr<T>(x);
     const T* gp = ptr<T>(dy);
     const T* rp = add ? ptr<T>(dres) : nullptr;
@@ -144,12 +147,13 @@ Result3 add_norm_bwd_cpu(const at::Tensor& grad_out, const c10::optional<at::Ten
     parallel_chunks(R, chunks, [&](int64_t ch, int64_t b, int64_t e) {
       k.layer_norm_backward(xp + b * L, gp + b * L, rp ? rp + b * L : nullptr, dp ? dp + b * L : nullptr,
                             e - b, L, mean_c.data_ptr<A>() + b, rstd_c.data_ptr<A>() + b, gamma.data(),
-                            beta.data(), rms, act, act_params<A>(act_a, act_b), &pg[ch * L], &pb[ch * L]);
+                            beta.data(), rms, act, act_params<A>(act_a, act_b), &pg[ch * stride],
+                            &pb[ch * stride]);
     });
     for (int64_t ch = 1; ch < chunks; ++ch)
       for (int64_t i = 0; i < L; ++i) {
-        pg[i] += pg[ch * L + i];
-        pb[i] += pb[ch * L + i];
+        pg[i] += pg[ch * stride + i];
+        pb[i] += pb[ch * stride + i];
       }
     pg.resize(L);
     pb.resize(L);
