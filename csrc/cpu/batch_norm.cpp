@@ -53,18 +53,13 @@ void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2
   if (l.cols) {
     const int64_t M = l.N * l.S;
     const int64_t chunks = num_chunks(M, grain(C));
-    std::vector<A> pm(chunks * C, A(0)), pq(chunks * C, A(0)), cnt(chunks, A(0));
+    std::vector<A> pm(chunks * C, A(0)), pq(chunks * C, A(0));
+    std::vector<int64_t> rows(chunks, 0);
     parallel_chunks(M, chunks, [&](int64_t ch, int64_t b, int64_t e) {
       k.moments_cols(x + b * C, e - b, C, A(0), &pm[ch * C], &pq[ch * C]);
-      cnt[ch] = A(e - b);
+      rows[ch] = e - b;
     });
-    for (int64_t c = 0; c < C; ++c) {
-      Moments<double> acc{0, 0, 0};  // merged in double, as the kernels merge their chunks
-      for (int64_t ch = 0; ch < chunks; ++ch)
-        acc = merge(acc, Moments<double>{double(cnt[ch]), double(pm[ch * C + c]), double(pq[ch * C + c])});
-      mean[c] = A(acc.mean);
-      m2[c] = A(acc.m2);
-    }
+    merge_column_chunks(pm.data(), pq.data(), rows.data(), chunks, C, mean.data(), m2.data());
   } else {
     const int64_t R = l.N * C, S = l.S;
     std::vector<A> rm(R), rq(R);

@@ -105,6 +105,20 @@ void for_row_blocks(int64_t rows, int64_t row_len, F&& f) {
                   });
 }
 
+// Per-column (mean, m2) of C columns from `chunks` partial column moments (chunk k's at
+// pm/pq[k*C + c], over rows[k] rows): merged in double, in chunk order.
+template <typename A>
+void merge_column_chunks(const A* pm, const A* pq, const int64_t* rows, int64_t chunks, int64_t C, A* mean,
+                         A* m2) {
+  for (int64_t c = 0; c < C; ++c) {
+    Moments<double> acc{0, 0, 0};
+    for (int64_t k = 0; k < chunks; ++k)
+      acc = merge(acc, Moments<double>{double(rows[k]), double(pm[k * C + c]), double(pq[k * C + c])});
+    mean[c] = A(acc.mean);
+    m2[c] = A(acc.m2);
+  }
+}
+
 // Contiguous float32/float64: the usual dtypes of parameters and running statistics,
 // which the helpers below read and update in place.
 inline bool plain_float_vector(const at::Tensor& t) {

@@ -81,17 +81,13 @@ void group_norm_forward(const GnShape& s, const T* x, T* y, const std::vector<A>
       k.moments_cols(x + (n * S + s0) * C, s1 - s0, C, A(0), &pm[t * C], &pq[t * C]);
     });
     std::vector<A> cmean(C), cm2(C);
+    std::vector<int64_t> rows(P);  // every sample's chunks have the same row counts
+    for (int64_t p = 0; p < P; ++p) {
+      const SampleChunk ch = sample_chunk(S, P, p);
+      rows[p] = ch.s1 - ch.s0;
+    }
     for (int64_t n = 0; n < s.N; ++n) {
-      for (int64_t c = 0; c < C; ++c) {
-        Moments<A> acc{0, 0, 0};
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t t = n * P + p;
-          const SampleChunk ch = sample_chunk(S, P, t);
-          acc = merge(acc, Moments<A>{A(ch.s1 - ch.s0), pm[t * C + c], pq[t * C + c]});
-        }
-        cmean[c] = acc.mean;
-        cm2[c] = acc.m2;
-      }
+      merge_column_chunks(&pm[n * P * C], &pq[n * P * C], rows.data(), P, C, cmean.data(), cm2.data());
       finish_sample(n, cmean.data(), cm2.data(), &gmean[n * C], &alpha[n * C]);
     }
     parallel_chunks(tasks, tasks, [&](int64_t t, int64_t, int64_t) {

@@ -128,7 +128,7 @@ inline std::mutex& coverage_mutex() {
   static std::mutex m;
   return m;
 }
-// "kernel|element type|one-split or multi-split" -> record
+// "kernel|op|element type|one-split or multi-split" -> record
 inline std::map<std::string, LaunchRecord>& coverage() {
   static std::map<std::string, LaunchRecord> c;
   return c;
