@@ -6,6 +6,7 @@ vectorised and scalar elementwise paths, and the multi-block (grid-level) reduct
 
 import os
 
+import cubin
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,10 @@ def emu():
     mod.set_emulation(3, int(os.environ.get("FUSEDNORM_EMU_SEED", "0")))  # 3 blocks at once, shuffled
     mod.reset_coverage()
     yield mod
-    mod.set_limits(16, 48 * 1024, 16384, 256, 65535, 256)
+    mod.set_limits(16, 48 * 1024, 16384, 1024, 65535, 256)
 
 
-def limits(emu, warp_cols=16, smem=48 * 1024, per_split=16384, max_splits=256, max_blocks=65535, threads=64):
+def limits(emu, warp_cols=16, smem=48 * 1024, per_split=16384, max_splits=1024, max_blocks=65535, threads=64):
     emu.set_limits(warp_cols, smem, per_split, max_splits, max_blocks, threads)
 
 
@@ -390,7 +391,7 @@ def test_inf_and_nan_gradients_through_the_activation(emu, case, act):
 
 # ---- production launch parameters at every row-tier boundary ---------------------------------
 
-PRODUCTION = dict(warp_cols=16, smem=48 * 1024, per_split=16384, max_splits=256, max_blocks=65535, threads=256)
+PRODUCTION = dict(warp_cols=16, smem=48 * 1024, per_split=16384, max_splits=1024, max_blocks=65535, threads=256)
 
 
 def tier_edges(emu, dtype, backward):
@@ -438,30 +439,6 @@ def test_over_limit_launch_is_refused(emu):
         ops().layer_norm_fwd(x, [12280], None, None, 1e-5, 0, 0.0, 0.0)
 
 
-def cubin_shared_memory(so_path):
-    """{demangled kernel name: SHARED bytes} from `cuobjdump -res-usage` (the one in the triton
-    wheel) of a built extension; None if the tool is missing."""
-    import re
-    import shutil
-    import subprocess
-    try:
-        import triton
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    except ImportError:
-        tool = shutil.which("cuobjdump")
-    if not tool or not os.path.exists(tool):
-        return None
-    out = subprocess.run([tool, "-res-usage", so_path], capture_output=True, text=True, timeout=300)
-    lines = out.stdout.splitlines()
-    mangled = {}
-    for line, nxt in zip(lines, lines[1:]):
-        m, sh = re.match(r"\s*Function (\S+):", line), re.search(r"SHARED:(\d+)", nxt)
-        if m and sh:
-            mangled[m.group(1)] = int(sh.group(1))
-    names = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True).stdout.split("\n")
-    return {n: v for n, v in zip(names, mangled.values())}
-
-
 # sm_80 and newer reserve 1 KiB of shared memory per block for the system; cuobjdump counts
 # it in SHARED, the 48 KiB a launch may use without opting in does not.
 RESERVED_SMEM = 1024
@@ -470,12 +447,7 @@ RESERVED_SMEM = 1024
 def test_static_shared_memory_matches_the_cubin(emu):
     """What launch.h counts as the block-tier row kernels' static shared memory (and the
     emulation checks launches with) is what the compiler allotted them in the CUDA build."""
-    import fusednorm
-    if not fusednorm._C.with_cuda:
-        pytest.skip("this fusednorm was built without its CUDA kernels: no cubin to read")
-    usage = cubin_shared_memory(fusednorm._C.__file__)
-    if usage is None:
-        pytest.skip("cuobjdump not found (it ships in the triton wheel)")
+    usage = cubin.shared_memory(cubin.extension_or_skip())
     checked = 0
     for name, shared in usage.items():
         for direction, backward in (("row_fwd_block<", False), ("row_bwd_block<", True)):
@@ -572,16 +544,159 @@ def test_layer_norm_rows_every_dtype(emu, dtype, L):
     assert_close(db, dbr.to(pdt), pdt, "dbias")
 
 
+# ---- bytes moved, launch plans ------------------------------------------------------------
+# The pass model: the fewest passes over the streamed tensors (inputs, outputs, gradients,
+# residuals) each op's kernels make, in units of one tensor of the input's size. The
+# emulation counts every streamed access (device.h's load_pack/store_pack); parameters and
+# statistics (per channel, row or group) are cache-resident on a GPU and not counted.
+# (reads, writes) per op:
+PASS_MODEL = {
+    "layer_norm_fwd": (1, 1),             # warp and block tiers: the row is read once
+    "layer_norm_fwd_long": (2, 1),        # long tier: statistics pass, then the output pass
+    "layer_norm_bwd": (2 + 2, 1),         # dx: x, dy; parameter gradients: x, dy again
+    "layer_norm_bwd_long": (4 + 2, 1),    # long tier: x and dy read in both passes
+    "add_norm_fwd": (2, 2),               # x, residual -> sum, y
+    "add_norm_bwd": (3 + 2, 1),           # x, dy, dres -> dx; parameter gradients
+    "batch_norm_fwd": (1 + 1, 1),         # statistics; apply
+    "batch_norm_fwd_eval": (1, 1),
+    "batch_norm_bwd": (2 + 2, 1),         # gradient sums; input gradient
+    "group_norm_fwd": (1, 1),
+    "group_norm_bwd": (2 + 2, 1),
+}
+
+
+def check_traffic(emu, key, numel, itemsize, what):
+    read, written = emu.take_traffic()
+    r, w = PASS_MODEL[key]
+    unit = numel * itemsize
+    assert abs(read / (r * unit) - 1) <= 0.05 and abs(written / (w * unit) - 1) <= 0.05, (
+        f"{what}: read {read / unit:.3f} and wrote {written / unit:.3f} tensors, pass model {r} and {w}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("L", [256, 1024, 16384])
+def test_layer_norm_traffic_meets_the_pass_model(emu, dtype, L):
+    """LayerNorm (and its residual add) at production limits: warp tier (256), block tier
+    (1024) and long tier (16384 floats: 64 KiB, over the block tier's shared memory)."""
+    limits(emu, **PRODUCTION)
+    R = 64 if L < 16384 else 4
+    x, g, r = data((R, L), dtype), data((R, L), dtype, 3), data((R, L), dtype, 4)
+    w, b = data((L,), torch.float32, 1) + 1, data((L,), torch.float32, 2)
+    long = emu.row_tier(L, False, False) == "long"
+    emu.take_traffic()
+    y, mean, rstd = ops().layer_norm_fwd(x, [L], w, b, 1e-5, 1, 0.0, 0.0)
+    check_traffic(emu, "layer_norm_fwd_long" if long else "layer_norm_fwd", x.numel(), x.element_size(), "fwd")
+    ops().layer_norm_bwd(g, x, [L], mean, rstd, w, b, 1, 0.0, 0.0, [True, True, True])
+    check_traffic(emu, "layer_norm_bwd_long" if long else "layer_norm_bwd", x.numel(), x.element_size(), "bwd")
+    if long:
+        return
+    y, s, mean, rstd = ops().add_norm_fwd(x, r, [L], w, b, 1e-5, False, False, 0, 0.0, 0.0)
+    check_traffic(emu, "add_norm_fwd", x.numel(), x.element_size(), "residual fwd")
+    ops().add_norm_bwd(g, g, s, [L], mean, rstd, w, b, False, 0, 0.0, 0.0, [True, True, True])
+    check_traffic(emu, "add_norm_bwd", x.numel(), x.element_size(), "residual bwd")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_batch_and_group_norm_traffic_meets_the_pass_model(emu, dtype, layout):
+    """BatchNorm (train and eval) and GroupNorm at production limits, both layouts."""
+    limits(emu, **PRODUCTION)
+    x = data((8, 64, 8, 16), dtype)
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    g = data(x.shape, dtype, 3).to(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+    w, b = data((64,), torch.float32, 1) + 1, data((64,), torch.float32, 2)
+    rm, rv = torch.zeros(64), torch.ones(64)
+    n, size = x.numel(), x.element_size()
+    emu.take_traffic()
+    y, mean, rstd = ops().batch_norm_fwd(x, w, b, rm, rv, True, 0.1, 1e-5, 1, 0.0, 0.0, None)
+    check_traffic(emu, "batch_norm_fwd", n, size, "BatchNorm train fwd")
+    ops().batch_norm_bwd(g, x, w, b, mean, rstd, True, 1, 0.0, 0.0, [True, True, True])
+    check_traffic(emu, "batch_norm_bwd", n, size, "BatchNorm train bwd")
+    ops().batch_norm_fwd(x, w, b, rm, rv, False, 0.1, 1e-5, 1, 0.0, 0.0, None)
+    check_traffic(emu, "batch_norm_fwd_eval", n, size, "BatchNorm eval fwd")
+    y, mean, rstd = ops().group_norm_fwd(x, 32, w, b, 1e-5, 1, 0.0, 0.0)
+    if layout == "nchw":  # (channels_last GroupNorm is normalised as a contiguous copy)
+        check_traffic(emu, "group_norm_fwd", n, size, "GroupNorm fwd")
+        ops().group_norm_bwd(g, x, 32, mean, rstd, w, b, 1, 0.0, 0.0, [True, True, True])
+        check_traffic(emu, "group_norm_bwd", n, size, "GroupNorm bwd")
+
+
+def test_misaligned_16_byte_access_is_refused(emu):
+    """A 16-byte load off a 16-byte boundary faults on a GPU; the emulation refuses it."""
+    with pytest.raises(RuntimeError, match="not aligned"):
+        emu.misaligned_probe()
+
+
+# The benchmark's large shapes (bench/bench.py): every launch of each op, for a 132-SM H100.
+H100_SMS = 132
+PLAN_CASES = {
+    "BatchNorm2d 32x64x56x56": ("bn", (32, 64, 56, 56), "nchw"),
+    "BatchNorm2d 32x64x56x56 channels_last": ("bn", (32, 64, 56, 56), "nhwc"),
+    "BatchNorm2d 32x2048x7x7 channels_last": ("bn", (32, 2048, 7, 7), "nhwc"),
+    "GroupNorm(32) 32x64x56x56": ("gn", (32, 64, 56, 56), "nchw"),
+    "LayerNorm(1024) 8192x1024": ("ln", (8192, 1024), "nchw"),
+    "LayerNorm(4096) 4096x4096": ("ln", (4096, 4096), "nchw"),
+    "LayerNorm(8) 262144x8": ("ln", (262144, 8), "nchw"),
+}
+
+
+def planned_launches(emu, kind, shape, layout):
+    """The launches (kernel, blocks) of forward and backward of one case, not run."""
+    limits(emu, **PRODUCTION)
+    emu.set_sm_count(H100_SMS)
+    x = torch.empty(shape)
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    C = shape[1] if kind != "ln" else shape[-1]
+    w, b = torch.ones(C), torch.zeros(C)
+    emu.set_dry_run(True)
+    try:
+        if kind == "bn":
+            y, mean, rstd = ops().batch_norm_fwd(x, w, b, None, None, True, 0.1, 1e-5, 1, 0.0, 0.0, None)
+            ops().batch_norm_bwd(x, x, w, b, mean, rstd, True, 1, 0.0, 0.0, [True, True, True])
+        elif kind == "gn":
+            y, mean, rstd = ops().group_norm_fwd(x, 32, w, b, 1e-5, 1, 0.0, 0.0)
+            ops().group_norm_bwd(x, x, 32, mean, rstd, w, b, 1, 0.0, 0.0, [True, True, True])
+        else:
+            y, mean, rstd = ops().layer_norm_fwd(x, [C], w, b, 1e-5, 1, 0.0, 0.0)
+            ops().layer_norm_bwd(x, x, [C], mean, rstd, w, b, 1, 0.0, 0.0, [True, True, True])
+    finally:
+        emu.set_dry_run(False)
+    return [(k, gx * gy, bx * by) for k, gx, gy, bx, by, smem in emu.take_launches()]
+
+
+@pytest.mark.parametrize("case", list(PLAN_CASES))
+def test_launch_plans_fill_an_h100(emu, case):
+    """Every launch of the benchmark's large shapes has at least one block per SM of a
+    132-SM H100; the channel reductions (statistics, gradient sums) 4 waves of blocks, or
+    as many blocks of 4096 elements as the tensor has (launch.h's min_block_work)."""
+    kind, shape, layout = PLAN_CASES[case]
+    launches = planned_launches(emu, kind, shape, layout)
+    assert len(launches) >= 3, launches
+    numel = 1
+    for n in shape:
+        numel *= n
+    for kernel, blocks, threads in launches:
+        need = H100_SMS
+        if kernel.startswith("channel_reduce"):
+            need = max(need, min(4 * H100_SMS, numel // 4096))
+        assert blocks >= need, f"{case}: {kernel} launches {blocks} blocks (< {need}): {launches}"
+
+
 # ---- what the emulated suite ran --------------------------------------------------------------
 
 def expected_paths():
     """Every kernel x tier x path of the CUDA backend (launch.h): the row kernels' four
     tiers per direction, the channel reductions (both layouts, both operations) with one
-    and with several splits, the elementwise kernels vectorised and scalar; each in every
-    element type."""
-    kernels = [f"row_{d}_warp<T,{c}>||one-split" for d in ("fwd", "bwd") for c in (4, 16)]
-    kernels += [f"row_{d}_block<T,{c}>||one-split" for d in ("fwd", "bwd") for c in ("true", "false")]
-    kernels += [f"channel_reduce_{lay}<T,Op>|{op}|{splits}" for lay in ("nchw", "nhwc")
+    and with several splits, each of them reading 16-byte packs (P elements; W4 = min(P, 4)
+    in the 4-column warp tier) and single elements, the elementwise kernels vectorised and
+    scalar; each in every element type."""
+    kernels = [f"row_{d}_warp<T,{c},{w}>||one-split" for d in ("fwd", "bwd") for c, wide in ((4, "W4"), (16, "P"))
+               for w in ("1", wide)]
+    kernels += [f"row_{d}_block<T,{c},{w}>||one-split" for d in ("fwd", "bwd") for c in ("true", "false")
+                for w in ("1", "P")]
+    kernels += [f"channel_reduce_{lay}<T,Op,{w}>|{op}|{splits}" for lay in ("nchw", "nhwc") for w in ("1", "P")
                 for op in ("moments", "grad_sums") for splits in ("one-split", "multi-split")]
     kernels += [f"{k}<T,{v}>||one-split" for k in ("apply_kernel", "input_grad_kernel") for v in ("true", "false")]
     out = set()

@@ -48,17 +48,20 @@ inline void update_running(const c10::optional<at::Tensor>& running, const at::T
 
 inline at::Tensor empty_result(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// A channel reduction (launch.h) of x (and dy) laid out as NCHW (N, C, S) or NHWC (N*S, C).
 template <typename T, typename Op>
-void run_channel_reduce(const ChannelPlan& plan, const Op& op, const at::Tensor& x,
+void run_channel_reduce(bool nhwc, int64_t N, int64_t C, int64_t S, const Op& op, const at::Tensor& x,
                         const at::Tensor* dy) {
   using State = typename Op::State;
   using A = typename Acc<T>::type;
   constexpr int K = sizeof(State) / sizeof(A);
+  const T* xp = x.data_ptr<T>();
+  const T* dyp = dy ? dy->data_ptr<T>() : nullptr;
+  const ChannelPlan plan = plan_channels(nhwc, N, C, S, channel_pack<T>(nhwc, C, S, xp, dyp));
   at::Tensor partials = at::empty({plan.partials() * K}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
   at::Tensor tickets = at::zeros({plan.groups()}, x.options().dtype(at::kInt));
-  channel_reduce<T, Op>(plan, op, x.data_ptr<T>(), dy ? dy->data_ptr<T>() : nullptr,
-                        reinterpret_cast<State*>(partials.data_ptr<A>()), tickets.data_ptr<int>(),
-                        FN_STREAM());
+  channel_reduce<T, Op>(plan, op, xp, dyp, reinterpret_cast<State*>(partials.data_ptr<A>()),
+                        tickets.data_ptr<int>(), FN_STREAM());
 }
 
 // ---- BatchNorm ----------------------------------------------------------------------------
@@ -69,7 +72,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_moments(const BnLa
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.x.scalar_type(), "channel_moments", [&] {
     using A = typename Acc<scalar_t>::type;
     MomentsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(m2), A(eps), l.N * l.S};
-    run_channel_reduce<scalar_t>(plan_channels(l.cols, l.N, l.C, l.S), op, l.x, nullptr);
+    run_channel_reduce<scalar_t>(l.cols, l.N, l.C, l.S, op, l.x, nullptr);
   });
   return {mean, m2, rstd};
 }
@@ -156,7 +159,7 @@ inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
       GradSumsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), 0, 1, act, act_params<A>(act_a, act_b),
                        aptr<A>(dgamma), aptr<A>(dbeta),
                        mask[0] ? aptr<A>(cA) : nullptr, aptr<A>(cB), aptr<A>(cC), training, M};
-      run_channel_reduce<scalar>(plan_channels(l.cols, l.N, C, l.S), op, l.x, &dy);
+      run_channel_reduce<scalar>(l.cols, l.N, C, l.S, op, l.x, &dy);
     }
     if (mask[0] && M * C > 0) {
       const at::Tensor alpha = rstd * gamma;
@@ -171,6 +174,12 @@ inline TensorList3 batch_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
 }
 
 // ---- row norms: LayerNorm, RMSNorm, GroupNorm, InstanceNorm ---------------------------------
+// How the parameter-gradient reduction sees the rows: NHWC (N*S, C) or NCHW (N, C, S).
+struct ChannelView {
+  bool nhwc;
+  int64_t N, C, S;
+};
+
 template <typename A>
 RowParams<A> row_params(const at::Tensor& gamma, const at::Tensor& beta, int64_t act, double act_a, double act_b,
                         bool rms) {
@@ -206,7 +215,7 @@ inline TensorList3 rows_backward(const at::Tensor& grad_out, const at::Tensor& x
                                  const at::Tensor& mean_in, const at::Tensor& rstd_in,
                                  const c10::optional<at::Tensor>& weight,
                                  const c10::optional<at::Tensor>& bias, int64_t nparams,
-                                 const ChannelPlan& plan, int64_t stat_outer, int64_t stat_div,
+                                 const ChannelView& view, int64_t stat_outer, int64_t stat_div,
                                  int64_t act, double act_a, double act_b, std::array<bool, 3> mask,
                                  bool rms = false, const at::Tensor* dres = nullptr) {
   const auto acc = x.options().dtype(acc_dtype(x));
@@ -227,7 +236,7 @@ inline TensorList3 rows_backward(const at::Tensor& grad_out, const at::Tensor& x
     if ((mask[1] || mask[2]) && x.numel() > 0) {
       GradSumsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), stat_outer, stat_div,
                        act, act_params<A>(act_a, act_b), aptr<A>(dgamma), aptr<A>(dbeta), nullptr, nullptr, nullptr, false, 0};
-      run_channel_reduce<scalar>(plan, op, x, &dy);
+      run_channel_reduce<scalar>(view.nhwc, view.N, view.C, view.S, op, x, &dy);
     }
   });
   return {dx, mask[1] && has(weight) ? dgamma.to(weight->scalar_type()) : empty_result(x),
@@ -284,7 +293,7 @@ inline TensorList3 add_norm_bwd(const at::Tensor& grad_out, const c10::optional<
   auto [dx, dw, db] = rows_backward(grad_out, x, RowShape{R, L, 1, L, 1}, mean, rstd,
                                     weight.has_value() ? c10::optional<at::Tensor>(weight->view(-1)) : weight,
                                     bias.has_value() ? c10::optional<at::Tensor>(bias->view(-1)) : bias,
-                                    L, plan_channels(true, R, L, 1), 1, std::max<int64_t>(L, 1), act, act_a, act_b, mask,
+                                    L, ChannelView{true, R, L, 1}, 1, std::max<int64_t>(L, 1), act, act_a, act_b, mask,
                                     rms, add ? &dres : nullptr);
   // (a normalized_shape holding a 0 has empty parameter gradients of that shape)
   return {dx, mask[1] && has(weight) ? dw.view(shape) : dw, mask[2] && has(bias) ? db.view(shape) : db};
@@ -373,7 +382,7 @@ inline TensorList3 group_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
   FN_DEVICE_GUARD(input);
   const at::Tensor x = input.contiguous();
   auto out = rows_backward(grad_out, x, RowShape{s.N * G, s.cg() * s.S, G, s.cg(), s.S}, mean, rstd,
-                           weight, bias, s.C, plan_channels(false, s.N, s.C, s.S), G, s.cg(), act, act_a, act_b, mask);
+                           weight, bias, s.C, ChannelView{false, s.N, s.C, s.S}, G, s.cg(), act, act_a, act_b, mask);
   if (mask[0])  // the layout the CPU kernels return (layout.h)
     std::get<0>(out) = std::get<0>(out).contiguous(group_norm_format(input));
   return out;

@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "../common/norm_math.h"
 
@@ -14,6 +15,7 @@
 #define FN_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::fnemu::launch(#kernel, kernel, grid, block, smem, __VA_ARGS__)
 #define FN_LAUNCH_CHECK()
+#define FN_COUNT_ACCESS(ptr, bytes, write) ::fnemu::count_access((ptr), (bytes), (write))
 using fn_stream_t = void*;
 #else
 #include <cuda_runtime.h>
@@ -21,6 +23,7 @@ using fn_stream_t = void*;
 #define FN_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::fusednorm::cuda::launch_kernel(kernel, grid, block, smem, stream, __VA_ARGS__)
 #define FN_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#define FN_COUNT_ACCESS(ptr, bytes, write)
 #define FN_DYNAMIC_SMEM(type, name)                          \
   extern __shared__ __align__(16) unsigned char fn_smem_[]; \
   type* name = reinterpret_cast<type*>(fn_smem_)
@@ -31,6 +34,19 @@ using fn_stream_t = cudaStream_t;
 
 namespace fusednorm {
 namespace cuda {
+
+// Streaming multiprocessors of the current device: the emulation's setting (an H100's 132
+// unless a test changes it) or the GPU's own count.
+#ifdef FN_EMULATE
+inline int64_t sm_count() { return ::fnemu::settings().sms; }
+#else
+inline int64_t sm_count() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+#endif
 
 #ifndef FN_EMULATE
 // Launch through a function pointer, so FN_LAUNCH takes a parenthesised template name.
@@ -56,7 +72,8 @@ __device__ __forceinline__ T from_acc(A v) {
   return static_cast<T>(v);
 }
 
-// N values loaded or stored as one 16-byte access (callers check alignment).
+// N values loaded or stored as one access of N*sizeof(T) bytes (16 at most; callers check
+// alignment).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
@@ -65,6 +82,41 @@ template <typename T>
 constexpr int pack_size() { return 16 / sizeof(T); }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
+
+// Global-memory accesses to the tensors a kernel streams (inputs, outputs, gradients,
+// residuals): element k*W .. k*W+W-1 of p as one access. Parameters and statistics, read
+// per element but small enough to stay in cache, are plain indexing. The emulation counts
+// these bytes and checks each access's alignment (a GPU faults on a misaligned one).
+template <int W, typename T>
+__device__ __forceinline__ Pack<T, W> load_pack(const T* p, int64_t k) {
+  const Pack<T, W>* q = reinterpret_cast<const Pack<T, W>*>(p) + k;
+  FN_COUNT_ACCESS(q, sizeof(Pack<T, W>), false);
+  return *q;
+}
+template <int W, typename T>
+__device__ __forceinline__ void store_pack(T* p, int64_t k, const Pack<T, W>& v) {
+  Pack<T, W>* q = reinterpret_cast<Pack<T, W>*>(p) + k;
+  FN_COUNT_ACCESS(q, sizeof(Pack<T, W>), true);
+  *q = v;
+}
+template <typename T>
+__device__ __forceinline__ T load_elem(const T* p, int64_t i) {
+  return load_pack<1>(p, i).v[0];
+}
+template <typename T>
+__device__ __forceinline__ void store_elem(T* p, int64_t i, T v) {
+  store_pack<1>(p, i, Pack<T, 1>{{v}});
+}
+
+// The widest pack (elements) for rows of L elements at these pointers: 16 bytes when every
+// row starts 16-byte aligned, else single elements.
+template <typename T>
+int row_pack(int64_t L, std::initializer_list<const void*> ptrs) {
+  if (L % pack_size<T>() != 0) return 1;
+  for (const void* p : ptrs)
+    if (p && !aligned16(p)) return 1;
+  return pack_size<T>();
+}
 
 // ---- reductions -----------------------------------------------------------------------
 template <typename A>

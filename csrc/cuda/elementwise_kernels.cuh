@@ -23,15 +23,16 @@ __global__ void apply_kernel(const T* __restrict__ x, const T* __restrict__ z, T
   const int64_t packs = numel / P;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
        p += int64_t(gridDim.x) * blockDim.x) {
-    Pack<T, P> in = reinterpret_cast<const Pack<T, P>*>(x)[p], out, res;
-    if (z) res = reinterpret_cast<const Pack<T, P>*>(z)[p];
+    const Pack<T, P> in = load_pack<P>(x, p);
+    Pack<T, P> out, res;
+    if (z) res = load_pack<P>(z, p);
     for (int k = 0; k < P; ++k) {
       const int64_t c = ((p * P + k) / S) % C;
       A v = pre_activation<A>(to_acc(in.v[k]), mean[c], alpha[c], beta[c]);
       if (z) v += to_acc(res.v[k]);
       out.v[k] = from_acc<T>(activate<A>(v, act, ap));
     }
-    reinterpret_cast<Pack<T, P>*>(y)[p] = out;
+    store_pack<P>(y, p, out);
   }
 }
 
@@ -50,15 +51,15 @@ __global__ void input_grad_kernel(const T* __restrict__ x, const T* __restrict__
   const int64_t packs = numel / P;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
        p += int64_t(gridDim.x) * blockDim.x) {
-    Pack<T, P> xin = reinterpret_cast<const Pack<T, P>*>(x)[p];
-    Pack<T, P> gin = reinterpret_cast<const Pack<T, P>*>(dy)[p], out;
+    const Pack<T, P> xin = load_pack<P>(x, p), gin = load_pack<P>(dy, p);
+    Pack<T, P> out;
     for (int k = 0; k < P; ++k) {
       const int64_t c = ((p * P + k) / S) % C;
       const A xv = to_acc(xin.v[k]);
       const A g = activation_backward<A>(to_acc(gin.v[k]), pre_activation<A>(xv, mean[c], alpha[c], beta[c]), act, ap);
       out.v[k] = from_acc<T>(cA[c] * g + cB[c] * (xv - mean[c]) + cC[c]);
     }
-    reinterpret_cast<Pack<T, P>*>(dx)[p] = out;
+    store_pack<P>(dx, p, out);
   }
 }
 

@@ -49,6 +49,8 @@ constexpr int64_t kSharedPerBlock = 48 * 1024;  // static + dynamic, without opt
 struct Settings {
   int teams = 2;  // the tests of test_cuda_emulation.py run 3
   uint64_t seed = 0;
+  int64_t sms = 132;  // the device the launch plans are made for (an H100 SXM)
+  bool dry_run = false;  // record launches without running them (launch-plan tests)
 };
 inline Settings& settings() {
   static Settings s;
@@ -113,6 +115,24 @@ T shfl_xor(T v, int lane_mask) {
   return out;
 }
 
+// Global-memory traffic of the tensors the kernels stream (device.h's load_pack and
+// store_pack), summed over launches since the last reset; each thread counts its own and
+// adds it in when the launch ends.
+struct Traffic {
+  std::atomic<int64_t> read{0}, written{0}, misaligned{0};
+};
+inline Traffic& traffic() {
+  static Traffic t;
+  return t;
+}
+inline thread_local int64_t tl_read = 0, tl_written = 0;
+
+inline void count_access(const void* p, size_t bytes, bool write) {
+  // An access of 2, 4, 8 or 16 bytes must be aligned to its size on a GPU.
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) traffic().misaligned.fetch_add(1);
+  (write ? tl_written : tl_read) += int64_t(bytes);
+}
+
 template <typename T>
 T atomic_add(T* p, T v) {
   return std::atomic_ref<T>(*p).fetch_add(v);
@@ -169,6 +189,17 @@ inline std::string kernel_label(const char* spelled) {
   return s;
 }
 
+// Launches recorded in a dry run: kernel label, grid, block, dynamic shared memory.
+struct PlannedLaunch {
+  std::string kernel;
+  dim3 grid, block;
+  int64_t smem;
+};
+inline std::vector<PlannedLaunch>& planned_launches() {
+  static std::vector<PlannedLaunch> p;
+  return p;
+}
+
 // Runs kernel(args...) over the grid: the blocks in a shuffled order, `teams` at a time.
 template <typename Kernel, typename... Args>
 void launch(const char* spelled, Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
@@ -177,6 +208,11 @@ void launch(const char* spelled, Kernel kernel, dim3 grid, dim3 block, size_t sm
       grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
       grid.z > 65535 || int64_t(smem) > kSharedPerBlock)
     throw std::runtime_error("emulated CUDA launch outside the runtime's limits");
+  if (settings().dry_run) {
+    std::lock_guard<std::mutex> lock(coverage_mutex());
+    planned_launches().push_back({kernel_label(spelled), grid, block, int64_t(smem)});
+    return;
+  }
   const int threads = int(block.x * block.y * block.z);
   const uint64_t total = uint64_t(grid.x) * grid.y * grid.z;
   std::vector<uint64_t> order(total);
@@ -221,6 +257,9 @@ void launch(const char* spelled, Kernel kernel, dim3 grid, dim3 block, size_t sm
           b.barrier.arrive_and_wait();  // the block ends before the team takes the next
           if (t == 0) running.fetch_sub(1);
         }
+        traffic().read.fetch_add(tl_read);
+        traffic().written.fetch_add(tl_written);
+        tl_read = tl_written = 0;
       });
     }
   for (auto& th : pool) th.join();
@@ -236,6 +275,9 @@ void launch(const char* spelled, Kernel kernel, dim3 grid, dim3 block, size_t sm
     r.static_smem = std::max(r.static_smem, static_smem);
     r.in_flight = std::max(r.in_flight, peak.load());
   }
+  if (traffic().misaligned.exchange(0) > 0)
+    throw std::runtime_error("emulated CUDA launch " + kernel_label(spelled) +
+                             " made a global-memory access not aligned to its size");
   // Shared memory as the kernel declared it, against the same per-block limit (known only
   // after the run here; a GPU refuses such a launch up front).
   if (static_smem + int64_t(smem) > kSharedPerBlock)

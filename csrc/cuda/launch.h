@@ -17,8 +17,9 @@ namespace cuda {
 struct Limits {
   int64_t warp_cols = 16;                 // warp tier: rows up to 32*16 = 512 elements
   int64_t smem_bytes = 48 * 1024;         // block tier: row cache up to this many bytes
-  int64_t elements_per_split = 16384;     // reductions: work per block before splitting
-  int64_t max_splits = 256;
+  int64_t elements_per_split = 16384;     // reductions: work per block and column before splitting
+  int64_t max_splits = 1024;
+  int64_t min_block_work = 4096;          // reductions: elements per block when splitting to fill the GPU
   int64_t max_blocks = 65535;             // grid-stride kernels
   int threads = 256;
 };
@@ -93,6 +94,8 @@ inline const char* row_tier_name(RowTier t) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Row kernels read packs of P = 16 bytes where row_pack allows, else single elements; the
+// warp tiers' lanes hold W4 = min(P, 4) and P elements per pack.
 template <typename T>
 void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type> pr,
                  typename Acc<T>::type eps, typename Acc<T>::type* mean,
@@ -100,25 +103,34 @@ void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type>
                  RowResidual<T> res = {}) {
   using A = typename Acc<T>::type;
   if (sh.R == 0 || sh.L == 0) return;  // nothing to normalise
+  constexpr int P = pack_size<T>(), W4 = P < 4 ? P : 4;
+  const bool vec = row_pack<T>(sh.L, {x, y, res.r, res.sum}) > 1;
   const Limits& lim = limits();
   const RowTier tier = row_tier<A>(sh.L, false);
   if (tier == RowTier::Warp4 || tier == RowTier::Warp16) {
-    const dim3 block(kWarp, 4);  // a warp per row, grid-stride over the rows
-    const int64_t blocks = std::min(ceil_div(sh.R, 4), lim.max_blocks);
-    check_launch("row_fwd_warp", blocks, 1, 4 * kWarp, 0, 0);
-    if (tier == RowTier::Warp4)
-      FN_LAUNCH((row_fwd_warp<T, 4>), dim3(unsigned(blocks)), block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+    const dim3 grid(unsigned(std::min(ceil_div(sh.R, 4), lim.max_blocks))), block(kWarp, 4);  // a warp per row
+    check_launch("row_fwd_warp", grid.x, 1, 4 * kWarp, 0, 0);
+    if (tier == RowTier::Warp4 && vec)
+      FN_LAUNCH((row_fwd_warp<T, 4, W4>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+    else if (tier == RowTier::Warp4)
+      FN_LAUNCH((row_fwd_warp<T, 4, 1>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+    else if (vec)
+      FN_LAUNCH((row_fwd_warp<T, 16, P>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
     else
-      FN_LAUNCH((row_fwd_warp<T, 16>), dim3(unsigned(blocks)), block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+      FN_LAUNCH((row_fwd_warp<T, 16, 1>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
   } else {
-    const int64_t blocks = std::min(sh.R, lim.max_blocks);
+    const dim3 grid(unsigned(std::min(sh.R, lim.max_blocks))), block(lim.threads);  // a block per row
     const bool cache = tier == RowTier::Block;
     const int64_t smem = cache ? row_cache_bytes<A>(sh.L, false) : 0;
-    check_launch("row_fwd_block", blocks, 1, lim.threads, smem, kRowFwdStaticSmem<A>);
-    if (cache)
-      FN_LAUNCH((row_fwd_block<T, true>), dim3(unsigned(blocks)), dim3(lim.threads), smem, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+    check_launch("row_fwd_block", grid.x, 1, lim.threads, smem, kRowFwdStaticSmem<A>);
+    if (cache && vec)
+      FN_LAUNCH((row_fwd_block<T, true, P>), grid, block, smem, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+    else if (cache)
+      FN_LAUNCH((row_fwd_block<T, true, 1>), grid, block, smem, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+    else if (vec)
+      FN_LAUNCH((row_fwd_block<T, false, P>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
     else
-      FN_LAUNCH((row_fwd_block<T, false>), dim3(unsigned(blocks)), dim3(lim.threads), 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+      FN_LAUNCH((row_fwd_block<T, false, 1>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
   }
   FN_LAUNCH_CHECK();
 }
@@ -129,64 +141,101 @@ void row_backward(const T* x, const T* dy, T* dx, RowShape sh, RowParams<typenam
                   fn_stream_t stream, RowResidual<T> res = {}) {
   using A = typename Acc<T>::type;
   if (sh.R == 0 || sh.L == 0) return;  // nothing to normalise
+  constexpr int P = pack_size<T>(), W4 = P < 4 ? P : 4;
+  const bool vec = row_pack<T>(sh.L, {x, dy, dx, res.dres}) > 1;
   const Limits& lim = limits();
   const RowTier tier = row_tier<A>(sh.L, true);
   if (tier == RowTier::Warp4 || tier == RowTier::Warp16) {
-    const dim3 block(kWarp, 4);  // a warp per row, grid-stride over the rows
-    const int64_t blocks = std::min(ceil_div(sh.R, 4), lim.max_blocks);
-    check_launch("row_bwd_warp", blocks, 1, 4 * kWarp, 0, 0);
-    if (tier == RowTier::Warp4)
-      FN_LAUNCH((row_bwd_warp<T, 4>), dim3(unsigned(blocks)), block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
+    const dim3 grid(unsigned(std::min(ceil_div(sh.R, 4), lim.max_blocks))), block(kWarp, 4);  // a warp per row
+    check_launch("row_bwd_warp", grid.x, 1, 4 * kWarp, 0, 0);
+    if (tier == RowTier::Warp4 && vec)
+      FN_LAUNCH((row_bwd_warp<T, 4, W4>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
+    else if (tier == RowTier::Warp4)
+      FN_LAUNCH((row_bwd_warp<T, 4, 1>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
+    else if (vec)
+      FN_LAUNCH((row_bwd_warp<T, 16, P>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
     else
-      FN_LAUNCH((row_bwd_warp<T, 16>), dim3(unsigned(blocks)), block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
+      FN_LAUNCH((row_bwd_warp<T, 16, 1>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
   } else {
-    const int64_t blocks = std::min(sh.R, lim.max_blocks);
+    const dim3 grid(unsigned(std::min(sh.R, lim.max_blocks))), block(lim.threads);  // a block per row
     const bool cache = tier == RowTier::Block;
     const int64_t smem = cache ? row_cache_bytes<A>(sh.L, true) : 0;
-    check_launch("row_bwd_block", blocks, 1, lim.threads, smem, kRowBwdStaticSmem<A>);
-    if (cache)
-      FN_LAUNCH((row_bwd_block<T, true>), dim3(unsigned(blocks)), dim3(lim.threads), smem, stream, x, dy, dx, sh, pr, mean, rstd, res);
+    check_launch("row_bwd_block", grid.x, 1, lim.threads, smem, kRowBwdStaticSmem<A>);
+    if (cache && vec)
+      FN_LAUNCH((row_bwd_block<T, true, P>), grid, block, smem, stream, x, dy, dx, sh, pr, mean, rstd, res);
+    else if (cache)
+      FN_LAUNCH((row_bwd_block<T, true, 1>), grid, block, smem, stream, x, dy, dx, sh, pr, mean, rstd, res);
+    else if (vec)
+      FN_LAUNCH((row_bwd_block<T, false, P>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
     else
-      FN_LAUNCH((row_bwd_block<T, false>), dim3(unsigned(blocks)), dim3(lim.threads), 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
+      FN_LAUNCH((row_bwd_block<T, false, 1>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
   }
   FN_LAUNCH_CHECK();
 }
 
 // ---- per-channel reductions -------------------------------------------------------------
-// Layout of a channel reduction: NCHW (N, C, S) or NHWC (M = N*S rows, C columns).
+// Layout of a channel reduction: NCHW (N, C, S) or NHWC (M = N*S rows, C columns), read in
+// packs of `width` elements; blocks of bx x by threads (NCHW: 1 x threads), `groups`
+// column groups (NCHW: one per channel) times `splits` blocks each.
 struct ChannelPlan {
   bool nhwc;
   int64_t N, C, S;
-  int splits;
-  int64_t groups() const { return nhwc ? ceil_div(C, kWarp) : C; }  // one ticket each
+  int width, bx, by, splits;
+  int64_t groups() const { return nhwc ? ceil_div(C, int64_t(bx) * width) : C; }  // one ticket each
   int64_t partials() const { return C * splits; }
+  int64_t blocks() const { return groups() * splits; }
 };
 
-inline ChannelPlan plan_channels(bool nhwc, int64_t N, int64_t C, int64_t S) {
+// Splits: enough that no block reduces more than elements_per_split per column, and, while
+// every block keeps min_block_work elements, enough blocks for kWaves waves of the device's
+// SMs (a reduction with few channels would otherwise leave most of a GPU idle).
+constexpr int64_t kWaves = 4;
+
+inline ChannelPlan plan_channels(bool nhwc, int64_t N, int64_t C, int64_t S, int width = 1) {
   const Limits& lim = limits();
-  const int64_t per_channel = N * S;
-  int64_t splits = std::max<int64_t>(1, ceil_div(per_channel, lim.elements_per_split));
-  splits = std::min(splits, lim.max_splits);
-  return ChannelPlan{nhwc, N, C, S, int(splits)};
+  TORCH_CHECK(lim.threads <= kReduceThreads && lim.threads % kWarp == 0, "reduction blocks of ", lim.threads,
+              " threads (a multiple of 32, at most ", kReduceThreads, ")");
+  ChannelPlan plan{nhwc, N, C, S, width, 1, lim.threads, 1};
+  if (nhwc) {  // as many columns as C needs, up to a warp's width of packs
+    while (plan.bx < kWarp && int64_t(plan.bx) * width < C) plan.bx *= 2;
+    plan.by = lim.threads / plan.bx;
+  }
+  const int64_t per_column = N * S;
+  const int64_t block_columns = nhwc ? std::min<int64_t>(C, int64_t(plan.bx) * width) : 1;
+  int64_t splits = ceil_div(per_column, lim.elements_per_split);
+  const int64_t for_waves = ceil_div(kWaves * sm_count(), std::max<int64_t>(plan.groups(), 1));
+  const int64_t most_full = per_column * block_columns / std::max<int64_t>(lim.min_block_work, 1);
+  splits = std::max(splits, std::min(for_waves, most_full));
+  splits = std::min({splits, lim.max_splits, std::max<int64_t>(per_column, 1)});
+  plan.splits = int(std::max<int64_t>(splits, 1));
+  return plan;
+}
+
+// The pack width a reduction over these tensors can use: 16 bytes when the reduced runs
+// (NCHW: S elements; NHWC: rows of C) start 16-byte aligned.
+template <typename T>
+int channel_pack(bool nhwc, int64_t C, int64_t S, const T* x, const T* dy) {
+  return row_pack<T>(nhwc ? C : S, {x, dy});
 }
 
 template <typename T, typename Op>
 void channel_reduce(const ChannelPlan& plan, const Op& op, const T* x, const T* dy,
                     typename Op::State* partials, int* tickets, fn_stream_t stream) {
   if (plan.C == 0) return;
-  const Limits& lim = limits();
-  check_launch(plan.nhwc ? "channel_reduce_nhwc" : "channel_reduce_nchw",
-               plan.nhwc ? plan.groups() : plan.C, plan.splits, plan.nhwc ? kWarp * 8 : lim.threads, 0,
+  constexpr int P = pack_size<T>();
+  const bool vec = plan.width > 1;
+  TORCH_CHECK(!vec || plan.width == P, "channel reduction: pack width ", plan.width, " is not ", P);
+  const dim3 grid(unsigned(plan.groups()), unsigned(plan.splits)), block(plan.bx, plan.by);
+  check_launch(plan.nhwc ? "channel_reduce_nhwc" : "channel_reduce_nchw", grid.x, grid.y, plan.bx * plan.by, 0,
                0);  // static slots: a few KiB at most (reduce_kernels.cuh)
-  if (plan.nhwc) {
-    const dim3 grid(unsigned(plan.groups()), unsigned(plan.splits));
-    FN_LAUNCH((channel_reduce_nhwc<T, Op>), grid, dim3(kWarp, 8), 0, stream, op, x, dy,
-              plan.N * plan.S, plan.C, partials, tickets);
-  } else {
-    const dim3 grid(unsigned(plan.C), unsigned(plan.splits));
-    FN_LAUNCH((channel_reduce_nchw<T, Op>), grid, dim3(1, lim.threads), 0, stream, op, x, dy,
-              plan.N, plan.C, plan.S, partials, tickets);
-  }
+  if (plan.nhwc && vec)
+    FN_LAUNCH((channel_reduce_nhwc<T, Op, P>), grid, block, 0, stream, op, x, dy, plan.N * plan.S, plan.C, partials, tickets);
+  else if (plan.nhwc)
+    FN_LAUNCH((channel_reduce_nhwc<T, Op, 1>), grid, block, 0, stream, op, x, dy, plan.N * plan.S, plan.C, partials, tickets);
+  else if (vec)
+    FN_LAUNCH((channel_reduce_nchw<T, Op, P>), grid, block, 0, stream, op, x, dy, plan.N, plan.C, plan.S, partials, tickets);
+  else
+    FN_LAUNCH((channel_reduce_nchw<T, Op, 1>), grid, block, 0, stream, op, x, dy, plan.N, plan.C, plan.S, partials, tickets);
   FN_LAUNCH_CHECK();
 }
 

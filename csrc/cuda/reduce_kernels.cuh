@@ -2,7 +2,8 @@
 // several blocks ("splits"); each block reduces its share, writes a partial, and the last
 // block to finish a channel (an atomic ticket) merges the partials and finalises it.
 //   NCHW: channel c of an (N, C, S) tensor, grid (C, splits).
-//   NHWC: column c of an (M, C) matrix, grid (ceil(C/32), splits), block (32, 8).
+//   NHWC: column c of an (M, C) matrix, grid (column groups, splits), block (bx, by).
+// Both read W elements per access (16 bytes where the layout is aligned, launch.h).
 // What is reduced is an Op: statistics (MomentsOp) or gradient sums (GradSumsOp). The same
 // kernels give BatchNorm's statistics and gradients, and LayerNorm's / GroupNorm's
 // parameter gradients (their statistics looked up per row or per group).
@@ -106,6 +107,9 @@ struct GradSumsOp {
   }
 };
 
+// The most threads a reduction block has (the 2-D reduction's shared slots).
+constexpr int kReduceThreads = 256;
+
 // Reduces `s` over the threads that share threadIdx.x (the block's y dimension, and for a
 // 1-D block the whole block); the result is valid in threads with threadIdx.y == 0.
 template <typename State, typename Op>
@@ -126,31 +130,34 @@ __device__ __forceinline__ State reduce_over_y(State s) {
     __syncthreads();
     return w;
   }
-  // 2-D block (32 columns x blockDim.y rows): through shared memory, row 0 combines.
-  FN_SHARED(A, grid, [K][8][kWarp]);
-  for (int k = 0; k < K; ++k) grid[k][threadIdx.y][threadIdx.x] = s.v[k];
+  // 2-D block (blockDim.x columns x blockDim.y rows): through shared memory, row 0 combines.
+  FN_SHARED(A, grid, [K][kReduceThreads]);
+  const int bx = blockDim.x;
+  for (int k = 0; k < K; ++k) grid[k][threadIdx.y * bx + threadIdx.x] = s.v[k];
   __syncthreads();
   State out = Op::identity();
   if (threadIdx.y == 0)
     for (int y = 0; y < int(blockDim.y); ++y) {
       State o;
-      for (int k = 0; k < K; ++k) o.v[k] = grid[k][y][threadIdx.x];
+      for (int k = 0; k < K; ++k) o.v[k] = grid[k][y * bx + threadIdx.x];
       out = Op::combine(out, o);
     }
   __syncthreads();
   return out;
 }
 
-// The grid-level finish, shared by both layouts: each column's partial of this split goes
-// to partials[col * splits + split]; the last block of a column group merges them all.
-template <typename Op>
-__device__ __forceinline__ void finish_columns(const Op& op, typename Op::State mine, int64_t col0,
-                                               int ncols, int64_t C, int splits, int split,
+// The grid-level finish, shared by both layouts: the thread's W columns c0 .. c0+W-1 (if
+// `valid`) have partials of this split in `mine`, which go to partials[col * splits + split];
+// the last block of a column group merges them all.
+template <int W, typename Op>
+__device__ __forceinline__ void finish_columns(const Op& op, typename Op::State (&mine)[W], int64_t c0,
+                                               bool valid, int splits, int split,
                                                typename Op::State* partials, int* tickets,
                                                int64_t group) {
   using State = typename Op::State;
-  const int col = threadIdx.x;  // 0 for NCHW blocks (one column per block)
-  if (threadIdx.y == 0 && col < ncols && col0 + col < C) partials[(col0 + col) * splits + split] = mine;
+  if (threadIdx.y == 0 && valid)
+    #pragma unroll
+    for (int j = 0; j < W; ++j) partials[(c0 + j) * splits + split] = mine[j];
   FN_SHARED(bool, is_last, );
   __threadfence();
   __syncthreads();
@@ -158,50 +165,76 @@ __device__ __forceinline__ void finish_columns(const Op& op, typename Op::State 
   __syncthreads();
   if (!is_last) return;  // uniform across the block
   __threadfence();
-  State s = Op::identity();
-  if (col < ncols && col0 + col < C)
-    for (int k = threadIdx.y; k < splits; k += blockDim.y)
-      s = Op::combine(s, partials[(col0 + col) * splits + k]);
-  s = reduce_over_y<State, Op>(s);
-  if (threadIdx.y == 0 && col < ncols && col0 + col < C) op.finalize(col0 + col, s);
+  #pragma unroll
+  for (int j = 0; j < W; ++j) {  // uniform: reduce_over_y has barriers
+    State s = Op::identity();
+    if (valid)
+      for (int k = threadIdx.y; k < splits; k += blockDim.y) s = Op::combine(s, partials[(c0 + j) * splits + k]);
+    s = reduce_over_y<State, Op>(s);
+    if (threadIdx.y == 0 && valid) op.finalize(c0 + j, s);
+  }
 }
 
-// NCHW: grid (C, splits), block (1, threads). Channel c's elements are (n, s) pairs.
-template <typename T, typename Op>
+// Adds a pack of W elements (x and, if given, dy) of (outer, column c0 + j) to states.
+template <int W, typename T, typename Op, int NS>
+__device__ __forceinline__ void add_pack(const Op& op, typename Op::State (&s)[NS], const T* x, const T* dy,
+                                         int64_t k, int64_t outer, int64_t c0, int64_t cstep) {
+  using A = typename Acc<T>::type;
+  const Pack<T, W> px = load_pack<W>(x, k);
+  Pack<T, W> pg;
+  if (dy) pg = load_pack<W>(dy, k);
+  #pragma unroll
+  for (int j = 0; j < W; ++j)
+    op.add(s[NS == 1 ? 0 : j], to_acc(px.v[j]), dy ? to_acc(pg.v[j]) : A(0), outer, c0 + j * cstep);
+}
+
+// NCHW: grid (C, splits), block (1, threads). Channel c's elements are N runs of S, read in
+// packs of W (W divides S); the pack index walks (n, s) without a divide per element.
+template <typename T, typename Op, int W>
 __global__ void channel_reduce_nchw(Op op, const T* __restrict__ x, const T* __restrict__ dy,
                                     int64_t N, int64_t C, int64_t S,
                                     typename Op::State* partials, int* tickets) {
-  using A = typename Acc<T>::type;
   const int64_t c = blockIdx.x;
   const int split = blockIdx.y, splits = gridDim.y;
-  const int64_t stride = int64_t(splits) * blockDim.y;
-  typename Op::State s = Op::identity();
-  // Over the flattened (n, s) index, so every split has work even when S is small.
-  for (int64_t j = int64_t(split) * blockDim.y + threadIdx.y; j < N * S; j += stride) {
-    const int64_t n = j / S, i = (n * C + c) * S + (j - n * S);
-    op.add(s, to_acc(x[i]), dy ? to_acc(dy[i]) : A(0), n, c);
+  const int64_t Sp = S / W;  // packs per run
+  typename Op::State s[1] = {Op::identity()};
+  // Over the flattened (n, pack) index, so every split has work even when S is small.
+  const int64_t first = int64_t(split) * blockDim.y + threadIdx.y, stride = int64_t(splits) * blockDim.y;
+  int64_t n = first / Sp, j = first - n * Sp;
+  const int64_t dn = stride / Sp, dj = stride - dn * Sp;
+  while (n < N) {
+    add_pack<W>(op, s, x, dy, (n * C + c) * Sp + j, n, c, 0);
+    n += dn;
+    j += dj;
+    if (j >= Sp) {
+      j -= Sp;
+      ++n;
+    }
   }
-  s = reduce_over_y<typename Op::State, Op>(s);
-  finish_columns(op, s, c, 1, C, splits, split, partials, tickets, c);
+  s[0] = reduce_over_y<typename Op::State, Op>(s[0]);
+  finish_columns<1>(op, s, c, threadIdx.x == 0, splits, split, partials, tickets, c);
 }
 
-// NHWC: grid (ceil(C/32), splits), block (32, 8). Column c's elements are rows m.
-template <typename T, typename Op>
+// NHWC: grid (groups, splits), block (bx, by); a group is bx*W columns, each thread W
+// adjacent ones (W divides C). Column c's elements are rows m.
+template <typename T, typename Op, int W>
 __global__ void channel_reduce_nhwc(Op op, const T* __restrict__ x, const T* __restrict__ dy,
                                     int64_t M, int64_t C, typename Op::State* partials,
                                     int* tickets) {
-  using A = typename Acc<T>::type;
-  const int64_t col0 = int64_t(blockIdx.x) * blockDim.x, c = col0 + threadIdx.x;
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * W;
   const int split = blockIdx.y, splits = gridDim.y;
   const int64_t stride = int64_t(splits) * blockDim.y;
-  typename Op::State s = Op::identity();
+  typename Op::State s[W];
+  #pragma unroll
+  for (int j = 0; j < W; ++j) s[j] = Op::identity();
   // Rows interleaved over splits (coalescing is along the columns), so every split has
   // rows whenever M >= splits.
-  if (c < C)
+  if (c0 < C)
     for (int64_t m = split + int64_t(splits) * threadIdx.y; m < M; m += stride)
-      op.add(s, to_acc(x[m * C + c]), dy ? to_acc(dy[m * C + c]) : A(0), m, c);
-  s = reduce_over_y<typename Op::State, Op>(s);
-  finish_columns(op, s, col0, blockDim.x, C, splits, split, partials, tickets, blockIdx.x);
+      add_pack<W>(op, s, x, dy, (m * C + c0) / W, m, c0, 1);
+  #pragma unroll
+  for (int j = 0; j < W; ++j) s[j] = reduce_over_y<typename Op::State, Op>(s[j]);
+  finish_columns<W>(op, s, c0, c0 < C, splits, split, partials, tickets, blockIdx.x);
 }
 
 }  // namespace cuda

@@ -47,6 +47,22 @@ void set_emulation(int64_t teams, int64_t seed) {
   fnemu::settings().seed = uint64_t(seed);
 }
 
+// The device the launch plans are made for (streaming multiprocessors).
+void set_sm_count(int64_t sms) { fnemu::settings().sms = sms; }
+
+// Dry runs: the ops compute their launches (grid, block, shared memory) and record them
+// instead of running the kernels; take_launches() returns and clears the record.
+void set_dry_run(bool on) { fnemu::settings().dry_run = on; }
+
+std::vector<std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t>> take_launches() {
+  std::lock_guard<std::mutex> lock(fnemu::coverage_mutex());
+  std::vector<std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t>> out;
+  for (const auto& l : fnemu::planned_launches())
+    out.emplace_back(l.kernel, l.grid.x, l.grid.y, l.block.x, l.block.y, l.smem);
+  fnemu::planned_launches().clear();
+  return out;
+}
+
 // Every launch since the last reset: (kernel|op|element type|splits, launches, the most
 // static shared memory a launch used, the most blocks seen running at once).
 std::vector<std::tuple<std::string, int64_t, int64_t, int64_t>> coverage() {
@@ -81,8 +97,26 @@ double ordering_probe(int64_t blocks) {
   return out;
 }
 
+// A 16-byte load one float past a 16-byte boundary (a GPU faults on it): the emulation must
+// refuse it too.
+__global__ void probe_misaligned_pack(const float* p, float* out) {
+  if (threadIdx.x == 0) *out = fusednorm::cuda::load_pack<4>(p + 1, 0).v[0];
+}
+
+void misaligned_probe() {
+  alignas(16) float buf[8] = {};
+  float out = 0;
+  FN_LAUNCH(probe_misaligned_pack, dim3(1), dim3(32), 0, nullptr, buf, &out);
+}
+
 int64_t splits(bool nhwc, int64_t N, int64_t C, int64_t S) {
   return fusednorm::cuda::plan_channels(nhwc, N, C, S).splits;
+}
+
+// Global-memory bytes (read, written) the kernels streamed since the last call.
+std::tuple<int64_t, int64_t> take_traffic() {
+  auto& t = fnemu::traffic();
+  return {t.read.exchange(0), t.written.exchange(0)};
 }
 
 }  // namespace
@@ -91,10 +125,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_limits", &set_limits);
   m.def("row_tier", &tier_name);
   m.def("splits", &splits);
+  m.def("take_traffic", &take_traffic);
   m.def("row_static_smem", &row_static_smem);
   m.def("row_tier_edges", &tier_edges);
   m.def("set_emulation", &set_emulation);
+  m.def("set_sm_count", &set_sm_count);
+  m.def("set_dry_run", &set_dry_run);
+  m.def("take_launches", &take_launches);
   m.def("coverage", &coverage);
   m.def("reset_coverage", &reset_coverage);
   m.def("ordering_probe", &ordering_probe);
+  m.def("misaligned_probe", &misaligned_probe);
 }
