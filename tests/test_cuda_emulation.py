@@ -281,6 +281,60 @@ def test_instance_norm_with_running_stats(emu, act):
         assert_close(a, e.float(), torch.float32, what)
 
 
+SPLIT_CASES = [  # (N, C, spatial, groups): rows fewer than the SMs, split over blocks
+    (2, 6, (4, 8), 3),   # GroupNorm, planes of 32 (vectorised in every dtype)
+    (3, 4, (5, 5), 4),   # InstanceNorm (G = C), planes of 25 (scalar)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=["groupnorm", "instancenorm"])
+def test_group_norm_rows_split_over_blocks(emu, case, act, dtype):
+    """GroupNorm/InstanceNorm with fewer rows than SMs and long rows (bindings.h's
+    split_rows): statistics by a multi-split reduction over the rows, gradient sums over
+    the planes, BatchNorm's elementwise kernels with per-plane coefficients. The launches
+    are those (no row kernel), the results torch.nn's; InstanceNorm's running statistics
+    too."""
+    N, C, sp, G = case
+    limits(emu, per_split=8)
+    emu.set_split_plane_min(8)
+    try:
+        x = data((N, C) + sp, dtype)
+        pdt = torch.float64 if dtype == torch.float64 else torch.float32
+        w, b = data((C,), pdt, 1) + 1, data((C,), pdt, 2)
+        g = data(x.shape, dtype, 3)
+        emu.set_dry_run(True)
+        try:
+            y, mean, rstd = ops().group_norm_fwd(x, G, w, b, 1e-5, act, SLOPE, 0.0)
+            ops().group_norm_bwd(g, x, G, mean, rstd, w, b, act, SLOPE, 0.0, [True, True, True])
+        finally:
+            emu.set_dry_run(False)
+        launches = emu.take_launches()
+        kernels = [k for k, *_ in launches]
+        assert not any(k.startswith("row_") for k in kernels), kernels
+        assert "plane_coefficients_kernel<A>" in kernels, kernels
+        assert any(k.startswith("channel_reduce_nchw") and splits > 1 for k, _, splits, *_ in launches), launches
+        y, mean, rstd = ops().group_norm_fwd(x, G, w, b, 1e-5, act, SLOPE, 0.0)
+        ref = lambda x, w, b: activate(F.group_norm(x, G, w, b, 1e-5), ACTS[act])
+        yr, (dxr, dwr, dbr) = reference_grads(ref, x, [w, b], g)
+        td = tol_dtype(dtype)
+        assert_close(y, yr.to(td), dtype, "output")
+        dx, dw, db = ops().group_norm_bwd(g, x, G, mean, rstd, w, b, act, SLOPE, 0.0, [True, True, True])
+        assert_close(dx, dxr.to(td), dtype, "dx")
+        assert_close(dw, dwr.to(pdt), pdt, "dweight")
+        assert_close(db, dbr.to(pdt), pdt, "dbias")
+        if G == C:
+            rm, rv = torch.zeros(C, dtype=pdt), torch.ones(C, dtype=pdt)
+            rm_ref, rv_ref = rm.clone(), rv.clone()
+            ops().instance_norm_fwd(x, w, b, rm, rv, 0.1, 1e-5, act, SLOPE, 0.0)
+            F.instance_norm(x.to(pdt), rm_ref, rv_ref, None, None, True, 0.1, 1e-5)
+            assert_close(rm, rm_ref, pdt, "running_mean")
+            assert_close(rv, rv_ref, pdt, "running_var")
+    finally:
+        emu.set_split_plane_min(1024)
+
+
 EVERY_KERNEL = {  # kernel family -> (float32 input shape, emulator limits that reach it)
     "batch_norm NCHW": ((3, 4, 4, 8), {"per_split": 2}),
     "batch_norm NHWC": ((4, 5, 3, 3), {"per_split": 2}),
@@ -562,6 +616,8 @@ PASS_MODEL = {
     "batch_norm_bwd": (2 + 2, 1),         # gradient sums; input gradient
     "group_norm_fwd": (1, 1),
     "group_norm_bwd": (2 + 2, 1),
+    "group_norm_fwd_split": (1 + 1, 1),   # rows split over blocks: statistics; apply
+    "group_norm_bwd_split": (2 + 2, 1),   # plane sums; input gradient
 }
 
 
@@ -622,6 +678,20 @@ def test_batch_and_group_norm_traffic_meets_the_pass_model(emu, dtype, layout):
         check_traffic(emu, "group_norm_bwd", n, size, "GroupNorm bwd")
 
 
+def test_split_group_norm_traffic_meets_the_pass_model(emu):
+    """GroupNorm with 2 rows of 65536 elements (fewer rows than SMs): split over blocks."""
+    limits(emu, **PRODUCTION)
+    x, g = data((1, 32, 64, 64), torch.float32), data((1, 32, 64, 64), torch.float32, 3)
+    w, b = data((32,), torch.float32, 1) + 1, data((32,), torch.float32, 2)
+    emu.take_traffic()
+    y, mean, rstd = ops().group_norm_fwd(x, 2, w, b, 1e-5, 1, 0.0, 0.0)
+    check_traffic(emu, "group_norm_fwd_split", x.numel(), 4, "fwd")
+    ops().group_norm_bwd(g, x, 2, mean, rstd, w, b, 1, 0.0, 0.0, [True, True, True])
+    check_traffic(emu, "group_norm_bwd_split", x.numel(), 4, "bwd")
+    yr = F.relu(F.group_norm(x.double(), 2, w.double(), b.double(), 1e-5))
+    assert_close(y, yr.float(), torch.float32, "output")
+
+
 def test_misaligned_16_byte_access_is_refused(emu):
     """A 16-byte load off a 16-byte boundary faults on a GPU; the emulation refuses it."""
     with pytest.raises(RuntimeError, match="not aligned"):
@@ -635,6 +705,7 @@ PLAN_CASES = {
     "BatchNorm2d 32x64x56x56 channels_last": ("bn", (32, 64, 56, 56), "nhwc"),
     "BatchNorm2d 32x2048x7x7 channels_last": ("bn", (32, 2048, 7, 7), "nhwc"),
     "GroupNorm(32) 32x64x56x56": ("gn", (32, 64, 56, 56), "nchw"),
+    "GroupNorm(32) 1x64x128x128 (32 rows)": ("gn", (1, 64, 128, 128), "nchw"),
     "LayerNorm(1024) 8192x1024": ("ln", (8192, 1024), "nchw"),
     "LayerNorm(4096) 4096x4096": ("ln", (4096, 4096), "nchw"),
     "LayerNorm(8) 262144x8": ("ln", (262144, 8), "nchw"),
@@ -678,6 +749,8 @@ def test_launch_plans_fill_an_h100(emu, case):
     for n in shape:
         numel *= n
     for kernel, blocks, threads in launches:
+        if kernel.startswith("plane_coefficients"):
+            continue  # N*C coefficients, not a pass over the tensor
         need = H100_SMS
         if kernel.startswith("channel_reduce"):
             need = max(need, min(4 * H100_SMS, numel // 4096))
@@ -704,6 +777,8 @@ def expected_paths():
         name, op, splits = k.split("|")
         for dtype in ("float32", "float64", "bfloat16", "float16"):
             out.add(f"{name}|{op}|{dtype}|{splits}")
+    # GroupNorm's split rows: per-plane coefficients, in the accumulation type
+    out |= {f"plane_coefficients_kernel<A>||{acc}|one-split" for acc in ("float32", "float64")}
     return out
 
 

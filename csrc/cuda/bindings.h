@@ -317,6 +317,55 @@ inline TensorList3 layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
                       mask);
 }
 
+// GroupNorm/InstanceNorm rows too few to fill the GPU one block each, long, and made of
+// planes long enough to stream: each row is split over blocks, as BatchNorm's channels are
+// (statistics by a channel reduction over the rows, gradient sums over the (n, c) planes),
+// and normalised by BatchNorm's elementwise kernels with per-plane coefficients. Same
+// passes over the tensor as the row kernels' long tier.
+inline bool split_rows(const GnShape& s) {
+  const Limits& lim = limits();
+  return s.N * s.G < sm_count() && s.row_len() >= lim.elements_per_split && s.S >= lim.split_plane_min;
+}
+
+// group_norm_bwd of split rows (split_rows): per-plane sums of dyhat and dyhat*xhat, from
+// which the parameter gradients (summed over the batch) and the input gradient's
+// coefficients follow.
+inline TensorList3 split_rows_backward(const at::Tensor& grad_out, const at::Tensor& x, const GnShape& s,
+                                       const at::Tensor& mean_in, const at::Tensor& rstd_in,
+                                       const c10::optional<at::Tensor>& weight,
+                                       const c10::optional<at::Tensor>& bias, int64_t act, double act_a,
+                                       double act_b, std::array<bool, 3> mask) {
+  const auto acc = x.options().dtype(acc_dtype(x));
+  const at::Tensor dy = grad_out.to(x.scalar_type()).contiguous();
+  const at::Tensor mean = mean_in.to(acc.dtype()).contiguous(), rstd = rstd_in.to(acc.dtype()).contiguous();
+  const at::Tensor gamma = acc_param(weight, s.C, 1.0, x), beta = acc_param(bias, s.C, 0.0, x);
+  const int64_t planes = s.N * s.C;
+  // The sums' pre-activation takes each plane's parameters (GradSumsOp indexes them by plane).
+  const at::Tensor gamma_p = gamma.repeat({s.N}), beta_p = beta.repeat({s.N});
+  at::Tensor sum_g = at::zeros({planes}, acc), sum_gx = at::zeros({planes}, acc);
+  at::Tensor dx = mask[0] ? at::empty_like(x) : empty_result(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "split_rows_backward", [&] {
+    using scalar = scalar_t;
+    using A = typename Acc<scalar>::type;
+    // statistics of plane p: row p / cg (= n*G + c/cg)
+    GradSumsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma_p), aptr<A>(beta_p), 0, s.cg(),
+                     act, act_params<A>(act_a, act_b), aptr<A>(sum_gx), aptr<A>(sum_g), nullptr, nullptr, nullptr, false, 0};
+    run_channel_reduce<scalar>(false, 1, planes, s.S, op, x, &dy);
+    if (mask[0]) {
+      at::Tensor mean_p = at::empty({planes}, acc), alpha_p = at::empty_like(mean_p), beta_pp = at::empty_like(mean_p);
+      at::Tensor cA = at::empty_like(mean_p), cB = at::empty_like(mean_p), cC = at::empty_like(mean_p);
+      plane_coefficients<A>(aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), s.N, s.C, s.G, s.row_len(),
+                            aptr<A>(sum_g), aptr<A>(sum_gx), aptr<A>(mean_p), aptr<A>(alpha_p), aptr<A>(beta_pp),
+                            aptr<A>(cA), aptr<A>(cB), aptr<A>(cC), FN_STREAM());
+      input_grad<scalar>(x.data_ptr<scalar>(), dy.data_ptr<scalar>(), dx.data_ptr<scalar>(), x.numel(), planes, s.S,
+                         false, aptr<A>(mean_p), aptr<A>(alpha_p), aptr<A>(beta_pp), aptr<A>(cA), aptr<A>(cB),
+                         aptr<A>(cC), act, act_params<A>(act_a, act_b), FN_STREAM());
+    }
+  });
+  return {dx, mask[1] && has(weight) ? sum_gx.view({s.N, s.C}).sum(0).to(weight->scalar_type()) : empty_result(x),
+          mask[2] && has(bias) ? sum_g.view({s.N, s.C}).sum(0).to(bias->scalar_type()) : empty_result(x)};
+}
+
 // GroupNorm-shaped forward (GroupNorm, and InstanceNorm with G = C). The input is
 // normalised as a contiguous copy; GroupNorm's output then takes the format torch gives it
 // (layout.h), InstanceNorm's stays contiguous (as torch's).
@@ -328,9 +377,25 @@ inline TensorList3 groups_forward(const at::Tensor& input, const GnShape& s,
   const auto acc = x.options().dtype(acc_dtype(x));
   at::Tensor y = at::empty_like(x), mean = at::zeros({s.N, s.G}, acc), rstd = at::zeros({s.N, s.G}, acc);
   if (m2) *m2 = at::zeros({s.N, s.G}, acc);
-  if (x.numel() > 0)
-    rows_forward(x, y, RowShape{s.N * s.G, s.cg() * s.S, s.G, s.cg(), s.S}, acc_param(weight, s.C, 1.0, x),
-                 acc_param(bias, s.C, 0.0, x), eps, act, act_a, act_b, mean, rstd, m2);
+  const at::Tensor gamma = acc_param(weight, s.C, 1.0, x), beta = acc_param(bias, s.C, 0.0, x);
+  if (x.numel() > 0 && split_rows(s)) {
+    const at::Tensor row_m2 = m2 ? *m2 : at::empty({s.N, s.G}, acc);
+    at::Tensor mean_p = at::empty({s.N * s.C}, acc), alpha_p = at::empty_like(mean_p), beta_p = at::empty_like(mean_p);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "groups_forward", [&] {
+      using A = typename Acc<scalar_t>::type;
+      MomentsOp<A> op{aptr<A>(mean), aptr<A>(rstd), aptr<A>(row_m2), A(eps), s.row_len()};
+      run_channel_reduce<scalar_t>(false, 1, s.N * s.G, s.row_len(), op, x, nullptr);
+      plane_coefficients<A>(aptr<A>(mean), aptr<A>(rstd), aptr<A>(gamma), aptr<A>(beta), s.N, s.C, s.G, s.row_len(),
+                            nullptr, nullptr, aptr<A>(mean_p), aptr<A>(alpha_p), aptr<A>(beta_p), nullptr, nullptr,
+                            nullptr, FN_STREAM());
+      apply<scalar_t>(x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), x.numel(), s.N * s.C, s.S, false,
+                      aptr<A>(mean_p), aptr<A>(alpha_p), aptr<A>(beta_p), act, act_params<A>(act_a, act_b),
+                      FN_STREAM());
+    });
+  } else if (x.numel() > 0) {
+    rows_forward(x, y, RowShape{s.N * s.G, s.cg() * s.S, s.G, s.cg(), s.S}, gamma, beta, eps, act, act_a, act_b,
+                 mean, rstd, m2);
+  }
   if (keep_channels_last) y = y.contiguous(group_norm_format(input));
   return {y, mean, rstd};
 }
@@ -381,8 +446,10 @@ inline TensorList3 group_norm_bwd(const at::Tensor& grad_out, const at::Tensor& 
   check_backward_args(grad_out, input, mean, rstd, s.N * G, "group_norm_bwd");
   FN_DEVICE_GUARD(input);
   const at::Tensor x = input.contiguous();
-  auto out = rows_backward(grad_out, x, RowShape{s.N * G, s.cg() * s.S, G, s.cg(), s.S}, mean, rstd,
-                           weight, bias, s.C, ChannelView{false, s.N, s.C, s.S}, G, s.cg(), act, act_a, act_b, mask);
+  auto out = x.numel() > 0 && split_rows(s)
+                 ? split_rows_backward(grad_out, x, s, mean, rstd, weight, bias, act, act_a, act_b, mask)
+                 : rows_backward(grad_out, x, RowShape{s.N * G, s.cg() * s.S, G, s.cg(), s.S}, mean, rstd, weight,
+                                 bias, s.C, ChannelView{false, s.N, s.C, s.S}, G, s.cg(), act, act_a, act_b, mask);
   if (mask[0])  // the layout the CPU kernels return (layout.h)
     std::get<0>(out) = std::get<0>(out).contiguous(group_norm_format(input));
   return out;

@@ -63,5 +63,33 @@ __global__ void input_grad_kernel(const T* __restrict__ x, const T* __restrict__
   }
 }
 
+// GroupNorm/InstanceNorm normalised by the two kernels above (rows too few to fill the GPU
+// one block each: bindings.h's split_rows): per (n, c) plane of S elements, in row
+// n*G + c/cg, the forward's mean, alpha = rstd*gamma[c] and beta[c]; with the backward's
+// per-plane sums (sum_g: of dyhat, sum_gx: of dyhat*xhat), the input gradient's cA, cB, cC
+// from the row's sums of gamma*dyhat and gamma*dyhat*xhat.
+template <typename A>
+__global__ void plane_coefficients_kernel(const A* __restrict__ mean, const A* __restrict__ rstd,
+                                   const A* __restrict__ gamma, const A* __restrict__ beta, int64_t N,
+                                   int64_t C, int64_t G, int64_t L, const A* __restrict__ sum_g,
+                                   const A* __restrict__ sum_gx, A* mean_p, A* alpha_p, A* beta_p, A* cA,
+                                   A* cB, A* cC) {
+  const int64_t cg = C / G;
+  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < N * C; p += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = p / C, c = p - n * C, row = n * G + c / cg;
+    const A rs = rstd[row];
+    mean_p[p] = mean[row];
+    alpha_p[p] = rs * gamma[c];
+    beta_p[p] = beta[c];
+    if (!sum_g) continue;
+    A row_g = 0, row_gx = 0;
+    for (int64_t k = c - c % cg; k < c - c % cg + cg; ++k) {
+      row_g += gamma[k] * sum_g[n * C + k];
+      row_gx += gamma[k] * sum_gx[n * C + k];
+    }
+    input_grad_coefficients<A>(rs, gamma[c], rs * row_g, row_gx, L, &cA[p], &cB[p], &cC[p]);
+  }
+}
+
 }  // namespace cuda
 }  // namespace fusednorm

@@ -20,6 +20,7 @@ struct Limits {
   int64_t elements_per_split = 16384;     // reductions: work per block and column before splitting
   int64_t max_splits = 1024;
   int64_t min_block_work = 4096;          // reductions: elements per block when splitting to fill the GPU
+  int64_t split_plane_min = 1024;         // GroupNorm rows split over blocks: planes of at least this
   int64_t max_blocks = 65535;             // grid-stride kernels
   int threads = 256;
 };
@@ -285,6 +286,16 @@ void input_grad(const T* x, const T* dy, T* dx, int64_t numel, int64_t C, int64_
   else
     FN_LAUNCH((input_grad_kernel<T, false>), elementwise_grid(numel), dim3(limits().threads), 0, stream,
               x, dy, dx, numel, C, s, mean, alpha, beta, cA, cB, cC, act, ap);
+  FN_LAUNCH_CHECK();
+}
+
+template <typename A>
+void plane_coefficients(const A* mean, const A* rstd, const A* gamma, const A* beta, int64_t N, int64_t C, int64_t G,
+                        int64_t L, const A* sum_g, const A* sum_gx, A* mean_p, A* alpha_p, A* beta_p, A* cA, A* cB,
+                        A* cC, fn_stream_t stream) {
+  if (N * C == 0) return;
+  FN_LAUNCH((plane_coefficients_kernel<A>), elementwise_grid(N * C), dim3(limits().threads), 0, stream, mean, rstd, gamma,
+            beta, N, C, G, L, sum_g, sum_gx, mean_p, alpha_p, beta_p, cA, cB, cC);
   FN_LAUNCH_CHECK();
 }
 

@@ -47,6 +47,10 @@ void set_emulation(int64_t teams, int64_t seed) {
   fnemu::settings().seed = uint64_t(seed);
 }
 
+// GroupNorm rows split over blocks (bindings.h's split_rows) from planes of this many
+// elements (small test shapes reach the path with a low one).
+void set_split_plane_min(int64_t n) { fusednorm::cuda::limits().split_plane_min = n; }
+
 // The device the launch plans are made for (streaming multiprocessors).
 void set_sm_count(int64_t sms) { fnemu::settings().sms = sms; }
 
@@ -130,6 +134,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_tier_edges", &tier_edges);
   m.def("set_emulation", &set_emulation);
   m.def("set_sm_count", &set_sm_count);
+  m.def("set_split_plane_min", &set_split_plane_min);
   m.def("set_dry_run", &set_dry_run);
   m.def("take_launches", &take_launches);
   m.def("coverage", &coverage);
