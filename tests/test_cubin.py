@@ -11,7 +11,7 @@ ITEMSIZE = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
 # kernel template and which template argument is the elements per access (launch.h)
 PACKED = re.compile(
     r"fusednorm::cuda::(?P<kernel>row_(?:fwd|bwd)_(?:warp|block)|channel_reduce_(?:nchw|nhwc)"
-    r"|apply_kernel|input_grad_kernel)<(?P<args>[^()]*)>\(")
+    r"|elementwise_(?:nchw|nhwc))<(?P<args>[^()]*)>\(")
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,6 @@ def access_bytes(name):
         return None
     args = [a.strip() for a in m.group("args").split(",")]
     size = ITEMSIZE[args[0]]
-    if m.group("kernel") in ("apply_kernel", "input_grad_kernel"):
-        return m.group("kernel"), 16 if args[1] == "true" else size
     return m.group("kernel"), size * int(args[-1])
 
 
@@ -51,8 +49,8 @@ def test_packed_kernels_issue_16_byte_global_accesses(kernels):
         if not (loads and stores):
             missing.append((name.split("(")[0], bits, sorted({i for i in ins if i.startswith(("LDG", "STG"))})))
         checked += 1
-    # 4 dtypes x (row: 2 directions x 4 tiers; reductions: 2 layouts x 2 ops; elementwise: 2)
-    assert checked >= 4 * (8 + 4 + 2), f"only {checked} packed kernels found"
+    # 4 dtypes x (row: 2 directions x 4 tiers; reductions and elementwise: 2 layouts x 2 ops)
+    assert checked >= 4 * (8 + 4 + 4), f"only {checked} packed kernels found"
     assert not missing, "\n".join(map(str, missing))
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from emulation import load_emulation
+from fusednorm.bandwidth import PASS_MODEL
 from helpers import (
     ALL_ACTIVATIONS,
     SLOPE,
@@ -603,22 +604,7 @@ def test_layer_norm_rows_every_dtype(emu, dtype, L):
 # residuals) each op's kernels make, in units of one tensor of the input's size. The
 # emulation counts every streamed access (device.h's load_pack/store_pack); parameters and
 # statistics (per channel, row or group) are cache-resident on a GPU and not counted.
-# (reads, writes) per op:
-PASS_MODEL = {
-    "layer_norm_fwd": (1, 1),             # warp and block tiers: the row is read once
-    "layer_norm_fwd_long": (2, 1),        # long tier: statistics pass, then the output pass
-    "layer_norm_bwd": (2 + 2, 1),         # dx: x, dy; parameter gradients: x, dy again
-    "layer_norm_bwd_long": (4 + 2, 1),    # long tier: x and dy read in both passes
-    "add_norm_fwd": (2, 2),               # x, residual -> sum, y
-    "add_norm_bwd": (3 + 2, 1),           # x, dy, dres -> dx; parameter gradients
-    "batch_norm_fwd": (1 + 1, 1),         # statistics; apply
-    "batch_norm_fwd_eval": (1, 1),
-    "batch_norm_bwd": (2 + 2, 1),         # gradient sums; input gradient
-    "group_norm_fwd": (1, 1),
-    "group_norm_bwd": (2 + 2, 1),
-    "group_norm_fwd_split": (1 + 1, 1),   # rows split over blocks: statistics; apply
-    "group_norm_bwd_split": (2 + 2, 1),   # plane sums; input gradient
-}
+# (reads, writes) per op: fusednorm.bandwidth.PASS_MODEL (selftest --bench uses it too).
 
 
 def check_traffic(emu, key, numel, itemsize, what):
@@ -762,23 +748,24 @@ def test_launch_plans_fill_an_h100(emu, case):
 def expected_paths():
     """Every kernel x tier x path of the CUDA backend (launch.h): the row kernels' four
     tiers per direction, the channel reductions (both layouts, both operations) with one
-    and with several splits, each of them reading 16-byte packs (P elements; W4 = min(P, 4)
-    in the 4-column warp tier) and single elements, the elementwise kernels vectorised and
-    scalar; each in every element type."""
-    kernels = [f"row_{d}_warp<T,{c},{w}>||one-split" for d in ("fwd", "bwd") for c, wide in ((4, "W4"), (16, "P"))
+    and with several splits, the elementwise passes (apply, input gradient) in both
+    layouts, each of them reading 16-byte packs (P elements; W4 = min(P, 4) in the
+    4-column warp tier) and single elements; each in every element type."""
+    kernels = [f"row_{d}_warp<T,{c},{w}>||-" for d in ("fwd", "bwd") for c, wide in ((4, "W4"), (16, "P"))
                for w in ("1", wide)]
-    kernels += [f"row_{d}_block<T,{c},{w}>||one-split" for d in ("fwd", "bwd") for c in ("true", "false")
+    kernels += [f"row_{d}_block<T,{c},{w}>||-" for d in ("fwd", "bwd") for c in ("true", "false")
                 for w in ("1", "P")]
     kernels += [f"channel_reduce_{lay}<T,Op,{w}>|{op}|{splits}" for lay in ("nchw", "nhwc") for w in ("1", "P")
                 for op in ("moments", "grad_sums") for splits in ("one-split", "multi-split")]
-    kernels += [f"{k}<T,{v}>||one-split" for k in ("apply_kernel", "input_grad_kernel") for v in ("true", "false")]
+    kernels += [f"elementwise_{lay}<T,Pass,{w}>|{op}|-" for lay in ("nchw", "nhwc") for w in ("1", "P")
+                for op in ("apply", "input_grad")]
     out = set()
     for k in kernels:
         name, op, splits = k.split("|")
         for dtype in ("float32", "float64", "bfloat16", "float16"):
             out.add(f"{name}|{op}|{dtype}|{splits}")
     # GroupNorm's split rows: per-plane coefficients, in the accumulation type
-    out |= {f"plane_coefficients_kernel<A>||{acc}|one-split" for acc in ("float32", "float64")}
+    out |= {f"plane_coefficients_kernel<A>||{acc}|-" for acc in ("float32", "float64")}
     return out
 
 

@@ -114,3 +114,17 @@ def test_selftest_covers_the_cuda_tier_edges():
     for name, make, make_ref, shape, cl in edge_cases[:: max(1, len(edge_cases) // 3)]:
         ok, worst = selftest.check(name, make, make_ref, shape, cl, "cpu", torch.float32, "relu", True)
         assert ok, (name, worst)
+
+
+def test_bandwidth_table_measures_each_case_at_its_pass_model():
+    """selftest --bench's rows (here on the CPU, batch / 32): every case forward and backward
+    in both dtypes, bytes from the pass model the emulation holds the CUDA kernels to,
+    positive times on both sides."""
+    from fusednorm import bandwidth
+    rows = bandwidth.measure("cpu", dtypes=(torch.float32,), reps=1, batch_scale=32)
+    assert len(rows) == 2 * len(bandwidth.CASES)
+    for (name, dtype, direction, nbytes, t_ours, t_ref), case in zip(rows, [c for c in bandwidth.CASES for _ in "fb"]):
+        shape = (max(1, case[3][0] // 32),) + case[3][1:]
+        op = case[5] if direction == "fwd" else case[6]
+        assert nbytes == sum(bandwidth.PASS_MODEL[op]) * torch.Size(shape).numel() * 4, (name, direction)
+        assert t_ours > 0 and t_ref > 0

@@ -148,7 +148,7 @@ inline std::mutex& coverage_mutex() {
   static std::mutex m;
   return m;
 }
-// "kernel|op|element type|one-split or multi-split" -> record
+// "kernel|op|element type|one-split, multi-split or - (not a reduction)" -> record
 inline std::map<std::string, LaunchRecord>& coverage() {
   static std::map<std::string, LaunchRecord> c;
   return c;
@@ -175,11 +175,19 @@ const char* first_element_name() {
   return name ? name : "?";
 }
 
-// A reduction kernel's operation (MomentsOp, GradSumsOp: their kName), or "".
+// A reduction kernel's or elementwise pass's operation (its kName), or "".
 template <typename First, typename... Rest>
 const char* op_name() {
   if constexpr (requires { First::kName; }) return First::kName;
   else return "";
+}
+
+// A reduction (an Op with a State) on one or several blocks per column ("-" for others:
+// their grid's y dimension is not a split).
+template <typename First, typename... Rest>
+const char* split_label(dim3 grid) {
+  if constexpr (requires { typename First::State; }) return grid.y > 1 ? "multi-split" : "one-split";
+  else return "-";
 }
 
 inline std::string kernel_label(const char* spelled) {
@@ -269,7 +277,7 @@ void launch(const char* spelled, Kernel kernel, dim3 grid, dim3 block, size_t sm
   {
     std::lock_guard<std::mutex> lock(coverage_mutex());
     std::string key = kernel_label(spelled) + "|" + op_name<Args...>() + "|" + first_element_name<Args...>() +
-                      "|" + (grid.y > 1 ? "multi-split" : "one-split");
+                      "|" + split_label<Args...>(grid);
     LaunchRecord& r = coverage()[key];
     r.launches += 1;
     r.static_smem = std::max(r.static_smem, static_smem);

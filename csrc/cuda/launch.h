@@ -241,35 +241,44 @@ void channel_reduce(const ChannelPlan& plan, const Op& op, const T* x, const T* 
 }
 
 // ---- elementwise ------------------------------------------------------------------------
-// Vectorised when every pointer is 16-byte aligned, numel is a multiple of the pack and (in
-// NCHW) a pack never crosses a channel boundary.
-template <typename T>
-bool can_vectorize(int64_t numel, int64_t S, bool nhwc, std::initializer_list<const void*> ptrs) {
-  const int64_t P = pack_size<T>();
-  if (numel % P != 0 || (!nhwc && S % P != 0)) return false;
-  for (const void* p : ptrs)
-    if (!aligned16(p)) return false;
-  return true;
-}
-
-inline dim3 elementwise_grid(int64_t work) {
+// BatchNorm's passes over a tensor laid out NCHW (N*C planes of S) or NHWC (M = N*S rows of
+// C): 16-byte packs when the runs (S or C elements) and every pointer are 16-byte aligned.
+template <typename T, typename Pass>
+void elementwise(const Pass& pass, const T* in, const T* in2, T* out, int64_t numel, int64_t C, int64_t S,
+                 bool nhwc, fn_stream_t stream) {
+  if (numel == 0) return;
+  constexpr int P = pack_size<T>();
   const Limits& lim = limits();
-  return dim3(unsigned(std::max<int64_t>(1, std::min(ceil_div(work, lim.threads), lim.max_blocks))));
+  const int W = row_pack<T>(nhwc ? C : S, {in, in2, out});
+  if (nhwc) {  // blocks as the NHWC reduction's: a warp's width of column packs at most
+    int bx = 1;
+    while (bx < kWarp && int64_t(bx) * W < C) bx *= 2;
+    const int by = lim.threads / bx;
+    const int64_t M = numel / C;
+    const dim3 grid(unsigned(ceil_div(C, int64_t(bx) * W)), unsigned(std::min({ceil_div(M, 4 * by), kMaxGridYZ, lim.max_blocks})));
+    check_launch("elementwise_nhwc", grid.x, grid.y, bx * by, 0, 0);
+    if (W > 1)
+      FN_LAUNCH((elementwise_nhwc<T, Pass, P>), grid, dim3(bx, by), 0, stream, pass, in, in2, out, M, C);
+    else
+      FN_LAUNCH((elementwise_nhwc<T, Pass, 1>), grid, dim3(bx, by), 0, stream, pass, in, in2, out, M, C);
+  } else {  // a block per plane (grid-stride), tiles of a long plane over grid.y
+    const int64_t planes = numel / S, packs = S / W;
+    const int threads = int(std::min<int64_t>(lim.threads, ceil_div(packs, kWarp) * kWarp));
+    const dim3 grid(unsigned(std::min(planes, lim.max_blocks)), unsigned(std::min({ceil_div(packs, 4 * threads), kMaxGridYZ, lim.max_blocks})));
+    check_launch("elementwise_nchw", grid.x, grid.y, threads, 0, 0);
+    if (W > 1)
+      FN_LAUNCH((elementwise_nchw<T, Pass, P>), grid, dim3(threads), 0, stream, pass, in, in2, out, planes, C, S);
+    else
+      FN_LAUNCH((elementwise_nchw<T, Pass, 1>), grid, dim3(threads), 0, stream, pass, in, in2, out, planes, C, S);
+  }
+  FN_LAUNCH_CHECK();
 }
 
 template <typename T>
 void apply(const T* x, const T* z, T* y, int64_t numel, int64_t C, int64_t S, bool nhwc,
            const typename Acc<T>::type* mean, const typename Acc<T>::type* alpha, const typename Acc<T>::type* beta, int64_t act,
            ActParams<typename Acc<T>::type> ap, fn_stream_t stream) {
-  if (numel == 0) return;
-  const int64_t s = nhwc ? 1 : S;
-  if (can_vectorize<T>(numel, s, nhwc, {x, y, z ? z : x}))
-    FN_LAUNCH((apply_kernel<T, true>), elementwise_grid(numel / pack_size<T>()), dim3(limits().threads), 0, stream,
-              x, z, y, numel, C, s, mean, alpha, beta, act, ap);
-  else
-    FN_LAUNCH((apply_kernel<T, false>), elementwise_grid(numel), dim3(limits().threads), 0, stream,
-              x, z, y, numel, C, s, mean, alpha, beta, act, ap);
-  FN_LAUNCH_CHECK();
+  elementwise(ApplyPass<T>{{mean, alpha, beta, act, ap}}, x, z, y, numel, C, nhwc ? 1 : S, nhwc, stream);
 }
 
 template <typename T>
@@ -278,15 +287,13 @@ void input_grad(const T* x, const T* dy, T* dx, int64_t numel, int64_t C, int64_
                 const typename Acc<T>::type* cA, const typename Acc<T>::type* cB,
                 const typename Acc<T>::type* cC, int64_t act, ActParams<typename Acc<T>::type> ap,
                 fn_stream_t stream) {
-  if (numel == 0) return;
-  const int64_t s = nhwc ? 1 : S;
-  if (can_vectorize<T>(numel, s, nhwc, {x, dy, dx}))
-    FN_LAUNCH((input_grad_kernel<T, true>), elementwise_grid(numel / pack_size<T>()), dim3(limits().threads), 0,
-              stream, x, dy, dx, numel, C, s, mean, alpha, beta, cA, cB, cC, act, ap);
-  else
-    FN_LAUNCH((input_grad_kernel<T, false>), elementwise_grid(numel), dim3(limits().threads), 0, stream,
-              x, dy, dx, numel, C, s, mean, alpha, beta, cA, cB, cC, act, ap);
-  FN_LAUNCH_CHECK();
+  elementwise(InputGradPass<T>{{mean, alpha, beta, act, ap}, cA, cB, cC}, x, dy, dx, numel, C, nhwc ? 1 : S, nhwc, stream);
+}
+
+// Grid-stride launch of `work` threads' worth of a small kernel.
+inline dim3 elementwise_grid(int64_t work) {
+  const Limits& lim = limits();
+  return dim3(unsigned(std::max<int64_t>(1, std::min(ceil_div(work, lim.threads), lim.max_blocks))));
 }
 
 template <typename A>

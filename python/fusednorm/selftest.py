@@ -3,6 +3,7 @@ a short speed comparison. Run it first on a new machine (especially a GPU one: t
 project's CI has no GPU and checks the CUDA kernels only under CPU emulation):
 
     python -m fusednorm.selftest            # exits non-zero on any mismatch
+    python -m fusednorm.selftest --bench    # GB/s and % of peak per op, beside torch.nn
 
 Backends: the compiled kernels on each device, and the Triton kernels on the GPU (or on
 the CPU in Triton's interpreter when TRITON_INTERPRET=1 is set: slow, small cases only).
@@ -183,10 +184,20 @@ def speed(device, rounds=15):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
+    p.add_argument("--bench", action="store_true",
+                   help="only print each op's achieved memory bandwidth beside torch.nn's "
+                        "(GB/s and %% of the device's peak; fusednorm/bandwidth.py)")
     p.add_argument("--no-interpreter", action="store_true",
                    help="skip the Triton kernels in the interpreter on the CPU (TRITON_INTERPRET=1): "
                         "seconds a case there")
     args = p.parse_args(argv)
+    if args.bench:
+        from fusednorm import bandwidth
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"fusednorm {fusednorm.__version__}, torch {torch.__version__}, device "
+              f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (bench/bench.py measures the CPU)'}")
+        bandwidth.report(device)
+        return 0
     runs = targets(interpreter=not args.no_interpreter)
     print(f"fusednorm {fusednorm.__version__}, torch {torch.__version__}, CPU kernels: {fusednorm.cpu_isa()}, "
           f"CUDA kernels built: {fusednorm._C.with_cuda}, GPU: "
