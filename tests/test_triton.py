@@ -212,3 +212,13 @@ def test_kernel_scalars_made_once_and_exact():
     b = triton_ops._scalars(x, torch.float32, eps=1e-5, act=(0.2, 0.5), momentum=0.1)
     assert b is not a and b.dtype == torch.float32
     assert triton_ops._scalars(x, torch.float64, eps=1e-3, act=(0.2, 0.5), momentum=0.1).tolist()[0] == 1e-3
+
+
+def test_row_kernels_launch_table():
+    """Rows up to 4096 elements are one block of their next power of two, read once (kept
+    in registers); longer rows loop over 4096-element blocks; warps from ops.ROW_WARPS."""
+    from fusednorm.triton import ops as tops
+    lengths = (1, 200, 256, 257, 1024, 1025, 4096, 4097, 100000)
+    assert [tops._row_config(n) for n in lengths] == [
+        (1, 1, True), (256, 1, True), (256, 1, True), (512, 4, True), (1024, 4, True), (2048, 8, True),
+        (4096, 8, True), (4096, 8, False), (4096, 8, False)]

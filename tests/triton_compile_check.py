@@ -97,9 +97,9 @@ def beyond_int32(ops):
         for dtype, acc, pd in ((torch.float32, tl.float32, torch.float32), (torch.bfloat16, tl.float32, torch.float32),
                                (torch.float64, tl.float64, torch.float64)):
             x, st = torch.zeros(16, dtype=dtype), torch.zeros(16, dtype=pd)
-            block = tops._row_block(length)
+            block, warps, one_block = tops._row_config(length)
             meta = dict(ACT=2, HAS_W=True, HAS_B=True, RMS=False, HAS_RES=True, ACC=acc, BLOCK=block,
-                        num_warps=tops._num_warps(block))
+                        ONE_BLOCK=one_block, num_warps=warps)
             scalars = tops._scalars(x, pd, eps=1e-5, act=(0.2, 0.0))
             tops._launch(rk.row_fwd_kernel, tops._row_grid(rows), x, x, x, x, st, st, st, st, st, rows, length, 1,
                          length, 1, scalars, STORE_M2=False, **meta)

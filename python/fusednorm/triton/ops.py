@@ -84,10 +84,6 @@ def _acc(x):
     return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _num_warps(block):
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
-
-
 # ---- per-channel (BatchNorm) -----------------------------------------------------------
 
 def _spatial(x):
@@ -298,8 +294,17 @@ def _row_grid(rows):
     return (min(rows, _LIMITS["max_row_programs"]),)
 
 
-def _row_block(length):
-    return min(_LIMITS["max_block"], triton.next_power_of_2(max(length, 1)))
+# Row kernels' launch table: (longest row, warps). A row up to max_block elements is one
+# block of its next power of two, read from memory once and kept in registers; longer rows
+# loop over blocks of max_block (statistics, then a second read for the output).
+ROW_WARPS = ((256, 1), (1024, 4), (2 ** 62, 8))
+
+
+def _row_config(length):
+    """(BLOCK, num_warps, ONE_BLOCK) of the row kernels for rows of `length`."""
+    block = min(_LIMITS["max_block"], triton.next_power_of_2(max(length, 1)))
+    warps = next(w for top, w in ROW_WARPS if block <= top)
+    return block, warps, length <= block
 
 
 def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, act_ab, store_m2=False,
@@ -313,12 +318,12 @@ def _rows_fwd(x, rows, length, groups, per_group, s, weight, bias, eps, act, act
     rstd = torch.empty(rows, dtype=stat_dtype, device=x.device)
     m2 = torch.empty(rows, dtype=stat_dtype, device=x.device) if store_m2 else None
     if rows and length:
-        block = _row_block(length)
+        block, warps, one_block = _row_config(length)
         _launch(rk.row_fwd_kernel, _row_grid(rows), x, _or(residual, x), _or(total, x), y, _or(weight, mean),
                 _or(bias, mean), mean, rstd, _or(m2, mean), rows, length, groups, per_group, s,
                 _scalars(x, stat_dtype, eps=eps, act=act_ab), ACT=act, HAS_W=weight is not None,
                 HAS_B=bias is not None, STORE_M2=store_m2, RMS=rms, HAS_RES=residual is not None, ACC=acc,
-                BLOCK=block, num_warps=_num_warps(block))
+                BLOCK=block, ONE_BLOCK=one_block, num_warps=warps)
     elif rows:  # empty rows: the statistics of nothing, as the C++ kernels give
         mean.zero_()
         rstd.fill_(eps ** -0.5)
@@ -332,11 +337,11 @@ def _rows_bwd(dy, x, mean, rstd, rows, length, groups, per_group, s, weight, bia
     dx = torch.empty_like(x)
     if rows and length:
         _, acc = _acc(x)
-        block = _row_block(length)
+        block, warps, one_block = _row_config(length)
         _launch(rk.row_bwd_kernel, _row_grid(rows), dy, x, _or(dres, x), dx, _or(weight, mean), _or(bias, mean),
                 mean, rstd, rows, length, groups, per_group, s, _scalars(x, mean.dtype, act=act_ab), ACT=act,
                 HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, HAS_RES=dres is not None, ACC=acc,
-                BLOCK=block, num_warps=_num_warps(block))
+                BLOCK=block, ONE_BLOCK=one_block, num_warps=warps)
     return dx
 
 

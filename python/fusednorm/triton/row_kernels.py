@@ -7,9 +7,10 @@ i of row r is (r % G) * P + i // S:
   LayerNorm     G = 1,          P = L,    S = 1   (parameter = column)
   GroupNorm     G = num_groups, P = C/G,  S = spatial size
   InstanceNorm  G = C,          P = 1,    S = spatial size
-Statistics: block moments (two-pass in registers) merged by Chan; the output pass re-reads
-the row. Backward: one pass for the row's two gradient sums, one to write dx. The
-parameter gradients are channel_grad_sums_kernel's (channel_kernels.py).
+A row that fits one block (ONE_BLOCK: ops.py's _row_config table) is read once and kept in
+registers. Longer rows: block moments (two-pass in registers) merged by Chan, and the
+output pass re-reads the row; backward, one pass for the row's two gradient sums, one to
+write dx. The parameter gradients are channel_grad_sums_kernel's (channel_kernels.py).
 
 RMSNorm (RMS) and the residual add (HAS_RES) are flags of the same kernels: statistics about
 zero (mean 0) and no mean term in dx; the forward adds the residual to x, stores the sum in
@@ -40,27 +41,47 @@ def _params(w_ptr, b_ptr, p, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC
 
 
 @triton.jit
+def _load_row_block(x_ptr, r_ptr, s_ptr, row, i0, L, HAS_RES: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """(offsets, mask, values) of a block of a row: x, or x + residual as the sum is stored
+    (in its dtype; also written), which is what is normalised."""
+    i = i0 + tl.arange(0, BLOCK)
+    mask = i < L
+    x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
+    if HAS_RES:
+        s = round_for(x + tl.load(r_ptr + row + i, mask=mask, other=0.0).to(ACC), s_ptr)
+        tl.store(s_ptr + row + i, s, mask=mask)
+        x = s.to(ACC)
+    return i, mask, x
+
+
+@triton.jit
+def _store_output(y_ptr, w_ptr, b_ptr, row, i, mask, x, first_param, S, mean, rstd, act_a, act_b,
+                  ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
+    y = activate(pre_activation(x, mean, rstd * gamma, beta), ACT, act_a, act_b)
+    tl.store(y_ptr + row + i, round_for(y, y_ptr), mask=mask)
+
+
+@triton.jit
 def row_fwd_kernel(x_ptr, r_ptr, s_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m2_ptr, R, L, G, P, S, scalars_ptr,
                    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    STORE_M2: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
     eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     for rr in range(tl.program_id(0), R, tl.num_programs(0)):  # grid-stride over the rows
         r = tl.cast(rr, tl.int64)
         row = r * L
-        count = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
-        mean = count
-        m2 = count
-        for i0 in range(0, L, BLOCK):
-            i = i0 + tl.arange(0, BLOCK)
-            mask = i < L
-            x = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(ACC)
-            if HAS_RES:  # the sum as stored (in its dtype) is what is normalised
-                s = round_for(x + tl.load(r_ptr + row + i, mask=mask, other=0.0).to(ACC), s_ptr)
-                tl.store(s_ptr + row + i, s, mask=mask)
-                x = s.to(ACC)
-            b_count, b_mean, b_m2 = block_moments(x, mask, 0)
-            count, mean, m2 = merge(count, mean, m2, b_count, b_mean, b_m2)
+        if ONE_BLOCK:  # the row stays in registers for the output
+            i, mask, x = _load_row_block(x_ptr, r_ptr, s_ptr, row, 0, L, HAS_RES, ACC, BLOCK)
+            count, mean, m2 = block_moments(x, mask, 0)
+        else:
+            count = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
+            mean = count
+            m2 = count
+            for i0 in range(0, L, BLOCK):
+                i, mask, x = _load_row_block(x_ptr, r_ptr, s_ptr, row, i0, L, HAS_RES, ACC, BLOCK)
+                b_count, b_mean, b_m2 = block_moments(x, mask, 0)
+                count, mean, m2 = merge(count, mean, m2, b_count, b_mean, b_m2)
         if RMS:
             m2 = m2_about_zero(m2, mean, count)
             mean = count * 0.0  # (count is finite; mean may not be)
@@ -70,14 +91,17 @@ def row_fwd_kernel(x_ptr, r_ptr, s_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
         if STORE_M2:
             tl.store(m2_ptr + r, m2)
         first_param = (r % G) * P
-        src_ptr = s_ptr if HAS_RES else x_ptr
-        for i0 in range(0, L, BLOCK):
-            i = i0 + tl.arange(0, BLOCK)
-            mask = i < L
-            x = tl.load(src_ptr + row + i, mask=mask, other=0.0).to(ACC)
-            gamma, beta = _params(w_ptr, b_ptr, first_param + i // S, mask, HAS_W, HAS_B, ACC)
-            y = activate(pre_activation(x, mean, rstd * gamma, beta), ACT, act_a, act_b)
-            tl.store(y_ptr + row + i, round_for(y, y_ptr), mask=mask)
+        if ONE_BLOCK:
+            _store_output(y_ptr, w_ptr, b_ptr, row, i, mask, x, first_param, S, mean, rstd, act_a, act_b,
+                          ACT, HAS_W, HAS_B, ACC)
+        else:
+            src_ptr = s_ptr if HAS_RES else x_ptr
+            for i0 in range(0, L, BLOCK):
+                i = i0 + tl.arange(0, BLOCK)
+                mask = i < L
+                x = tl.load(src_ptr + row + i, mask=mask, other=0.0).to(ACC)
+                _store_output(y_ptr, w_ptr, b_ptr, row, i, mask, x, first_param, S, mean, rstd, act_a, act_b,
+                              ACT, HAS_W, HAS_B, ACC)
 
 
 @triton.jit
@@ -95,9 +119,30 @@ def _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S, mean, r
 
 
 @triton.jit
+def _block_sums(x, g, gamma, mean, rstd, RMS: tl.constexpr):
+    """A block's shares of the row's sums of alpha*dyhat and gamma*dyhat*xhat."""
+    sum_dyxhat = tl.sum(g * gamma * (x - mean) * rstd, axis=0)
+    if RMS:  # RMSNorm has no mean, so no mean(dyhat) term
+        sum_dy = tl.sum(tl.zeros_like(g), axis=0)
+    else:
+        sum_dy = tl.sum(g * (rstd * gamma), axis=0)
+    return sum_dy, sum_dyxhat
+
+
+@triton.jit
+def _store_dx(dx_ptr, dres_ptr, row, i, mask, x, g, gamma, mean, rstd, sum_dy, sum_dyxhat, L,
+              HAS_RES: tl.constexpr, ACC: tl.constexpr):
+    a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, tl.cast(L, ACC))
+    dx = a * g + b * (x - mean) + k
+    if HAS_RES:
+        dx += tl.load(dres_ptr + row + i, mask=mask, other=0.0).to(ACC)
+    tl.store(dx_ptr + row + i, round_for(dx, dx_ptr), mask=mask)
+
+
+@triton.jit
 def row_bwd_kernel(dy_ptr, x_ptr, dres_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, R, L, G, P, S, scalars_ptr,
                    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
-                   HAS_RES: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_RES: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
     eps, act_a, act_b, momentum = load_scalars(scalars_ptr)
     for rr in range(tl.program_id(0), R, tl.num_programs(0)):  # grid-stride over the rows
         r = tl.cast(rr, tl.int64)
@@ -105,22 +150,25 @@ def row_bwd_kernel(dy_ptr, x_ptr, dres_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd
         mean = tl.load(mean_ptr + r)
         rstd = tl.load(rstd_ptr + r)
         first_param = (r % G) * P
-        sum_dy = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
-        sum_dyxhat = sum_dy
-        for i0 in range(0, L, BLOCK):
-            i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
+        if ONE_BLOCK:  # the row stays in registers for dx
+            i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, 0, L, first_param, S,
                                                mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
-            if not RMS:  # RMSNorm has no mean, so no mean(dyhat) term
-                sum_dy += tl.sum(g * (rstd * gamma), axis=0)
-            sum_dyxhat += tl.sum(g * gamma * (x - mean) * rstd, axis=0)
-        for i0 in range(0, L, BLOCK):
-            i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
-                                               mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
-            a, b, k = input_grad_coefficients(rstd, gamma, sum_dy, sum_dyxhat, tl.cast(L, ACC))
-            dx = a * g + b * (x - mean) + k
-            if HAS_RES:
-                dx += tl.load(dres_ptr + row + i, mask=mask, other=0.0).to(ACC)
-            tl.store(dx_ptr + row + i, round_for(dx, dx_ptr), mask=mask)
+            sum_dy, sum_dyxhat = _block_sums(x, g, gamma, mean, rstd, RMS)
+            _store_dx(dx_ptr, dres_ptr, row, i, mask, x, g, gamma, mean, rstd, sum_dy, sum_dyxhat, L, HAS_RES, ACC)
+        else:
+            sum_dy = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
+            sum_dyxhat = sum_dy
+            for i0 in range(0, L, BLOCK):
+                i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
+                                                   mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
+                b_dy, b_dyxhat = _block_sums(x, g, gamma, mean, rstd, RMS)
+                sum_dy += b_dy
+                sum_dyxhat += b_dyxhat
+            for i0 in range(0, L, BLOCK):
+                i, mask, x, g, gamma = _block_grad(dy_ptr, x_ptr, w_ptr, b_ptr, row, i0, L, first_param, S,
+                                                   mean, rstd, act_a, act_b, ACT, HAS_W, HAS_B, ACC, BLOCK)
+                _store_dx(dx_ptr, dres_ptr, row, i, mask, x, g, gamma, mean, rstd, sum_dy, sum_dyxhat, L,
+                          HAS_RES, ACC)
 
 
 @triton.jit
