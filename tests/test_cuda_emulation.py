@@ -36,7 +36,7 @@ def emu():
     mod.set_emulation(3, int(os.environ.get("FUSEDNORM_EMU_SEED", "0")))  # 3 blocks at once, shuffled
     mod.reset_coverage()
     yield mod
-    mod.set_limits(16, 48 * 1024, 16384, 1024, 65535, 256)
+    mod.set_limits(32, 48 * 1024, 16384, 1024, 65535, 256)
 
 
 def limits(emu, warp_cols=16, smem=48 * 1024, per_split=16384, max_splits=1024, max_blocks=65535, threads=64):
@@ -164,6 +164,7 @@ def test_batch_norm_residual_forward(emu, dtype, layout, shape, act):
 LN_TIERS = [
     (40, {}, "warp4"),
     (300, {}, "warp16"),
+    (704, {"warp_cols": 32}, "warp32"),  # (float statistics; float64 rows take the block tier)
     (700, {}, "block"),
     (700, {"smem": 1024}, "long"),
     (300, {"warp_cols": 4, "smem": 1024}, "long"),
@@ -446,7 +447,7 @@ def test_inf_and_nan_gradients_through_the_activation(emu, case, act):
 
 # ---- production launch parameters at every row-tier boundary ---------------------------------
 
-PRODUCTION = dict(warp_cols=16, smem=48 * 1024, per_split=16384, max_splits=1024, max_blocks=65535, threads=256)
+PRODUCTION = dict(warp_cols=32, smem=48 * 1024, per_split=16384, max_splits=1024, max_blocks=65535, threads=256)
 
 
 def tier_edges(emu, dtype, backward):
@@ -467,7 +468,8 @@ def test_layer_norm_tier_edges_at_production_limits(emu, dtype, backward):
     limits(emu, **PRODUCTION)
     tiers = [emu.row_tier(L, backward, dtype == torch.float64)
              for L in emu.row_tier_edges(backward, dtype == torch.float64)]
-    assert tiers == ["warp4", "warp16", "warp16", "block", "block", "long"]
+    warp32 = [] if dtype == torch.float64 else ["warp32", "warp32"]
+    assert tiers == ["warp4", "warp16", "warp16"] + warp32 + ["block", "block", "long"]
     for L in tier_edges(emu, dtype, backward):
         x = data((2, L), dtype)
         w, b = data((L,), torch.float32, 1) + 1, data((L,), torch.float32, 2)
@@ -579,11 +581,11 @@ def test_group_norm_5d(emu, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("L", [40, 300, 700, 900], ids=["warp4", "warp16", "block", "long"])
+@pytest.mark.parametrize("L", [40, 300, 1000, 700, 900], ids=["warp4", "warp16", "warp32", "block", "long"])
 def test_layer_norm_rows_every_dtype(emu, dtype, L):
     """Every row kernel (each tier, both directions) in every dtype, on a misaligned input,
     with more rows than the capped grid (warp tiers: blocks walk the rows grid-stride)."""
-    limits(emu, smem=2048 if L == 900 else 48 * 1024, max_blocks=2)
+    limits(emu, smem=2048 if L == 900 else 48 * 1024, max_blocks=2, warp_cols=32 if L == 1000 else 16)
     x = misaligned(data((11, L), dtype))
     pdt = torch.float64 if dtype == torch.float64 else torch.float32
     w, b = data((L,), pdt, 1) + 1, data((L,), pdt, 2)
@@ -751,7 +753,7 @@ def expected_paths():
     and with several splits, the elementwise passes (apply, input gradient) in both
     layouts, each of them reading 16-byte packs (P elements; W4 = min(P, 4) in the
     4-column warp tier) and single elements; each in every element type."""
-    kernels = [f"row_{d}_warp<T,{c},{w}>||-" for d in ("fwd", "bwd") for c, wide in ((4, "W4"), (16, "P"))
+    kernels = [f"row_{d}_warp<T,{c},{w}>||-" for d in ("fwd", "bwd") for c, wide in ((4, "W4"), (16, "P"), (32, "P"))
                for w in ("1", wide)]
     kernels += [f"row_{d}_block<T,{c},{w}>||-" for d in ("fwd", "bwd") for c in ("true", "false")
                 for w in ("1", "P")]
@@ -763,7 +765,8 @@ def expected_paths():
     for k in kernels:
         name, op, splits = k.split("|")
         for dtype in ("float32", "float64", "bfloat16", "float16"):
-            out.add(f"{name}|{op}|{dtype}|{splits}")
+            if not (dtype == "float64" and "_warp<T,32," in name):  # (no warp32 tier for float64)
+                out.add(f"{name}|{op}|{dtype}|{splits}")
     # GroupNorm's split rows: per-plane coefficients, in the accumulation type
     out |= {f"plane_coefficients_kernel<A>||{acc}|-" for acc in ("float32", "float64")}
     return out

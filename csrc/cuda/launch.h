@@ -15,7 +15,7 @@ namespace cuda {
 
 // Thresholds. The emulation tests lower them to reach every tier on small shapes.
 struct Limits {
-  int64_t warp_cols = 16;                 // warp tier: rows up to 32*16 = 512 elements
+  int64_t warp_cols = 32;                 // warp tiers: rows up to 32*32 = 1024 elements
   int64_t smem_bytes = 48 * 1024;         // block tier: row cache up to this many bytes
   int64_t elements_per_split = 16384;     // reductions: work per block and column before splitting
   int64_t max_splits = 1024;
@@ -29,7 +29,12 @@ inline Limits& limits() {
   return l;
 }
 
-enum class RowTier { Warp4, Warp16, Block, Long };
+enum class RowTier { Warp4, Warp16, Warp32, Block, Long };
+
+// The widest warp tier holds 32 elements per lane: for float statistics only (64 doubles
+// a lane in the backward would spill).
+template <typename A>
+constexpr bool kHasWarp32 = sizeof(A) == 4;
 
 // A block-tier row kernel's dynamic row cache: the row, and in backward its gradient too.
 template <typename A>
@@ -48,19 +53,22 @@ template <typename A>
 inline RowTier row_tier(int64_t L, bool backward) {
   const Limits& lim = limits();
   if (L <= 4 * kWarp && lim.warp_cols >= 4) return RowTier::Warp4;
-  if (L <= lim.warp_cols * kWarp && lim.warp_cols >= 16) return RowTier::Warp16;
+  if (L <= 16 * kWarp && lim.warp_cols >= 16) return RowTier::Warp16;
+  if (L <= 32 * kWarp && lim.warp_cols >= 32 && kHasWarp32<A>) return RowTier::Warp32;
   return row_block_smem<A>(L, backward) <= lim.smem_bytes ? RowTier::Block : RowTier::Long;
 }
 
-// The row lengths at which the tier changes, and one above each: warp4 | warp16 | block |
-// long (tests and the GPU selftest run them).
+// The row lengths at which the tier changes, and one above each: warp4 | warp16 | (warp32) |
+// block | long (tests and the GPU selftest run them).
 template <typename A>
 inline std::vector<int64_t> row_tier_edges(bool backward) {
   const Limits& lim = limits();
   const int64_t static_smem = int64_t(backward ? kRowBwdStaticSmem<A> : kRowFwdStaticSmem<A>);
   const int64_t top = (lim.smem_bytes - static_smem) / row_cache_bytes<A>(1, backward);
-  const int64_t warp = 4 * kWarp, warp16 = lim.warp_cols * kWarp;
-  return {warp, warp + 1, warp16, warp16 + 1, top, top + 1};
+  std::vector<int64_t> edges = {4 * kWarp, 4 * kWarp + 1, 16 * kWarp, 16 * kWarp + 1};
+  if (lim.warp_cols >= 32 && kHasWarp32<A>) edges.insert(edges.end(), {32 * kWarp, 32 * kWarp + 1});
+  edges.insert(edges.end(), {top, top + 1});
+  return edges;
 }
 
 // What the CUDA runtime checks at a launch (no kernel here opts in to more than the default
@@ -88,6 +96,7 @@ inline const char* row_tier_name(RowTier t) {
   switch (t) {
     case RowTier::Warp4: return "warp4";
     case RowTier::Warp16: return "warp16";
+    case RowTier::Warp32: return "warp32";
     case RowTier::Block: return "block";
     default: return "long";
   }
@@ -96,7 +105,7 @@ inline const char* row_tier_name(RowTier t) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Row kernels read packs of P = 16 bytes where row_pack allows, else single elements; the
-// warp tiers' lanes hold W4 = min(P, 4) and P elements per pack.
+// 4-column warp tier's lanes hold W4 = min(P, 4) elements per pack.
 template <typename T>
 void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type> pr,
                  typename Acc<T>::type eps, typename Acc<T>::type* mean,
@@ -108,17 +117,23 @@ void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type>
   const bool vec = row_pack<T>(sh.L, {x, y, res.r, res.sum}) > 1;
   const Limits& lim = limits();
   const RowTier tier = row_tier<A>(sh.L, false);
-  if (tier == RowTier::Warp4 || tier == RowTier::Warp16) {
+  if (tier == RowTier::Warp4 || tier == RowTier::Warp16 || tier == RowTier::Warp32) {
     const dim3 grid(unsigned(std::min(ceil_div(sh.R, 4), lim.max_blocks))), block(kWarp, 4);  // a warp per row
     check_launch("row_fwd_warp", grid.x, 1, 4 * kWarp, 0, 0);
     if (tier == RowTier::Warp4 && vec)
       FN_LAUNCH((row_fwd_warp<T, 4, W4>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
     else if (tier == RowTier::Warp4)
       FN_LAUNCH((row_fwd_warp<T, 4, 1>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
-    else if (vec)
+    else if (tier == RowTier::Warp16 && vec)
       FN_LAUNCH((row_fwd_warp<T, 16, P>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
-    else
+    else if (tier == RowTier::Warp16)
       FN_LAUNCH((row_fwd_warp<T, 16, 1>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+    else if constexpr (kHasWarp32<A>) {
+      if (vec)
+        FN_LAUNCH((row_fwd_warp<T, 32, P>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+      else
+        FN_LAUNCH((row_fwd_warp<T, 32, 1>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+    }
   } else {
     const dim3 grid(unsigned(std::min(sh.R, lim.max_blocks))), block(lim.threads);  // a block per row
     const bool cache = tier == RowTier::Block;
@@ -146,17 +161,23 @@ void row_backward(const T* x, const T* dy, T* dx, RowShape sh, RowParams<typenam
   const bool vec = row_pack<T>(sh.L, {x, dy, dx, res.dres}) > 1;
   const Limits& lim = limits();
   const RowTier tier = row_tier<A>(sh.L, true);
-  if (tier == RowTier::Warp4 || tier == RowTier::Warp16) {
+  if (tier == RowTier::Warp4 || tier == RowTier::Warp16 || tier == RowTier::Warp32) {
     const dim3 grid(unsigned(std::min(ceil_div(sh.R, 4), lim.max_blocks))), block(kWarp, 4);  // a warp per row
     check_launch("row_bwd_warp", grid.x, 1, 4 * kWarp, 0, 0);
     if (tier == RowTier::Warp4 && vec)
       FN_LAUNCH((row_bwd_warp<T, 4, W4>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
     else if (tier == RowTier::Warp4)
       FN_LAUNCH((row_bwd_warp<T, 4, 1>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
-    else if (vec)
+    else if (tier == RowTier::Warp16 && vec)
       FN_LAUNCH((row_bwd_warp<T, 16, P>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
-    else
+    else if (tier == RowTier::Warp16)
       FN_LAUNCH((row_bwd_warp<T, 16, 1>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
+    else if constexpr (kHasWarp32<A>) {
+      if (vec)
+        FN_LAUNCH((row_bwd_warp<T, 32, P>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
+      else
+        FN_LAUNCH((row_bwd_warp<T, 32, 1>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
+    }
   } else {
     const dim3 grid(unsigned(std::min(sh.R, lim.max_blocks))), block(lim.threads);  // a block per row
     const bool cache = tier == RowTier::Block;
