@@ -751,10 +751,10 @@ def expected_paths():
     """Every kernel x tier x path of the CUDA backend (launch.h): the row kernels' four
     tiers per direction, the channel reductions (both layouts, both operations) with one
     and with several splits, the elementwise passes (apply, input gradient) in both
-    layouts, each of them reading 16-byte packs (P elements; W4 = min(P, 4) in the
-    4-column warp tier) and single elements; each in every element type."""
-    kernels = [f"row_{d}_warp<T,{c},{w}>||-" for d in ("fwd", "bwd") for c, wide in ((4, "W4"), (16, "P"), (32, "P"))
-               for w in ("1", wide)]
+    layouts, each of them reading 16-byte packs (P elements; the packed 4-column warp
+    tier holds C4 = max(4, P) a lane) and single elements; each in every element type."""
+    kernels = [f"row_{d}_warp<T,{c}>||-" for d in ("fwd", "bwd")
+               for c in ("4,1", "C4,P", "16,1", "16,P", "32,1", "32,P")]
     kernels += [f"row_{d}_block<T,{c},{w}>||-" for d in ("fwd", "bwd") for c in ("true", "false")
                 for w in ("1", "P")]
     kernels += [f"channel_reduce_{lay}<T,Op,{w}>|{op}|{splits}" for lay in ("nchw", "nhwc") for w in ("1", "P")

@@ -104,8 +104,9 @@ inline const char* row_tier_name(RowTier t) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Row kernels read packs of P = 16 bytes where row_pack allows, else single elements; the
-// 4-column warp tier's lanes hold W4 = min(P, 4) elements per pack.
+// Row kernels read packs of P = 16 bytes where row_pack allows, else single elements. The
+// packed 4-column warp tier holds C4 = max(4, P) elements a lane: one 16-byte pack for
+// 2-byte types (lanes past the row's end idle).
 template <typename T>
 void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type> pr,
                  typename Acc<T>::type eps, typename Acc<T>::type* mean,
@@ -113,7 +114,7 @@ void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type>
                  RowResidual<T> res = {}) {
   using A = typename Acc<T>::type;
   if (sh.R == 0 || sh.L == 0) return;  // nothing to normalise
-  constexpr int P = pack_size<T>(), W4 = P < 4 ? P : 4;
+  constexpr int P = pack_size<T>(), C4 = P > 4 ? P : 4;
   const bool vec = row_pack<T>(sh.L, {x, y, res.r, res.sum}) > 1;
   const Limits& lim = limits();
   const RowTier tier = row_tier<A>(sh.L, false);
@@ -121,7 +122,7 @@ void row_forward(const T* x, T* y, RowShape sh, RowParams<typename Acc<T>::type>
     const dim3 grid(unsigned(std::min(ceil_div(sh.R, 4), lim.max_blocks))), block(kWarp, 4);  // a warp per row
     check_launch("row_fwd_warp", grid.x, 1, 4 * kWarp, 0, 0);
     if (tier == RowTier::Warp4 && vec)
-      FN_LAUNCH((row_fwd_warp<T, 4, W4>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
+      FN_LAUNCH((row_fwd_warp<T, C4, P>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
     else if (tier == RowTier::Warp4)
       FN_LAUNCH((row_fwd_warp<T, 4, 1>), grid, block, 0, stream, x, y, sh, pr, eps, mean, rstd, m2, res);
     else if (tier == RowTier::Warp16 && vec)
@@ -157,7 +158,7 @@ void row_backward(const T* x, const T* dy, T* dx, RowShape sh, RowParams<typenam
                   fn_stream_t stream, RowResidual<T> res = {}) {
   using A = typename Acc<T>::type;
   if (sh.R == 0 || sh.L == 0) return;  // nothing to normalise
-  constexpr int P = pack_size<T>(), W4 = P < 4 ? P : 4;
+  constexpr int P = pack_size<T>(), C4 = P > 4 ? P : 4;
   const bool vec = row_pack<T>(sh.L, {x, dy, dx, res.dres}) > 1;
   const Limits& lim = limits();
   const RowTier tier = row_tier<A>(sh.L, true);
@@ -165,7 +166,7 @@ void row_backward(const T* x, const T* dy, T* dx, RowShape sh, RowParams<typenam
     const dim3 grid(unsigned(std::min(ceil_div(sh.R, 4), lim.max_blocks))), block(kWarp, 4);  // a warp per row
     check_launch("row_bwd_warp", grid.x, 1, 4 * kWarp, 0, 0);
     if (tier == RowTier::Warp4 && vec)
-      FN_LAUNCH((row_bwd_warp<T, 4, W4>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
+      FN_LAUNCH((row_bwd_warp<T, C4, P>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
     else if (tier == RowTier::Warp4)
       FN_LAUNCH((row_bwd_warp<T, 4, 1>), grid, block, 0, stream, x, dy, dx, sh, pr, mean, rstd, res);
     else if (tier == RowTier::Warp16 && vec)
