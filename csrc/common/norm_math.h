@@ -36,6 +36,16 @@ FN_HOST_DEVICE float fn_bits_to_float(uint32_t u) {
   return f;
 }
 
+// a*b + c in the polynomials below: one fused multiply-add in the translation units built
+// for an instruction set that has one (they define FN_FMA before including this header:
+// kernels_avx2.cpp, kernels_avx512.cpp), two roundings elsewhere (-ffp-contract=off keeps
+// `a * b + c` unfused there, and a libm fmaf call would keep the loops scalar).
+#if defined(FN_FMA)
+FN_HOST_DEVICE float fn_madd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+#else
+FN_HOST_DEVICE float fn_madd(float a, float b, float c) { return a * b + c; }
+#endif
+
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, so r is
 // exact), |r| <= ln 2 / 2, exp(r) = 1 + r + r^2 P(r) with Cephes' degree-5 P (error
 // below 5e-9 relative), 2^n built from its exponent bits (in two factors for n = 128).
@@ -48,12 +58,12 @@ FN_HOST_DEVICE float fn_exp(float x) {
   const float n = (xc * 1.44269504088896341f + shifter) - shifter;
   const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
+  p = fn_madd(p, r, 1.3981999507e-3f);
+  p = fn_madd(p, r, 8.3334519073e-3f);
+  p = fn_madd(p, r, 4.1665795894e-2f);
+  p = fn_madd(p, r, 1.6666665459e-1f);
+  p = fn_madd(p, r, 5.0000001201e-1f);
+  p = fn_madd(p, r * r, r) + 1.0f;
   const int32_t ni = int32_t(n);  // in [-126, 128]
   const int32_t top = ni > 0 ? 1 : 0;
   const float e = p * fn_bits_to_float(uint32_t(ni - top + 127) << 23) * (top ? 2.0f : 1.0f);
@@ -86,7 +96,8 @@ FN_HOST_DEVICE float fn_erf_given_exp(float x, float e) {
   const float ax = x < 0.0f ? -x : x;
   const float t = 1.0f / (1.0f + 0.3275911f * ax);
   const float poly =
-      ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+      fn_madd(fn_madd(fn_madd(fn_madd(1.061405429f, t, -1.453152027f), t, 1.421413741f), t, -0.284496736f), t,
+              0.254829592f) * t;
   const float r = 1.0f - poly * e;
   return x < 0.0f ? -r : r;
 }

@@ -2,6 +2,7 @@
 // Shared headers first, so their code is not compiled under the target flags below.
 #include <cmath>
 #include <cstdint>
+#define FN_FMA 1  // norm_math.h's polynomials in fused multiply-adds (this ISA has them)
 #include "../common/norm_math.h"
 #include "kernels.h"
 #if defined(__x86_64__)
