@@ -99,14 +99,6 @@ __device__ __forceinline__ void store_pack(T* p, int64_t k, const Pack<T, W>& v)
   FN_COUNT_ACCESS(q, sizeof(Pack<T, W>), true);
   *q = v;
 }
-template <typename T>
-__device__ __forceinline__ T load_elem(const T* p, int64_t i) {
-  return load_pack<1>(p, i).v[0];
-}
-template <typename T>
-__device__ __forceinline__ void store_elem(T* p, int64_t i, T v) {
-  store_pack<1>(p, i, Pack<T, 1>{{v}});
-}
 
 // The widest pack (elements) for rows of L elements at these pointers: 16 bytes when every
 // row starts 16-byte aligned, else single elements.

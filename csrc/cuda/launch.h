@@ -4,6 +4,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "elementwise_kernels.cuh"
@@ -206,8 +208,15 @@ struct ChannelPlan {
   int width, bx, by, splits;
   int64_t groups() const { return nhwc ? ceil_div(C, int64_t(bx) * width) : C; }  // one ticket each
   int64_t partials() const { return C * splits; }
-  int64_t blocks() const { return groups() * splits; }
 };
+
+// An NHWC pass's block (bx, by) of `threads`: bx threads across the C columns, W a thread,
+// as many as C needs up to a warp's width; by down the rows.
+inline std::pair<int, int> nhwc_block(int64_t C, int W, int threads) {
+  int bx = 1;
+  while (bx < kWarp && int64_t(bx) * W < C) bx *= 2;
+  return {bx, threads / bx};
+}
 
 // Splits: enough that no block reduces more than elements_per_split per column, and, while
 // every block keeps min_block_work elements, enough blocks for kWaves waves of the device's
@@ -219,10 +228,7 @@ inline ChannelPlan plan_channels(bool nhwc, int64_t N, int64_t C, int64_t S, int
   TORCH_CHECK(lim.threads <= kReduceThreads && lim.threads % kWarp == 0, "reduction blocks of ", lim.threads,
               " threads (a multiple of 32, at most ", kReduceThreads, ")");
   ChannelPlan plan{nhwc, N, C, S, width, 1, lim.threads, 1};
-  if (nhwc) {  // as many columns as C needs, up to a warp's width of packs
-    while (plan.bx < kWarp && int64_t(plan.bx) * width < C) plan.bx *= 2;
-    plan.by = lim.threads / plan.bx;
-  }
+  if (nhwc) std::tie(plan.bx, plan.by) = nhwc_block(C, width, lim.threads);
   const int64_t per_column = N * S;
   const int64_t block_columns = nhwc ? std::min<int64_t>(C, int64_t(plan.bx) * width) : 1;
   int64_t splits = ceil_div(per_column, lim.elements_per_split);
@@ -272,10 +278,8 @@ void elementwise(const Pass& pass, const T* in, const T* in2, T* out, int64_t nu
   constexpr int P = pack_size<T>();
   const Limits& lim = limits();
   const int W = row_pack<T>(nhwc ? C : S, {in, in2, out});
-  if (nhwc) {  // blocks as the NHWC reduction's: a warp's width of column packs at most
-    int bx = 1;
-    while (bx < kWarp && int64_t(bx) * W < C) bx *= 2;
-    const int by = lim.threads / bx;
+  if (nhwc) {
+    const auto [bx, by] = nhwc_block(C, W, lim.threads);
     const int64_t M = numel / C;
     const dim3 grid(unsigned(ceil_div(C, int64_t(bx) * W)), unsigned(std::min({ceil_div(M, 4 * by), kMaxGridYZ, lim.max_blocks})));
     check_launch("elementwise_nhwc", grid.x, grid.y, bx * by, 0, 0);
