@@ -78,6 +78,17 @@ inline int64_t grain(int64_t item_len) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(item_len, 1));
 }
 
+// Elements from one per-thread partial array of n elements to the next: whole cache lines
+// (threads' partials never share one) and half a 4 KiB page over whole pages, so that a
+// kernel updating two partials side by side (dgamma[i] stored, then dbeta[i] loaded) does
+// not have their addresses agree in the low 12 bits, which the CPU's load-store
+// disambiguation treats as a possible dependence (4K aliasing: the load waits for the store).
+template <typename A>
+inline int64_t partial_stride(int64_t n) {
+  constexpr int64_t page = 4096 / int64_t(sizeof(A));
+  return (n + page - 1) / page * page + page / 2;
+}
+
 // Rows per cache block: about 64 KiB of float input.
 inline int64_t block_rows(int64_t row_len) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));

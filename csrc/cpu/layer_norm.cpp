@@ -135,11 +135,12 @@ Result3 add_norm_bwd_cpu(const at::Tensor& grad_out, const c10::optional<at::Ten
     const at::Tensor mean_c = mean_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
     const at::Tensor rstd_c = rstd_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
     const int64_t chunks = num_chunks(R, grain(L));
-    // One dgamma/dbeta partial per chunk, summed in chunk order; a cache line's gap between
-    // chunks (short rows' partials would otherwise share lines between threads).
-    constexpr int64_t kLine = 64 / int64_t(sizeof(A));
-    const int64_t stride = L + kLine;
-    std::vector<A> pg(std::max<int64_t>(chunks, 1) * stride, A(0)), pb(std::max<int64_t>(chunks, 1) * stride, A(0));
+    // One dgamma/dbeta partial per chunk, summed in chunk order, each partial apart from
+    // the others (partial_stride: no shared lines, no 4K aliasing between the two the
+    // kernel updates side by side).
+    const int64_t stride = partial_stride<A>(L);
+    std::vector<A> partials(2 * std::max<int64_t>(chunks, 1) * stride, A(0));
+    A* pg = partials.data();  // chunk ch's dgamma at pg[2*ch*stride], its dbeta one stride on
     const T* xp = ptr<T>(x);
     const T* gp = ptr<T>(dy);
     const T* rp = add ? ptr<T>(dres) : nullptr;
@@ -147,18 +148,17 @@ Result3 add_norm_bwd_cpu(const at::Tensor& grad_out, const c10::optional<at::Ten
     parallel_chunks(R, chunks, [&](int64_t ch, int64_t b, int64_t e) {
       k.layer_norm_backward(xp + b * L, gp + b * L, rp ? rp + b * L : nullptr, dp ? dp + b * L : nullptr,
                             e - b, L, mean_c.data_ptr<A>() + b, rstd_c.data_ptr<A>() + b, gamma.data(),
-                            beta.data(), rms, act, act_params<A>(act_a, act_b), &pg[ch * stride],
-                            &pb[ch * stride]);
+                            beta.data(), rms, act, act_params<A>(act_a, act_b), pg + 2 * ch * stride,
+                            pg + (2 * ch + 1) * stride);
     });
+    std::vector<A> dg(pg, pg + L), db(pg + stride, pg + stride + L);
     for (int64_t ch = 1; ch < chunks; ++ch)
       for (int64_t i = 0; i < L; ++i) {
-        pg[i] += pg[ch * stride + i];
-        pb[i] += pb[ch * stride + i];
+        dg[i] += pg[2 * ch * stride + i];
+        db[i] += pg[(2 * ch + 1) * stride + i];
       }
-    pg.resize(L);
-    pb.resize(L);
-    if (mask[1] && has(weight)) dweight = from_acc_vector(pg, weight->scalar_type()).view(shape);
-    if (mask[2] && has(bias)) dbias = from_acc_vector(pb, bias->scalar_type()).view(shape);
+    if (mask[1] && has(weight)) dweight = from_acc_vector(dg, weight->scalar_type()).view(shape);
+    if (mask[2] && has(bias)) dbias = from_acc_vector(db, bias->scalar_type()).view(shape);
   });
   return {dx, or_empty(dweight, x.options()), or_empty(dbias, x.options())};
 }
