@@ -189,16 +189,21 @@ def median_time(fn, device, min_run_time):
     return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-def floor_fn(tensors, x):
+def floor_fn(tensors, x, g):
     """Preallocated torch ops that move `tensors` tensor-sized passes over memory (the
-    fewest any implementation of the case must move): an add (read two, write one) when
-    the count is odd, then copies (read one, write one)."""
-    a, b, out = x.detach(), torch.randn_like(x), torch.empty_like(x)
-    ops, n = [], tensors
-    if n % 2:
-        ops.append(lambda: torch.add(a, b, out=out))
-        n -= 3
-    ops += [lambda: out.copy_(a)] * (n // 2)
+    fewest any implementation of the case must move), each writing a tensor of its own as
+    the implementations do (forward+backward of a norm: `y.copy_(x)` then
+    `torch.add(g, x, out=dx)`, the step's four tensors): copies (read one, write one) and,
+    for an odd count, an add (read two, write one) last. One output buffer for every op
+    would keep a smaller set of tensors in cache than any implementation can (LayerNorm
+    8192x1024: 3.1 ms against 3.9 ms for the four tensors)."""
+    a, b = x.detach(), g.detach()
+    n, ops = tensors, []
+    while n > 3 or n == 2:
+        ops.append(lambda out=torch.empty_like(a): out.copy_(a))
+        n -= 2
+    if n == 3:
+        ops.append(lambda out=torch.empty_like(a): torch.add(b, a, out=out))
 
     def floor():
         for op in ops:
@@ -252,7 +257,7 @@ def run_case(case, compile_ref, min_run_time):
         impls["compile"] = torch.compile(ref)
     fns = {k: step_fn(m, x, g, case.backward, case.backend if k == "fusednorm" else "auto")
            for k, m in impls.items()}
-    fns["floor"] = floor_fn(tensors, x)
+    fns["floor"] = floor_fn(tensors, x, g)
     # Interleaved rounds, median of the rounds' medians: slow drifts hit every column alike.
     times = {k: [] for k in fns}
     for _ in range(ROUNDS):
