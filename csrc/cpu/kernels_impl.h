@@ -67,11 +67,14 @@ inline void store(half_t* p, float v) {
   p->bits = static_cast<uint16_t>(h | sign);
 }
 inline void store(bf16_t* p, float v) {
-  // Round to nearest even, NaN kept quiet: what c10::BFloat16 does.
-  uint32_t u;
-  __builtin_memcpy(&u, &v, sizeof(u));
-  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  p->bits = static_cast<uint16_t>(v != v ? 0x7fc0u : rounded);
+  // Round to nearest even, NaN kept quiet: what c10::BFloat16 does. The NaN test as an
+  // all-ones integer mask on the 32-bit lanes, not a float compare selecting among the
+  // narrowed values: GCC's AVX-512 code then unpacked three masks per 32 outputs, on the
+  // port the compares also need (bfloat16 eval BatchNorm+ReLU: store-bound).
+  const uint32_t u = as_bits(v);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = 0u - uint32_t((u & 0x7fffffffu) > 0x7f800000u);
+  p->bits = static_cast<uint16_t>((rounded & ~nan) | (0x7fc0u & nan));
 }
 
 // ---- writing outputs while prefetching the next block (struct Ahead) --------------------
