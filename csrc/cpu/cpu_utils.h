@@ -90,8 +90,8 @@ inline int64_t partial_stride(int64_t n) {
 }
 
 // Rows per cache block: about 16 KiB of float input, so that the block's second and third
-// reads (centred moments, then the output) hit L1 (64 KiB blocks read them from L2: the
-// LayerNorm and InstanceNorm forwards 5-8 % slower).
+// reads (centred moments, then the output) hit L1; 64 KiB blocks read them back from L2
+// (measured: docs/benchmarks.md).
 inline int64_t block_rows(int64_t row_len) {
   return std::max<int64_t>(1, 4096 / std::max<int64_t>(row_len, 1));
 }
