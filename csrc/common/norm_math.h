@@ -14,7 +14,19 @@
 #define FN_HOST_DEVICE inline __attribute__((always_inline))
 #endif
 
+// The translation units built with FN_FMA compile the functions below differently (see
+// fn_madd), so those functions live in an inline namespace named for the variant: each
+// variant is a distinct entity to the linker (one definition each), while callers still
+// write fusednorm::fn_exp. The types (ActParams, Moments, ...) stay outside it, since the
+// kernel tables pass them between translation units.
+#if defined(FN_FMA)
+#define FN_MATH_VARIANT fma_math
+#else
+#define FN_MATH_VARIANT plain_math
+#endif
+
 namespace fusednorm {
+inline namespace FN_MATH_VARIANT {
 
 // ---- elementary functions ------------------------------------------------------------
 // The activations below need exp, expm1, tanh, log1p and erf. On a GPU these are CUDA's
@@ -111,6 +123,8 @@ FN_HOST_DEVICE double fn_log1p(double x) { return ::log1p(x); }
 FN_HOST_DEVICE double fn_erf(double x) { return ::erf(x); }
 FN_HOST_DEVICE double fn_erf_given_exp(double x, double) { return ::erf(x); }
 
+}  // namespace FN_MATH_VARIANT
+
 // ---- the fused activation ---------------------------------------------------------------
 // Activation codes, shared with Python (fusednorm/_activation.py) and the op schemas.
 // ReLU6 is Hardtanh(0, 6), as in torch.
@@ -158,6 +172,8 @@ struct ActConst {
   static constexpr T gelu_tanh_beta = T(1.41421356237309504880 * 1.12837916709551257390 * 0.5);
   static constexpr T gelu_tanh_kappa = T(0.044715);
 };
+
+inline namespace FN_MATH_VARIANT {
 
 template <typename T>
 FN_HOST_DEVICE T fn_sigmoid(T z) { return T(1) / (T(1) + fn_exp(-z)); }
@@ -254,6 +270,8 @@ FN_HOST_DEVICE T activation_backward(T g, T z, int64_t act, ActParams<T> p) {
     default: return g;
   }
 }
+
+}  // namespace FN_MATH_VARIANT
 
 // Partial statistics of a set of values: count, mean and M2 = sum((x - mean)^2).
 template <typename T>
