@@ -1,7 +1,9 @@
 // The Python module fusednorm._C: importing it registers the ops (TORCH_LIBRARY in
-// ops.cpp and the backend files). Only build information and the CPU output cache's
-// release go through pybind11.
+// ops.cpp and the backend files). Through pybind11: the norms' C++ autograd nodes
+// (autograd.cpp), build information and the CPU output cache's controls.
 #include <torch/extension.h>
+
+#include "autograd.h"
 
 #include "cpu/cpu_utils.h"
 #include "cpu/kernels.h"
@@ -16,6 +18,7 @@ std::vector<int64_t> row_tier_edges_for(bool backward, bool double_precision);  
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusednorm's compiled kernels; use them through torch.ops.fusednorm";
+  fusednorm::bind_autograd(m);
   m.def("cpu_isa", &fusednorm::cpu::isa_name,
         "Instruction set of the CPU kernels in use (default, avx2 or avx512)");
   m.def("empty_cpu_cache", &fusednorm::cpu::empty_output_cache,

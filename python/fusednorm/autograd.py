@@ -4,18 +4,20 @@ backend (backend.ops_for picks torch.ops.fusednorm or torch.ops.fusednorm_triton
 normalisation kernel is called on this path. What the kernels do not compute — the
 gradient of a backward whose result is differentiated again, and forward mode (jvp) — comes
 from the output recomputed in torch ops (_differentiable.py). apply() is the entry point: it
-picks the op alone, the Function, its classic form (_classic) or its forward-mode form
-(_with_jvp) for each call."""
+picks the op alone, the norm's C++ autograd node (csrc/autograd.cpp, plain eager calls), the
+Function, its classic form (_classic) or its forward-mode form (_with_jvp) for each call."""
 import functools
 import math
+import types
 
 import torch
 from torch._C._functorch import TransformType
 from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
-from . import _differentiable
+from . import _C, _differentiable
 from ._activation import Activation
+from ._ops import ops as compiled_ops
 from .backend import ops_for
 
 
@@ -115,6 +117,22 @@ def _recomputed(recompute, ctx, dy, mask):
     return grads
 
 
+def _native_recompute(kind, dy, x, weight, bias, mean, rstd, mask, eps, act, act_a, act_b, extra):
+    """The gradients [dx, dweight, dbias] (None where mask is False) of a C++ node's
+    backward whose result will be differentiated again (csrc/autograd.cpp calls this):
+    from the output recomputed in differentiable torch ops, as the Functions' backward.
+    extra: the norm's own argument (BatchNorm's training, LayerNorm's normalized_shape,
+    GroupNorm's num_groups, InstanceNorm's channels)."""
+    ctx = types.SimpleNamespace(saved_tensors=(x, weight, bias, mean, rstd), eps=eps,
+                                act=Activation(act, act_a, act_b))
+    setattr(ctx, _EXTRA_NAME.get(kind, "extra"), extra)
+    return _recomputed(lambda ctx, *t: _differentiable.output(kind, ctx, *t), ctx, dy, mask)
+
+
+_EXTRA_NAME = {"batch_norm": "training", "layer_norm": "normalized_shape", "group_norm": "num_groups"}
+_C.set_recompute(_native_recompute)
+
+
 def _forward_mode():
     """Forward-mode AD is active: a dual_level, or a torch.func jvp transform (jvp, jacfwd,
     hessian). Not while Dynamo traces, which sees an interpreter stack of its own."""
@@ -137,8 +155,12 @@ def apply(function, x, weight, bias, *rest):
       no forward-mode AD or torch.func transform: inference, frozen layers): the forward
       op alone, without autograd.Function's ~14 µs a call (a third of a small eval-mode
       forward). Under forward-mode AD the op alone would drop the tangents silently.
-    - Outside torch.func: the Function in torch's classic form (_classic), since torch
-      binds a setup_context Function's arguments with inspect.signature on every call.
+    - Plain eager autograd (no torch.func, forward-mode AD or torch.compile) with the
+      compiled ops: the norm's C++ autograd node (function.native, csrc/autograd.cpp), the
+      same ops and saved tensors without autograd.Function's per-call cost.
+    - Otherwise outside torch.func (the Triton backend, Dynamo tracing): the Function in
+      torch's classic form (_classic), since torch binds a setup_context Function's
+      arguments with inspect.signature on every call.
     - Under torch.func transforms, which need the setup_context form: the Function.
     - Under forward-mode AD: the Function with a jvp (_with_jvp)."""
     if not _forward_mode_or_torch_func():
@@ -146,6 +168,8 @@ def apply(function, x, weight, bias, *rest):
             isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, bias, *rest)
         ):
             return function.forward(x, weight, bias, *rest)[0]
+        if function.native is not None and ops_for(x) is compiled_ops and not torch.compiler.is_compiling():
+            return function.native(x, weight, bias, *rest)
         return function.classic.apply(x, weight, bias, *rest)
     if _forward_mode():
         return function.forward_mode.apply(x, weight, bias, *rest)[0]
@@ -320,6 +344,8 @@ def _with_jvp(function, kind):
                  "__module__": function.__module__})
 
 
-for _function in (BatchNormFunction, InstanceNormFunction, LayerNormFunction, GroupNormFunction):
+for _function, _native in ((BatchNormFunction, _C.batch_norm), (InstanceNormFunction, _C.instance_norm),
+                           (LayerNormFunction, _C.layer_norm), (GroupNormFunction, _C.group_norm)):
+    _function.native = _native
     _function.classic = _classic(_function)
     _function.forward_mode = _with_jvp(_function, _function.kind)

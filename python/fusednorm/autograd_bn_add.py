@@ -44,6 +44,7 @@ class BatchNormAddFunction(torch.autograd.Function):
     activation, act_a, act_b, residual) -> (y, mean, rstd)."""
 
     generate_vmap_rule = True
+    native = None  # no C++ node (autograd.apply): the classic form outside torch.func
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, act, act_a, act_b, residual):

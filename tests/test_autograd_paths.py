@@ -1,0 +1,121 @@
+"""The two autograd paths of a norm outside torch.func (fusednorm/autograd.py's apply): the
+C++ node (csrc/autograd.cpp) that plain eager calls take, and the Python Function in its
+classic form (the Triton backend, Dynamo). They run the same ops, so they must agree bit for
+bit; both are checked against torch.nn. Every weight/bias/input combination that requires a
+gradient is covered: an absent weight shifts the bias's autograd edge."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusednorm.functional as FF
+from fusednorm.autograd import BatchNormFunction, GroupNormFunction, InstanceNormFunction, LayerNormFunction
+from helpers import assert_close
+
+
+def _full(value):
+    """Running statistics of three channels (fresh each call: training updates them)."""
+    return torch.full((3,), value, dtype=torch.float64)
+
+
+# name: (input shape, parameter shape, fusednorm call, its Function and classic arguments, torch.nn call)
+NORMS = {
+    "batch_norm_train": ((4, 3, 5), (3,),
+                         lambda x, w, b, act: FF.batch_norm(x, _full(0.0), _full(1.0), w, b, True,
+                                                            activation=act),
+                         lambda x, w, b: (BatchNormFunction, x, w, b, _full(0.0), _full(1.0), True, 0.1,
+                                          1e-5),
+                         lambda x, w, b: F.batch_norm(x, _full(0.0), _full(1.0), w, b, True)),
+    "batch_norm_eval": ((4, 3, 5), (3,),
+                        lambda x, w, b, act: FF.batch_norm(x, _full(0.5), _full(2.0), w, b,
+                                                           False, activation=act),
+                        lambda x, w, b: (BatchNormFunction, x, w, b, _full(0.5), _full(2.0),
+                                         False, 0.1, 1e-5),
+                        lambda x, w, b: F.batch_norm(x, _full(0.5), _full(2.0), w, b, False)),
+    "instance_norm": ((2, 3, 6), (3,),
+                      lambda x, w, b, act: FF.instance_norm(x, weight=w, bias=b, activation=act),
+                      lambda x, w, b: (InstanceNormFunction, x, w, b, None, None, 0.1, 1e-5),
+                      lambda x, w, b: F.instance_norm(x, weight=w, bias=b)),
+    "layer_norm": ((3, 4, 6), (6,),
+                   lambda x, w, b, act: FF.layer_norm(x, (6,), w, b, activation=act),
+                   lambda x, w, b: (LayerNormFunction, x, w, b, [6], 1e-5),
+                   lambda x, w, b: F.layer_norm(x, (6,), w, b)),
+    "group_norm": ((3, 4, 5), (4,),
+                   lambda x, w, b, act: FF.group_norm(x, 2, w, b, activation=act),
+                   lambda x, w, b: (GroupNormFunction, x, w, b, 2, 1e-5),
+                   lambda x, w, b: F.group_norm(x, 2, w, b)),
+}
+# (which of x, weight, bias exist and require a gradient): "-" absent, "c" a constant, "g" requires grad.
+PARAMS = ["ggg", "gcc", "gcg", "cgg", "ccg", "g-g", "c-g", "gg-", "g--"]
+ACTS = {None: (0, 0.0, 0.0), "leaky_relu": (2, 0.01, 0.0), "silu": (3, 0.0, 0.0)}
+
+
+def _inputs(name, spec):
+    shape, pshape = NORMS[name][:2]
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    w = torch.rand(pshape, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(pshape, generator=gen, dtype=torch.float64)
+    out = []
+    for t, s in zip((x, w, b), spec):
+        out.append(None if s == "-" else t.requires_grad_(s == "g"))
+    return out
+
+
+def _grads(y, x, w, b, dy):
+    wanted = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    return torch.autograd.grad(y, wanted, dy)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("spec", PARAMS)
+@pytest.mark.parametrize("name", list(NORMS))
+def test_native_node_matches_classic_function_and_torch(name, spec, act):
+    _, _, fused, classic_args, reference = NORMS[name]
+    x, w, b = _inputs(name, spec)
+    y = fused(x, w, b, act)
+    assert "Node" in y.grad_fn.name(), y.grad_fn.name()  # the C++ node, not the Python Function
+    function, *args = classic_args(x, w, b)
+    y_classic = function.classic.apply(*args, *ACTS[act])
+    assert type(y_classic.grad_fn).__name__ == function.__name__ + "Backward"
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+    native, classic = _grads(y, x, w, b, dy), _grads(y_classic, x, w, b, dy)
+    assert torch.equal(y, y_classic)
+    for g, h in zip(native, classic):
+        assert torch.equal(g, h)
+    y_ref = reference(x, w, b)
+    y_ref = {None: y_ref, "leaky_relu": F.leaky_relu(y_ref, 0.01), "silu": F.silu(y_ref)}[act]
+    assert_close(y, y_ref, torch.float64, "output")
+    for g, h in zip(native, _grads(y_ref, x, w, b, dy)):
+        assert_close(g, h, torch.float64, "gradient")
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_native_node_second_derivative(name):
+    """create_graph=True: the node's backward hands over to the recompute in torch ops
+    (autograd._native_recompute); its gradients are differentiated again, as torch.nn's."""
+    _, _, fused, _, reference = NORMS[name]
+    results = []
+    for call in (lambda x, w, b: fused(x, w, b, "silu"), lambda x, w, b: F.silu(reference(x, w, b))):
+        x, w, b = _inputs(name, "ggg")
+        y = call(x, w, b)
+        (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad((gx * gx).sum(), (x, w, b)))
+    for g, h in zip(*results):
+        assert_close(g, h, torch.float64, "gradient")
+
+
+def test_native_node_saved_tensors_checked_and_freed():
+    """As torch.nn's: the input modified in place after the forward is an error in the
+    backward, and a second backward without retain_graph is refused."""
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    y = FF.layer_norm(x * 1.0, (5,))
+    y.sum().backward(retain_graph=True)
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+    h = x * 1.0
+    y = FF.layer_norm(h, (5,))
+    with torch.no_grad():
+        h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
