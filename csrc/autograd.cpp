@@ -1,10 +1,11 @@
-// The four norms' autograd nodes in C++, for the plain eager path: fusednorm/autograd.py's
-// apply() calls these when no torch.func transform, forward-mode AD or torch.compile is
-// active and the compiled ops run the input. They do what the Python Functions there do
-// (the same forward op, saved tensors and backward op) without the Python
-// autograd.Function machinery, which cost a small norm more than eager torch.nn's whole
-// forward+backward. Ops go through the dispatcher, so the CPU or CUDA kernel is chosen
-// by the input as for a call from Python.
+// The four norms' autograd in C++, for the plain eager path: fusednorm/autograd.py's apply()
+// calls these when no torch.func transform, forward-mode AD or torch.compile is active and
+// the compiled ops run the input. They do what the Python Functions there do (the same
+// forward op, saved tensors and backward op) the way ATen's own ops do it: the forward op
+// runs below autograd and the output gets a backward node (NormBackward) that holds the
+// saved tensors, without the Python autograd.Function machinery, which cost a small norm
+// more than eager torch.nn's whole forward+backward. Ops go through the dispatcher, so the
+// CPU or CUDA kernel is chosen by the input as for a call from Python.
 //
 // A backward whose result will be differentiated again (create_graph=True: grad mode is
 // on in backward) has no kernel: it calls back into Python (set_recompute), which
@@ -12,13 +13,15 @@
 #include "autograd.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
 namespace fusednorm {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using Opt = c10::optional<Tensor>;
 using Mask = std::array<bool, 3>;
@@ -35,142 +38,177 @@ Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : c10::nullopt; }
 // released: the interpreter may be gone when static destructors run).
 py::object* recompute_fn = nullptr;
 
-// What every node saves: the input, the parameters and the forward op's statistics, the
-// activation and eps, plus one norm-specific argument (`extra`, handed to the recompute).
-Tensor save(AutogradContext* ctx, const Tensor& x, const Opt& w, const Opt& b, const Result3& out,
-            double eps, int64_t act, double act_a, double act_b, c10::IValue extra) {
-  ctx->save_for_backward({x, w.value_or(Tensor()), b.value_or(Tensor()), std::get<1>(out), std::get<2>(out)});
-  ctx->saved_data["eps"] = eps;
-  ctx->saved_data["act"] = act;
-  ctx->saved_data["act_a"] = act_a;
-  ctx->saved_data["act_b"] = act_b;
-  ctx->saved_data["extra"] = std::move(extra);
-  return std::get<0>(out);
-}
+// What every norm's backward takes besides its own arguments.
+struct Saved {
+  Tensor x, weight, bias, mean, rstd;
+  int64_t act;
+  double act_a, act_b;
+};
 
-// The gradients of the forward's n_args arguments (x, weight and bias first): none for an
-// absent output gradient, the backward op (`call`) for a first derivative, the Python
-// recompute for a differentiable one.
-template <class Call>
-variable_list backward_of(AutogradContext* ctx, const char* kind, const variable_list& grads, size_t n_args,
-                          Call call) {
-  variable_list out(n_args);
-  const Tensor& dy = grads[0];
-  if (!dy.defined()) return out;
-  const variable_list s = ctx->get_saved_variables();  // x, weight, bias, mean, rstd
-  // An absent weight or bias has no edge: the bias's is 1 without a weight.
-  const bool has_w = s[1].defined(), has_b = s[2].defined();
-  const Mask mask{ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(1),
-                  has_b && ctx->needs_input_grad(has_w ? 2 : 1)};
-  auto& d = ctx->saved_data;
-  const int64_t act = d["act"].toInt();
-  const double act_a = d["act_a"].toDouble(), act_b = d["act_b"].toDouble();
-  if (!at::GradMode::is_enabled()) {
-    std::tie(out[0], out[1], out[2]) = call(dy, s, act, act_a, act_b, mask);
-  } else {
+// The four norms: their name, their own arguments (Args, handed to the recompute as
+// `extra`) and the call of their backward op.
+using GroupNormBwd = Result3(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&, const Opt&,
+                             const Opt&, int64_t, double, double, Mask);
+
+struct BatchNorm {
+  static constexpr const char* kind = "batch_norm";
+  static constexpr const char* node = "fusednorm::BatchNormBackward";
+  using Args = bool;  // training
+  static Result3 backward(const Tensor& dy, const Saved& s, Args training, Mask mask) {
+    static auto op = find_op<Result3(const Tensor&, const Tensor&, const Opt&, const Opt&, const Tensor&,
+                                     const Tensor&, bool, int64_t, double, double, Mask)>("fusednorm::batch_norm_bwd");
+    return op.call(dy, s.x, opt(s.weight), opt(s.bias), s.mean, s.rstd, training, s.act, s.act_a, s.act_b, mask);
+  }
+};
+
+// InstanceNorm's backward is GroupNorm's with one group per channel.
+struct InstanceNorm {
+  static constexpr const char* kind = "instance_norm";
+  static constexpr const char* node = "fusednorm::InstanceNormBackward";
+  using Args = int64_t;  // channels
+  static Result3 backward(const Tensor& dy, const Saved& s, Args channels, Mask mask) {
+    static auto op = find_op<GroupNormBwd>("fusednorm::group_norm_bwd");
+    return op.call(dy, s.x, channels, s.mean, s.rstd, opt(s.weight), opt(s.bias), s.act, s.act_a, s.act_b, mask);
+  }
+};
+
+struct LayerNorm {
+  static constexpr const char* kind = "layer_norm";
+  static constexpr const char* node = "fusednorm::LayerNormBackward";
+  using Args = std::vector<int64_t>;  // normalized_shape
+  static Result3 backward(const Tensor& dy, const Saved& s, const Args& shape, Mask mask) {
+    static auto op = find_op<Result3(const Tensor&, const Tensor&, at::IntArrayRef, const Tensor&, const Tensor&,
+                                     const Opt&, const Opt&, int64_t, double, double, Mask)>("fusednorm::layer_norm_bwd");
+    return op.call(dy, s.x, shape, s.mean, s.rstd, opt(s.weight), opt(s.bias), s.act, s.act_a, s.act_b, mask);
+  }
+};
+
+struct GroupNorm {
+  static constexpr const char* kind = "group_norm";
+  static constexpr const char* node = "fusednorm::GroupNormBackward";
+  using Args = int64_t;  // num_groups
+  static Result3 backward(const Tensor& dy, const Saved& s, Args groups, Mask mask) {
+    static auto op = find_op<GroupNormBwd>("fusednorm::group_norm_bwd");
+    return op.call(dy, s.x, groups, s.mean, s.rstd, opt(s.weight), opt(s.bias), s.act, s.act_a, s.act_b, mask);
+  }
+};
+
+// The backward node of a norm's output: gradients for its edges (x, weight, bias), none for
+// an absent output gradient, the backward op for a first derivative, the Python recompute
+// for one that will be differentiated again.
+template <class Norm>
+struct NormBackward final : torch::autograd::Node {
+  SavedVariable x, weight, bias, mean, rstd;
+  typename Norm::Args args;
+  double eps = 0;
+  int64_t act = 0;
+  double act_a = 0, act_b = 0;
+
+  std::string name() const override { return Norm::node; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&x, &weight, &bias, &mean, &rstd}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(3);
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    const Saved s{x.unpack(), weight.unpack(), bias.unpack(), mean.unpack(), rstd.unpack(), act, act_a, act_b};
+    const Mask mask{task_should_compute_output(0), s.weight.defined() && task_should_compute_output(1),
+                    s.bias.defined() && task_should_compute_output(2)};
+    if (!at::GradMode::is_enabled()) {
+      std::tie(out[0], out[1], out[2]) = Norm::backward(dy, s, args, mask);
+    } else {
+      out = recompute(dy, s, mask);
+    }
+    for (size_t i = 0; i < 3; ++i) {
+      if (!mask[i]) out[i] = Tensor();  // the ops' empty placeholders
+    }
+    return out;
+  }
+
+  variable_list recompute(const Tensor& dy, const Saved& s, Mask mask) const {
     TORCH_CHECK(recompute_fn != nullptr, "fusednorm: the double backward's Python side is not registered");
     py::gil_scoped_acquire gil;
+    variable_list out(3);
     try {
-      const c10::IValue& extra = d["extra"];
-      py::object e = extra.isIntList() ? py::cast(extra.toIntVector())
-                                       : (extra.isBool() ? py::cast(extra.toBool()) : py::cast(extra.toInt()));
-      py::tuple r = (*recompute_fn)(kind, dy, s[0], opt(s[1]), opt(s[2]), s[3], s[4], mask, d["eps"].toDouble(),
-                                    act, act_a, act_b, e);
+      py::tuple r = (*recompute_fn)(Norm::kind, dy, s.x, opt(s.weight), opt(s.bias), s.mean, s.rstd, mask, eps,
+                                    s.act, s.act_a, s.act_b, args);
       for (size_t i = 0; i < 3; ++i) {
         if (!r[i].is_none()) out[i] = r[i].cast<Tensor>();
       }
     } catch (py::error_already_set& e) {
       TORCH_CHECK(false, e.what());
     }
+    return out;
   }
-  for (size_t i = 0; i < 3; ++i) {
-    if (!mask[i]) out[i] = Tensor();  // empty placeholders of the ops, and unwanted gradients
+};
+
+// y = the forward op's output, with a NormBackward as its gradient function when x, weight
+// or bias requires a gradient (and grad mode is on).
+template <class Norm, class Forward>
+Tensor forward(const Tensor& x, const Opt& w, const Opt& b, typename Norm::Args args, double eps, int64_t act,
+               double act_a, double act_b, Forward run) {
+  Result3 out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = run();
   }
-  return out;
+  const Tensor& y = std::get<0>(out);
+  if (!torch::autograd::compute_requires_grad(x, w, b)) return y;
+  auto node = c10::make_intrusive<NormBackward<Norm>>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
+  node->x = SavedVariable(x, false);
+  node->weight = SavedVariable(w.value_or(Tensor()), false);
+  node->bias = SavedVariable(b.value_or(Tensor()), false);
+  node->mean = SavedVariable(std::get<1>(out), false);
+  node->rstd = SavedVariable(std::get<2>(out), false);
+  node->args = std::move(args);
+  node->eps = eps;
+  node->act = act;
+  node->act_a = act_a;
+  node->act_b = act_b;
+  torch::autograd::set_history(y, node);
+  return y;
 }
 
-struct BatchNormNode : torch::autograd::Function<BatchNormNode> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Opt& w, const Opt& b, const Opt& rm,
-                        const Opt& rv, bool training, double momentum, double eps, int64_t act, double act_a,
-                        double act_b) {
-    static auto op = find_op<Result3(const Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, bool, double,
-                                     double, int64_t, double, double, const Opt&)>("fusednorm::batch_norm_fwd");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return save(ctx, x, w, b, op.call(x, w, b, rm, rv, training, momentum, eps, act, act_a, act_b, {}),
-                eps, act, act_a, act_b, training);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = find_op<Result3(const Tensor&, const Tensor&, const Opt&, const Opt&, const Tensor&,
-                                     const Tensor&, bool, int64_t, double, double, Mask)>("fusednorm::batch_norm_bwd");
-    const bool training = ctx->saved_data["extra"].toBool();
-    return backward_of(ctx, "batch_norm", grads, 11, [&](const Tensor& dy, const variable_list& s, int64_t act,
-                                                           double a, double b, Mask mask) {
-      return op.call(dy, s[0], opt(s[1]), opt(s[2]), s[3], s[4], training, act, a, b, mask);
-    });
-  }
-};
+Tensor batch_norm(const Tensor& x, const Opt& w, const Opt& b, const Opt& rm, const Opt& rv, bool training,
+                  double momentum, double eps, int64_t act, double act_a, double act_b) {
+  static auto op = find_op<Result3(const Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, bool, double,
+                                   double, int64_t, double, double, const Opt&)>("fusednorm::batch_norm_fwd");
+  return forward<BatchNorm>(x, w, b, training, eps, act, act_a, act_b, [&] {
+    return op.call(x, w, b, rm, rv, training, momentum, eps, act, act_a, act_b, c10::nullopt);
+  });
+}
 
-using GroupNormBwd = Result3(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&, const Opt&,
-                             const Opt&, int64_t, double, double, Mask);
+Tensor instance_norm(const Tensor& x, const Opt& w, const Opt& b, const Opt& rm, const Opt& rv, double momentum,
+                     double eps, int64_t act, double act_a, double act_b) {
+  static auto op = find_op<Result3(const Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, double, double,
+                                   int64_t, double, double)>("fusednorm::instance_norm_fwd");
+  return forward<InstanceNorm>(x, w, b, x.dim() > 1 ? x.size(1) : 0, eps, act, act_a, act_b, [&] {
+    return op.call(x, w, b, rm, rv, momentum, eps, act, act_a, act_b);
+  });
+}
 
-// InstanceNorm's backward is GroupNorm's with one group per channel.
-struct InstanceNormNode : torch::autograd::Function<InstanceNormNode> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Opt& w, const Opt& b, const Opt& rm,
-                        const Opt& rv, double momentum, double eps, int64_t act, double act_a, double act_b) {
-    static auto op = find_op<Result3(const Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, double, double,
-                                     int64_t, double, double)>("fusednorm::instance_norm_fwd");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return save(ctx, x, w, b, op.call(x, w, b, rm, rv, momentum, eps, act, act_a, act_b), eps, act,
-                act_a, act_b, x.size(1));
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = find_op<GroupNormBwd>("fusednorm::group_norm_bwd");
-    const int64_t channels = ctx->saved_data["extra"].toInt();
-    return backward_of(ctx, "instance_norm", grads, 10, [&](const Tensor& dy, const variable_list& s,
-                                                              int64_t act, double a, double b, Mask mask) {
-      return op.call(dy, s[0], channels, s[3], s[4], opt(s[1]), opt(s[2]), act, a, b, mask);
-    });
-  }
-};
+Tensor layer_norm(const Tensor& x, const Opt& w, const Opt& b, std::vector<int64_t> shape, double eps, int64_t act,
+                  double act_a, double act_b) {
+  static auto op = find_op<Result3(const Tensor&, at::IntArrayRef, const Opt&, const Opt&, double, int64_t, double,
+                                   double)>("fusednorm::layer_norm_fwd");
+  auto run = [&] { return op.call(x, shape, w, b, eps, act, act_a, act_b); };
+  return forward<LayerNorm>(x, w, b, shape, eps, act, act_a, act_b, run);
+}
 
-struct LayerNormNode : torch::autograd::Function<LayerNormNode> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Opt& w, const Opt& b,
-                        std::vector<int64_t> shape, double eps, int64_t act, double act_a, double act_b) {
-    static auto op = find_op<Result3(const Tensor&, at::IntArrayRef, const Opt&, const Opt&, double, int64_t, double,
-                                     double)>("fusednorm::layer_norm_fwd");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return save(ctx, x, w, b, op.call(x, shape, w, b, eps, act, act_a, act_b), eps, act, act_a, act_b,
-                shape);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = find_op<Result3(const Tensor&, const Tensor&, at::IntArrayRef, const Tensor&, const Tensor&,
-                                     const Opt&, const Opt&, int64_t, double, double, Mask)>("fusednorm::layer_norm_bwd");
-    const std::vector<int64_t> shape = ctx->saved_data["extra"].toIntVector();
-    return backward_of(ctx, "layer_norm", grads, 8, [&](const Tensor& dy, const variable_list& s, int64_t act,
-                                                          double a, double b, Mask mask) {
-      return op.call(dy, s[0], shape, s[3], s[4], opt(s[1]), opt(s[2]), act, a, b, mask);
-    });
-  }
-};
-
-struct GroupNormNode : torch::autograd::Function<GroupNormNode> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Opt& w, const Opt& b, int64_t groups,
-                        double eps, int64_t act, double act_a, double act_b) {
-    static auto op = find_op<Result3(const Tensor&, int64_t, const Opt&, const Opt&, double, int64_t, double,
-                                     double)>("fusednorm::group_norm_fwd");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return save(ctx, x, w, b, op.call(x, groups, w, b, eps, act, act_a, act_b), eps, act, act_a, act_b,
-                groups);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = find_op<GroupNormBwd>("fusednorm::group_norm_bwd");
-    const int64_t groups = ctx->saved_data["extra"].toInt();
-    return backward_of(ctx, "group_norm", grads, 8, [&](const Tensor& dy, const variable_list& s, int64_t act,
-                                                          double a, double b, Mask mask) {
-      return op.call(dy, s[0], groups, s[3], s[4], opt(s[1]), opt(s[2]), act, a, b, mask);
-    });
-  }
-};
+Tensor group_norm(const Tensor& x, const Opt& w, const Opt& b, int64_t groups, double eps, int64_t act,
+                  double act_a, double act_b) {
+  static auto op = find_op<Result3(const Tensor&, int64_t, const Opt&, const Opt&, double, int64_t, double,
+                                   double)>("fusednorm::group_norm_fwd");
+  return forward<GroupNorm>(x, w, b, groups, eps, act, act_a, act_b, [&] {
+    return op.call(x, groups, w, b, eps, act, act_a, act_b);
+  });
+}
 
 }  // namespace
 
@@ -179,22 +217,10 @@ void bind_autograd(py::module_& m) {
         "The Python function the nodes' double backward calls (fusednorm.autograd._native_recompute)");
   // Each takes the arguments of its Function's forward in fusednorm/autograd.py (x, weight,
   // bias, then the norm's own) and returns y.
-  m.def("batch_norm", [](const Tensor& x, const Opt& w, const Opt& b, const Opt& rm, const Opt& rv,
-                         bool training, double momentum, double eps, int64_t act, double act_a, double act_b) {
-    return BatchNormNode::apply(x, w, b, rm, rv, training, momentum, eps, act, act_a, act_b);
-  });
-  m.def("instance_norm", [](const Tensor& x, const Opt& w, const Opt& b, const Opt& rm, const Opt& rv,
-                            double momentum, double eps, int64_t act, double act_a, double act_b) {
-    return InstanceNormNode::apply(x, w, b, rm, rv, momentum, eps, act, act_a, act_b);
-  });
-  m.def("layer_norm", [](const Tensor& x, const Opt& w, const Opt& b, std::vector<int64_t> shape, double eps,
-                         int64_t act, double act_a, double act_b) {
-    return LayerNormNode::apply(x, w, b, std::move(shape), eps, act, act_a, act_b);
-  });
-  m.def("group_norm", [](const Tensor& x, const Opt& w, const Opt& b, int64_t groups, double eps, int64_t act,
-                         double act_a, double act_b) {
-    return GroupNormNode::apply(x, w, b, groups, eps, act, act_a, act_b);
-  });
+  m.def("batch_norm", &batch_norm);
+  m.def("instance_norm", &instance_norm);
+  m.def("layer_norm", &layer_norm);
+  m.def("group_norm", &group_norm);
 }
 
 }  // namespace fusednorm

@@ -73,7 +73,7 @@ def test_native_node_matches_classic_function_and_torch(name, spec, act):
     _, _, fused, classic_args, reference = NORMS[name]
     x, w, b = _inputs(name, spec)
     y = fused(x, w, b, act)
-    assert "Node" in y.grad_fn.name(), y.grad_fn.name()  # the C++ node, not the Python Function
+    assert y.grad_fn.name().startswith("fusednorm::"), y.grad_fn.name()  # the C++ node, not the Function
     function, *args = classic_args(x, w, b)
     y_classic = function.classic.apply(*args, *ACTS[act])
     assert type(y_classic.grad_fn).__name__ == function.__name__ + "Backward"

@@ -151,25 +151,26 @@ def _forward_mode_or_torch_func():
 def apply(function, x, weight, bias, *rest):
     """The output of a norm: function.apply(x, weight, bias, *rest)[0], in one of four
     ways that give the same result.
-    - Nothing can differentiate the call (grad mode off or no input requiring a gradient,
-      no forward-mode AD or torch.func transform: inference, frozen layers): the forward
-      op alone, without autograd.Function's ~14 µs a call (a third of a small eval-mode
-      forward). Under forward-mode AD the op alone would drop the tangents silently.
-    - Plain eager autograd (no torch.func, forward-mode AD or torch.compile) with the
-      compiled ops: the norm's C++ autograd node (function.native, csrc/autograd.cpp), the
-      same ops and saved tensors without autograd.Function's per-call cost.
+    - Plain eager calls (no forward-mode AD, torch.func transform or torch.compile; a plain
+      tensor input that the compiled ops run): the norm's C++ entry (function.native,
+      csrc/autograd.cpp), the forward op with a backward node in C++ when an input
+      requires a gradient, without autograd.Function's per-call cost.
+    - Otherwise, nothing can differentiate the call (grad mode off or no input requiring a
+      gradient, no forward-mode AD or torch.func transform): the forward op alone.
+      Under forward-mode AD the op alone would drop the tangents silently.
     - Otherwise outside torch.func (the Triton backend, Dynamo tracing): the Function in
       torch's classic form (_classic), since torch binds a setup_context Function's
       arguments with inspect.signature on every call.
     - Under torch.func transforms, which need the setup_context form: the Function.
     - Under forward-mode AD: the Function with a jvp (_with_jvp)."""
     if not _forward_mode_or_torch_func():
+        if (not torch.compiler.is_compiling() and function.native is not None and type(x) is torch.Tensor
+                and ops_for(x) is compiled_ops):
+            return function.native(x, weight, bias, *rest)
         if not torch.is_grad_enabled() or not any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, bias, *rest)
         ):
             return function.forward(x, weight, bias, *rest)[0]
-        if function.native is not None and ops_for(x) is compiled_ops and not torch.compiler.is_compiling():
-            return function.native(x, weight, bias, *rest)
         return function.classic.apply(x, weight, bias, *rest)
     if _forward_mode():
         return function.forward_mode.apply(x, weight, bias, *rest)[0]
