@@ -148,3 +148,33 @@ def test_forward_without_autograd(target, kind, train, mode):
             assert torch.equal(y, y_twin.detach()), f"step {step}: differs from the autograd path"
             assert_close(y, activate(ref(xi), "relu").detach(), torch.float32, f"output, step {step}")
     assert_same_buffers(ours.named_buffers(), ref.named_buffers())
+
+
+# NCHW BatchNorm's three schedules (csrc/cpu/batch_norm.cpp): short rows (statistics from
+# gathered rows, here over several gather chunks: 48 rows of 7x7), rows of one element or
+# more below by_channel's conditions (3 channels of 32x32), and by_channel (16 channels of
+# 32x32). Forward and backward against the float64 torch.nn reference.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(48, 6, 7, 7), (3, 5, 2, 2), (2, 3, 32, 32), (2, 16, 32, 32)],
+                         ids=["short-rows-chunks", "short-rows-tiny", "long-rows", "by-channel"])
+def test_batch_norm_nchw_schedules_match_float64_torch(shape, dtype):
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    ours = fusednorm.BatchNorm2d(shape[1], activation="relu")
+    ref = torch.nn.BatchNorm2d(shape[1]).double()
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+            m.bias.copy_(torch.linspace(-0.2, 0.2, shape[1]))
+    xo, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    y = ours(xo)
+    y_ref = torch.relu(ref(xr))
+    gx, gw, gb = torch.autograd.grad(y, [xo, ours.weight, ours.bias], dy)
+    rx, rw, rb = torch.autograd.grad(y_ref, [xr, ref.weight, ref.bias], dy.double())
+    assert_close(y, y_ref, dtype, "output")
+    assert_close(gx, rx, dtype, "input gradient")
+    assert_close(gw, rw, torch.float32, "weight gradient")  # float32 parameters, float32 sums
+    assert_close(gb, rb, torch.float32, "bias gradient")
+    assert_close(ours.running_mean, ref.running_mean, torch.float32, "running_mean")
+    assert_close(ours.running_var, ref.running_var, torch.float32, "running_var")

@@ -5,7 +5,8 @@
 // Forward (training): one read for statistics, one read+write for act(x*alpha + beta).
 // Backward: one read of (x, dy) for the per-channel sums, one more to write dx.
 // NCHW tensors whose channels fit the L2 cache go channel by channel (by_channel), so
-// that the second read of each channel comes from cache.
+// that the second read of each channel comes from cache; NCHW tensors with short rows take
+// their statistics and gradient sums channel by channel from gathered rows (short_rows).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -44,6 +45,53 @@ void training_coefficients(A rstd, A gamma, A sum_dy, A sum_dy_xmu, int64_t coun
                              cA, cB, cC);
 }
 
+// NCHW with short rows (a small spatial size, e.g. 7x7): a channel's N rows lie C*S
+// elements apart, and the row kernels paid a whole vector reduction (and, for moments, a
+// merge) per row, so a 7x7 row cost as much as hundreds of elements. The statistics and
+// gradient sums of such channels go channel by channel instead: the channel's rows are
+// copied into contiguous chunks of up to kGatherElements and the kernels run on each chunk
+// as on one row. The outputs stay row by row, in memory order: computing them from
+// whole-channel buffers and scattering them back was slower (strided writes;
+// docs/benchmarks.md). Below 2 KiB a row, so never where by_channel is taken (3 KiB rows
+// and longer).
+constexpr int64_t kGatherElements = 2048;
+
+inline bool short_rows(const BnLayout& l, int64_t elem_bytes) {
+  return !l.cols && l.S * elem_bytes < 2048;
+}
+
+// Rows [n0, n0 + rows) of channel c of src (laid out as l) into dst, contiguous.
+template <typename T>
+void gather_rows(const BnLayout& l, int64_t c, int64_t n0, int64_t rows, const T* src, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = src + ((n0 + r) * l.C + c) * l.S;
+    std::copy(row, row + l.S, dst + r * l.S);
+  }
+}
+
+// Runs f(c, buf) for every channel, in parallel, with a per-thread buffer of `len`
+// elements.
+template <typename T, typename F>
+void for_channels(const BnLayout& l, int64_t len, F&& f) {
+  parallel_chunks(l.C, num_chunks(l.C, grain(l.N * l.S)), [&](int64_t, int64_t cb, int64_t ce) {
+    std::vector<T> buf(len);
+    for (int64_t c = cb; c < ce; ++c) f(c, buf.data());
+  });
+}
+
+// Channel c's rows of x (and of g when given) gathered kGatherElements at most at a time
+// into bx (bg), with f(elements) called on each chunk; the rows keep their order.
+template <typename T, typename F>
+void for_gathered_chunks(const BnLayout& l, int64_t c, const T* x, const T* g, T* bx, T* bg, F&& f) {
+  const int64_t per_chunk = std::max<int64_t>(1, kGatherElements / std::max<int64_t>(l.S, 1));
+  for (int64_t n0 = 0; n0 < l.N; n0 += per_chunk) {
+    const int64_t rows = std::min(per_chunk, l.N - n0);
+    gather_rows(l, c, n0, rows, x, bx);
+    if (g) gather_rows(l, c, n0, rows, g, bg);
+    f(rows * l.S);
+  }
+}
+
 // Per-channel sums over the whole batch: moments (training forward) or gradient sums.
 template <typename T, typename A>
 void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2) {
@@ -60,6 +108,17 @@ void channel_moments(const BnLayout& l, std::vector<A>& mean, std::vector<A>& m2
       rows[ch] = e - b;
     });
     merge_column_chunks(pm.data(), pq.data(), rows.data(), chunks, C, mean.data(), m2.data());
+  } else if (short_rows(l, sizeof(T))) {
+    for_channels<T>(l, kGatherElements, [&](int64_t c, T* bx) {
+      Moments<double> acc{0, 0, 0};  // chunks merged in double, as moments_rows merges a row's
+      for_gathered_chunks<T>(l, c, x, nullptr, bx, nullptr, [&](int64_t n) {
+        A m, q;
+        k.moments_rows(bx, 1, n, &m, &q);
+        acc = merge(acc, Moments<double>{double(n), double(m), double(q)});
+      });
+      mean[c] = A(acc.mean);
+      m2[c] = A(acc.m2);
+    });
   } else {
     const int64_t R = l.N * C, S = l.S;
     std::vector<A> rm(R), rq(R);
@@ -339,6 +398,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
             sum_dy[c] += ps[ch * C + c];
             sum_dy_xmu[c] += px[ch * C + c];
           }
+      } else if (short_rows(l, sizeof(T))) {
+        const ActParams<A> ap = act_params<A>(act_a, act_b);
+        for_channels<T>(l, 2 * kGatherElements, [&](int64_t c, T* buf) {
+          T* bx = buf;
+          T* bg = buf + kGatherElements;
+          for_gathered_chunks<T>(l, c, x, g, bx, bg, [&](int64_t n) {
+            A rs, rx;
+            k.grad_sums_rows(bx, bg, 1, n, &mean[c], &alpha[c], &beta[c], act, ap, &rs, &rx, nullptr);
+            sum_dy[c] += rs;
+            sum_dy_xmu[c] += rx;
+          });
+        });
       } else {
         std::vector<A> ra = per_row(alpha, l.N), rb = per_row(beta, l.N), rm = per_row(mean, l.N);
         std::vector<A> rs(R), rx(R);
