@@ -1,4 +1,5 @@
-// The four norms' autograd in C++, for the plain eager path: fusednorm/autograd.py's apply()
+// The norms' autograd in C++ (BatchNorm, with or without its residual add, InstanceNorm,
+// LayerNorm, GroupNorm), for the plain eager path: fusednorm/autograd.py's apply()
 // calls these when no torch.func transform, forward-mode AD or torch.compile is active and
 // the compiled ops run the input. They do what the Python Functions there do (the same
 // forward op, saved tensors and backward op) the way ATen's own ops do it: the forward op
@@ -16,6 +17,8 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+
+#include "common/norm_math.h"
 
 namespace fusednorm {
 namespace {
@@ -44,6 +47,25 @@ struct Saved {
   int64_t act;
   double act_a, act_b;
 };
+
+// [dx, dweight, dbias] of a backward whose result will be differentiated again, from the
+// Python recompute (None there: undefined here); args: the norm's own argument.
+template <class Args>
+variable_list recompute(const char* kind, const Tensor& dy, const Saved& s, Mask mask, double eps, const Args& args) {
+  TORCH_CHECK(recompute_fn != nullptr, "fusednorm: the double backward's Python side is not registered");
+  py::gil_scoped_acquire gil;
+  variable_list out(3);
+  try {
+    py::tuple r = (*recompute_fn)(kind, dy, s.x, opt(s.weight), opt(s.bias), s.mean, s.rstd, mask, eps, s.act,
+                                  s.act_a, s.act_b, args);
+    for (size_t i = 0; i < 3; ++i) {
+      if (!r[i].is_none()) out[i] = r[i].cast<Tensor>();
+    }
+  } catch (py::error_already_set& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  return out;
+}
 
 // The four norms: their name, their own arguments (Args, handed to the recompute as
 // `extra`) and the call of their backward op.
@@ -122,27 +144,62 @@ struct NormBackward final : torch::autograd::Node {
     if (!at::GradMode::is_enabled()) {
       std::tie(out[0], out[1], out[2]) = Norm::backward(dy, s, args, mask);
     } else {
-      out = recompute(dy, s, mask);
+      out = recompute(Norm::kind, dy, s, mask, eps, args);
     }
     for (size_t i = 0; i < 3; ++i) {
       if (!mask[i]) out[i] = Tensor();  // the ops' empty placeholders
     }
     return out;
   }
+};
 
-  variable_list recompute(const Tensor& dy, const Saved& s, Mask mask) const {
-    TORCH_CHECK(recompute_fn != nullptr, "fusednorm: the double backward's Python side is not registered");
-    py::gil_scoped_acquire gil;
-    variable_list out(3);
-    try {
-      py::tuple r = (*recompute_fn)(Norm::kind, dy, s.x, opt(s.weight), opt(s.bias), s.mean, s.rstd, mask, eps,
-                                    s.act, s.act_a, s.act_b, args);
-      for (size_t i = 0; i < 3; ++i) {
-        if (!r[i].is_none()) out[i] = r[i].cast<Tensor>();
+// BatchNorm with a residual add, y = act(bn(x) + z), act none, ReLU or LeakyReLU with a
+// non-negative slope (fusednorm/autograd_bn_add.py says why): dz = dy * act'(y), read off
+// the saved output as torch's ReLU backward reads it, is z's gradient and the input of
+// BatchNorm's backward without an activation. Edges: x, weight, bias, z.
+struct BatchNormAddBackward final : torch::autograd::Node {
+  SavedVariable x, weight, bias, mean, rstd, y;
+  bool training = true;
+  double eps = 0;
+  int64_t act = 0;
+  double slope = 0;
+  c10::ScalarType residual_dtype = c10::ScalarType::Float;
+
+  std::string name() const override { return "fusednorm::BatchNormAddBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&x, &weight, &bias, &mean, &rstd, &y}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(4);
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    const Saved s{x.unpack(), weight.unpack(), bias.unpack(), mean.unpack(), rstd.unpack(), kNone, 0, 0};
+    const Mask mask{task_should_compute_output(0), s.weight.defined() && task_should_compute_output(1),
+                    s.bias.defined() && task_should_compute_output(2)};
+    const bool need_z = task_should_compute_output(3);
+    if (!(mask[0] || mask[1] || mask[2] || need_z)) return out;
+    // ATen's own ReLU/LeakyReLU backward: one vectorised pass. y is detached: act' is
+    // piecewise constant, only dz's dependence on dy is differentiated.
+    const Tensor out_y = y.unpack(getptr()).detach();
+    const Tensor dz = act == kNone ? dy
+                      : (act == kLeakyRelu && slope != 0 ? at::leaky_relu_backward(dy, out_y, slope, true)
+                                                         : at::threshold_backward(dy, out_y, 0));
+    if (mask[0] || mask[1] || mask[2]) {
+      if (!at::GradMode::is_enabled()) {
+        std::tie(out[0], out[1], out[2]) = BatchNorm::backward(dz, s, training, mask);
+      } else {
+        variable_list g = recompute(BatchNorm::kind, dz, s, mask, eps, training);
+        std::copy(g.begin(), g.end(), out.begin());
       }
-    } catch (py::error_already_set& e) {
-      TORCH_CHECK(false, e.what());
+      for (size_t i = 0; i < 3; ++i) {
+        if (!mask[i]) out[i] = Tensor();
+      }
     }
+    if (need_z) out[3] = dz.to(residual_dtype);
     return out;
   }
 };
@@ -184,6 +241,34 @@ Tensor batch_norm(const Tensor& x, const Opt& w, const Opt& b, const Opt& rm, co
   });
 }
 
+Tensor batch_norm_add(const Tensor& x, const Opt& w, const Opt& b, const Opt& rm, const Opt& rv, bool training,
+                      double momentum, double eps, int64_t act, double act_a, double act_b, const Tensor& z) {
+  static auto op = find_op<Result3(const Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, bool, double,
+                                   double, int64_t, double, double, const Opt&)>("fusednorm::batch_norm_fwd");
+  Result3 out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = op.call(x, w, b, rm, rv, training, momentum, eps, act, act_a, act_b, z);
+  }
+  const Tensor& y = std::get<0>(out);
+  if (!torch::autograd::compute_requires_grad(x, w, b, z)) return y;
+  auto node = c10::make_intrusive<BatchNormAddBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, w, b, z));
+  node->x = SavedVariable(x, false);
+  node->weight = SavedVariable(w.value_or(Tensor()), false);
+  node->bias = SavedVariable(b.value_or(Tensor()), false);
+  node->mean = SavedVariable(std::get<1>(out), false);
+  node->rstd = SavedVariable(std::get<2>(out), false);
+  node->training = training;
+  node->eps = eps;
+  node->act = act;
+  node->slope = act_a;
+  node->residual_dtype = z.scalar_type();
+  torch::autograd::set_history(y, node);
+  node->y = SavedVariable(y, true);  // an output of the node: saved after set_history
+  return y;
+}
+
 Tensor instance_norm(const Tensor& x, const Opt& w, const Opt& b, const Opt& rm, const Opt& rv, double momentum,
                      double eps, int64_t act, double act_a, double act_b) {
   static auto op = find_op<Result3(const Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, double, double,
@@ -218,6 +303,7 @@ void bind_autograd(py::module_& m) {
   // Each takes the arguments of its Function's forward in fusednorm/autograd.py (x, weight,
   // bias, then the norm's own) and returns y.
   m.def("batch_norm", &batch_norm);
+  m.def("batch_norm_add", &batch_norm_add);
   m.def("instance_norm", &instance_norm);
   m.def("layer_norm", &layer_norm);
   m.def("group_norm", &group_norm);

@@ -46,7 +46,7 @@ NORMS = {
 }
 # (which of x, weight, bias exist and require a gradient): "-" absent, "c" a constant, "g" requires grad.
 PARAMS = ["ggg", "gcc", "gcg", "cgg", "ccg", "g-g", "c-g", "gg-", "g--"]
-ACTS = {None: (0, 0.0, 0.0), "leaky_relu": (2, 0.01, 0.0), "silu": (3, 0.0, 0.0)}
+ACTS = {None: (0, 0.0, 0.0), "relu": (1, 0.0, 0.0), "leaky_relu": (2, 0.01, 0.0), "silu": (3, 0.0, 0.0)}
 
 
 def _inputs(name, spec):
@@ -66,7 +66,7 @@ def _grads(y, x, w, b, dy):
     return torch.autograd.grad(y, wanted, dy)
 
 
-@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("act", [None, "leaky_relu", "silu"])
 @pytest.mark.parametrize("spec", PARAMS)
 @pytest.mark.parametrize("name", list(NORMS))
 def test_native_node_matches_classic_function_and_torch(name, spec, act):
@@ -119,3 +119,43 @@ def test_native_node_saved_tensors_checked_and_freed():
         h.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("spec", ["gggg", "cccg", "gccc", "g-gg", "ccgc"])
+def test_native_residual_node_matches_classic_function_and_torch(spec, act):
+    """BatchNorm's residual add, act(bn(x) + z): the node's four edges (x, weight, bias, z),
+    against the classic Function bit for bit and against torch.nn."""
+    from fusednorm.autograd_bn_add import BatchNormAddFunction
+
+    x, w, b = _inputs("batch_norm_train", spec[:3])
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype).requires_grad_(spec[3] == "g")
+    y = FF.batch_norm(x, _full(0.0), _full(1.0), w, b, True, activation=act, residual=z)
+    assert y.grad_fn.name() == "fusednorm::BatchNormAddBackward"
+    y_classic = BatchNormAddFunction.classic.apply(x, w, b, _full(0.0), _full(1.0), True, 0.1, 1e-5, *ACTS[act], z)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+    wanted = [t for t in (x, w, b, z) if t is not None and t.requires_grad]
+    native, classic = torch.autograd.grad(y, wanted, dy), torch.autograd.grad(y_classic, wanted, dy)
+    assert torch.equal(y, y_classic)
+    for g, h in zip(native, classic):
+        assert torch.equal(g, h)
+    pre = F.batch_norm(x, _full(0.0), _full(1.0), w, b, True) + z
+    y_ref = {None: pre, "relu": F.relu(pre), "leaky_relu": F.leaky_relu(pre, 0.01)}[act]
+    assert_close(y, y_ref, torch.float64, "output")
+    for g, h in zip(native, torch.autograd.grad(y_ref, wanted, dy)):
+        assert_close(g, h, torch.float64, "gradient")
+
+
+def test_native_residual_node_second_derivative():
+    results = []
+    for fused in (True, False):
+        x, w, b = _inputs("batch_norm_train", "ggg")
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype, requires_grad=True)
+        if fused:
+            y = FF.batch_norm(x, _full(0.0), _full(1.0), w, b, True, activation="relu", residual=z)
+        else:
+            y = F.relu(F.batch_norm(x, _full(0.0), _full(1.0), w, b, True) + z)
+        gx, gz = torch.autograd.grad((y * y).sum(), (x, z), create_graph=True)
+        results.append(torch.autograd.grad((gx * gx).sum() + (gz * gz).sum(), (x, w, b, z)))
+    for g, h in zip(*results):
+        assert_close(g, h, torch.float64, "gradient")

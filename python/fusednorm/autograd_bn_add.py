@@ -8,12 +8,13 @@ the ReLU), not z.
 
 The forms follow autograd.py's (_NormFunction): classic, setup_context (torch.func), a
 forward-mode subclass with a jvp, and differentiable recomputation when the backward is
-differentiated again."""
+differentiated again. Plain eager calls take the same backward as a C++ node
+(BatchNormAddBackward in csrc/autograd.cpp)."""
 import types
 
 import torch
 
-from . import _differentiable
+from . import _C, _differentiable
 from ._activation import NONE
 from .autograd import _classic, _grad_mask, _NormFunction, _recomputed, _second_derivative_wanted
 from .backend import ops_for
@@ -44,7 +45,7 @@ class BatchNormAddFunction(torch.autograd.Function):
     activation, act_a, act_b, residual) -> (y, mean, rstd)."""
 
     generate_vmap_rule = True
-    native = None  # no C++ node (autograd.apply): the classic form outside torch.func
+    native = _C.batch_norm_add  # the plain eager path's C++ node (autograd.apply)
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, act, act_a, act_b, residual):
