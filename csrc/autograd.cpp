@@ -1,5 +1,6 @@
 // The norms' autograd in C++ (BatchNorm, with or without its residual add, InstanceNorm,
-// LayerNorm, GroupNorm), for the plain eager path: fusednorm/autograd.py's apply()
+// LayerNorm, GroupNorm, and LayerNorm/RMSNorm with or without a residual add), for the
+// plain eager path: fusednorm/autograd.py's apply()
 // calls these when no torch.func transform, forward-mode AD or torch.compile is active and
 // the compiled ops run the input. They do what the Python Functions there do (the same
 // forward op, saved tensors and backward op) the way ATen's own ops do it: the forward op
@@ -204,6 +205,76 @@ struct BatchNormAddBackward final : torch::autograd::Node {
   }
 };
 
+// LayerNorm or RMSNorm of s = x + residual (of x alone without a residual, which is how
+// RMSNorm runs): add_norm_fwd/bwd, as fusednorm/autograd_add.py's Function. Outputs y and,
+// with a residual, s; edges x, residual, weight, bias. s's gradient reaches x and the
+// residual unchanged: the backward op returns ds = the norm's input gradient + the gradient
+// s receives as an output, then cast to each input's dtype.
+struct AddNormBackward final : torch::autograd::Node {
+  SavedVariable normalised, weight, bias, mean, rstd;  // normalised: s (an output) or x
+  bool has_residual = false, rms = false;
+  std::vector<int64_t> shape;
+  double eps = 0;
+  int64_t act = 0;
+  double act_a = 0, act_b = 0;
+  c10::ScalarType x_dtype = c10::ScalarType::Float, r_dtype = c10::ScalarType::Float;
+
+  std::string name() const override { return "fusednorm::AddNormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&normalised, &weight, &bias, &mean, &rstd}) v->reset_data();
+  }
+
+  // A parameter the backward op takes beside a normalised tensor of `dtype` (float32
+  // parameters beside a 16-bit one; otherwise its dtype).
+  static Tensor param_in(const Tensor& p, c10::ScalarType dtype) {
+    const bool half = dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16;
+    if (!p.defined() || p.scalar_type() == dtype || (p.scalar_type() == c10::ScalarType::Float && half)) return p;
+    return p.to(dtype);
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    static auto op = find_op<Result3(const Tensor&, const Opt&, const Tensor&, at::IntArrayRef, const Tensor&,
+                                     const Tensor&, const Opt&, const Opt&, bool, int64_t, double, double, Mask)>(
+        "fusednorm::add_norm_bwd");
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(4);
+    const Tensor& dy = grads[0];
+    const Tensor ds = has_residual ? grads[1] : Tensor();
+    if (!dy.defined() && !ds.defined()) return out;
+    const Saved sv{normalised.unpack(has_residual ? getptr() : nullptr), weight.unpack(), bias.unpack(),
+                   mean.unpack(), rstd.unpack(), act, act_a, act_b};
+    const bool need_x = task_should_compute_output(0), need_r = task_should_compute_output(1);
+    const Mask mask{need_x || need_r, sv.weight.defined() && task_should_compute_output(2),
+                    sv.bias.defined() && task_should_compute_output(3)};
+    Tensor dsum, dw, db;
+    if (!dy.defined()) {  // only the sum is used: its gradient passes through
+      dsum = ds;
+    } else if (at::GradMode::is_enabled()) {
+      // The recompute's output is in s's dtype: y's gradient cast to it, as y's cast would.
+      variable_list g = recompute(rms ? "rms_norm" : "layer_norm", dy.to(sv.x.scalar_type()), sv, mask, eps, shape);
+      dsum = g[0];
+      dw = g[1];
+      db = g[2];
+      if (ds.defined() && dsum.defined()) dsum = dsum + ds;
+    } else {
+      const c10::ScalarType dtype = sv.x.scalar_type();
+      std::tie(dsum, dw, db) = op.call(dy, opt(ds), sv.x, shape, sv.mean, sv.rstd, opt(param_in(sv.weight, dtype)),
+                                       opt(param_in(sv.bias, dtype)), rms, act, act_a, act_b, mask);
+      dw = mask[1] ? dw.to(sv.weight.scalar_type()) : Tensor();
+      db = mask[2] ? db.to(sv.bias.scalar_type()) : Tensor();
+    }
+    if (dsum.defined() && mask[0]) {
+      if (need_x) out[0] = dsum.to(x_dtype);
+      if (need_r) out[1] = dsum.to(r_dtype);
+    }
+    out[2] = mask[1] ? dw : Tensor();
+    out[3] = mask[2] ? db : Tensor();
+    return out;
+  }
+};
+
 // y = the forward op's output, with a NormBackward as its gradient function when x, weight
 // or bias requires a gradient (and grad mode is on).
 template <class Norm, class Forward>
@@ -269,6 +340,45 @@ Tensor batch_norm_add(const Tensor& x, const Opt& w, const Opt& b, const Opt& rm
   return y;
 }
 
+// (y, s): s is add_norm_fwd's sum (an empty tensor without a residual).
+std::tuple<Tensor, Tensor> add_norm(const Tensor& x, const Opt& residual, const Opt& w, const Opt& b,
+                                    std::vector<int64_t> shape, bool rms, bool residual_in_fp32, double eps,
+                                    int64_t act, double act_a, double act_b) {
+  static auto op = find_op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Opt&, at::IntArrayRef, const Opt&, const Opt&, double, bool, bool, int64_t, double,
+      double)>("fusednorm::add_norm_fwd");
+  std::tuple<Tensor, Tensor, Tensor, Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = op.call(x, residual, shape, w, b, eps, rms, residual_in_fp32, act, act_a, act_b);
+  }
+  const auto& [y, s, mean, rstd] = out;
+  if (!torch::autograd::compute_requires_grad(x, residual, w, b)) return {y, s};
+  auto node = c10::make_intrusive<AddNormBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, residual, w, b));
+  node->weight = SavedVariable(w.value_or(Tensor()), false);
+  node->bias = SavedVariable(b.value_or(Tensor()), false);
+  node->mean = SavedVariable(mean, false);
+  node->rstd = SavedVariable(rstd, false);
+  node->has_residual = residual.has_value();
+  node->rms = rms;
+  node->shape = shape;
+  node->eps = eps;
+  node->act = act;
+  node->act_a = act_a;
+  node->act_b = act_b;
+  node->x_dtype = x.scalar_type();
+  node->r_dtype = residual.has_value() ? residual->scalar_type() : x.scalar_type();
+  if (residual.has_value()) {
+    torch::autograd::set_history(std::vector<Tensor>{y, s}, node);
+    node->normalised = SavedVariable(s, true);  // an output of the node: saved after set_history
+  } else {
+    torch::autograd::set_history(y, node);
+    node->normalised = SavedVariable(x, false);
+  }
+  return {y, s};
+}
+
 Tensor instance_norm(const Tensor& x, const Opt& w, const Opt& b, const Opt& rm, const Opt& rv, double momentum,
                      double eps, int64_t act, double act_a, double act_b) {
   static auto op = find_op<Result3(const Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, double, double,
@@ -304,6 +414,8 @@ void bind_autograd(py::module_& m) {
   // bias, then the norm's own) and returns y.
   m.def("batch_norm", &batch_norm);
   m.def("batch_norm_add", &batch_norm_add);
+  // add_norm_fwd's arguments in AddNormFunction.forward's order; returns (y, sum).
+  m.def("add_norm", &add_norm);
   m.def("instance_norm", &instance_norm);
   m.def("layer_norm", &layer_norm);
   m.def("group_norm", &group_norm);

@@ -159,3 +159,97 @@ def test_native_residual_node_second_derivative():
         results.append(torch.autograd.grad((gx * gx).sum() + (gz * gz).sum(), (x, w, b, z)))
     for g, h in zip(*results):
         assert_close(g, h, torch.float64, "gradient")
+
+
+def _add_norm_inputs(spec, rms, dtype=torch.float64):
+    """x, residual, weight, bias from spec (x, residual, weight, bias: "-" absent, "c"
+    constant, "g" requires grad); RMSNorm has no bias."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64).to(dtype)
+    r = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64).to(dtype)
+    w = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+    out = [None if s == "-" else t.requires_grad_(s == "g") for t, s in zip((x, r, w, b), spec)]
+    if rms:
+        out[3] = None
+    return out
+
+
+# (spec, which outputs the loss uses): without a residual (spec[1] == "-") the output alone.
+ADD_NORM_CASES = [(spec, use) for spec in ["gggg", "g-gg", "ggcc", "cg-g", "g---", "gc--", "c-g-"]
+                  for use in (["both", "output", "sum"] if spec[1] != "-" else ["both"])]
+
+
+@pytest.mark.parametrize("spec,use", ADD_NORM_CASES)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_native_add_norm_node_matches_classic_function_and_torch(rms, spec, use):
+    """LayerNorm/RMSNorm of x + residual (of x alone without one): the node's edges (x,
+    residual, weight, bias) and its two outputs, used together or one at a time."""
+    from fusednorm.autograd_add import AddNormFunction
+
+    x, r, w, b = _add_norm_inputs(spec, rms)
+    args = (x, r, w, b, [6], rms, False, 1e-5, 2, 0.01, 0.0)
+    wanted = [t for t in (x, r, w, b) if t is not None and t.requires_grad]
+    dy = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ds = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    if r is None:
+        native = (FF.rms_norm(x, 6, w, 1e-5, activation="leaky_relu") if rms else
+                  FF.layer_norm(x, 6, w, b, 1e-5, activation="leaky_relu"),)
+        classic = (AddNormFunction.classic_y.apply(*args),)
+    else:
+        call = FF.add_rms_norm if rms else FF.add_layer_norm
+        extra = () if rms else (b,)
+        native = call(x, r, 6, w, *extra, eps=1e-5, activation="leaky_relu")
+        classic = AddNormFunction.classic_ys.apply(*args)
+    # (LayerNorm without a residual is the plain LayerNorm node: the same ops underneath.)
+    node = "LayerNormBackward" if r is None and not rms else "AddNormBackward"
+    assert native[0].grad_fn.name() == "fusednorm::" + node
+    pick = {"both": slice(None), "output": slice(0, 1), "sum": slice(1, 2)}[use]
+    grads_out = [dy, ds][pick][:len(native)]
+    g_native = torch.autograd.grad(native[pick], wanted, grads_out, allow_unused=True, materialize_grads=True)
+    g_classic = torch.autograd.grad(classic[pick], wanted, grads_out, allow_unused=True, materialize_grads=True)
+    for u, v in zip(native, classic):
+        assert torch.equal(u, v)
+    for g, h in zip(g_native, g_classic):
+        assert torch.equal(g, h)
+    s_ref = x + r if r is not None else x
+    pre = F.rms_norm(s_ref, (6,), w, 1e-5) if rms else F.layer_norm(s_ref, (6,), w, b, 1e-5)
+    ref = (F.leaky_relu(pre, 0.01), s_ref)[:len(native)]
+    assert_close(native[0], ref[0], torch.float64, "output")
+    g_ref = torch.autograd.grad(ref[pick], wanted, grads_out, allow_unused=True, materialize_grads=True)
+    for g, h in zip(g_native, g_ref):
+        assert_close(g, h, torch.float64, "gradient")
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_native_add_norm_node_mixed_dtypes_and_second_derivative(rms):
+    """bfloat16 input with a float32 sum (residual_in_fp32) and float32 parameters: the
+    gradients in each input's dtype, as the classic Function; then create_graph=True
+    through the node against torch.nn in float64."""
+    from fusednorm.autograd_add import AddNormFunction
+
+    x, r, w, b = _add_norm_inputs("gggg", rms, torch.bfloat16)
+    w, b = w.detach().float().requires_grad_(), None if b is None else b.detach().float().requires_grad_()
+    call = FF.add_rms_norm if rms else FF.add_layer_norm
+    extra = () if rms else (b,)
+    y, s = call(x, r, 6, w, *extra, eps=1e-5, activation="relu", residual_in_fp32=True)
+    y_c, s_c = AddNormFunction.classic_ys.apply(x, r, w, b, [6], rms, True, 1e-5, 1, 0.0, 0.0)
+    assert s.dtype == torch.float32 and y.dtype == torch.bfloat16
+    wanted = [t for t in (x, r, w, b) if t is not None]
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype)
+    for g, h in zip(torch.autograd.grad((y, s), wanted, (dy, dy.float())),
+                    torch.autograd.grad((y_c, s_c), wanted, (dy, dy.float()))):
+        assert g.dtype == h.dtype and torch.equal(g, h)
+
+    results = []
+    for fused in (True, False):
+        x, r, w, b = _add_norm_inputs("gggg", rms)
+        if fused:
+            y, s = call(x, r, 6, w, *(() if rms else (b,)), eps=1e-5, activation="silu")
+        else:
+            s = x + r
+            y = F.silu(F.rms_norm(s, (6,), w, 1e-5) if rms else F.layer_norm(s, (6,), w, b, 1e-5))
+        gx, gr = torch.autograd.grad((y * y).sum() + (s * s * s).sum(), (x, r), create_graph=True)
+        results.append(torch.autograd.grad((gx * gr).sum(), [t for t in (x, r, w, b) if t is not None]))
+    for g, h in zip(*results):
+        assert_close(g, h, torch.float64, "gradient")

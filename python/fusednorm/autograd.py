@@ -121,15 +121,16 @@ def _native_recompute(kind, dy, x, weight, bias, mean, rstd, mask, eps, act, act
     """The gradients [dx, dweight, dbias] (None where mask is False) of a C++ node's
     backward whose result will be differentiated again (csrc/autograd.cpp calls this):
     from the output recomputed in differentiable torch ops, as the Functions' backward.
-    extra: the norm's own argument (BatchNorm's training, LayerNorm's normalized_shape,
-    GroupNorm's num_groups, InstanceNorm's channels)."""
+    extra: the norm's own argument (BatchNorm's training, LayerNorm's and RMSNorm's
+    normalized_shape, GroupNorm's num_groups, InstanceNorm's channels)."""
     ctx = types.SimpleNamespace(saved_tensors=(x, weight, bias, mean, rstd), eps=eps,
                                 act=Activation(act, act_a, act_b))
     setattr(ctx, _EXTRA_NAME.get(kind, "extra"), extra)
     return _recomputed(lambda ctx, *t: _differentiable.output(kind, ctx, *t), ctx, dy, mask)
 
 
-_EXTRA_NAME = {"batch_norm": "training", "layer_norm": "normalized_shape", "group_norm": "num_groups"}
+_EXTRA_NAME = {"batch_norm": "training", "layer_norm": "normalized_shape", "rms_norm": "normalized_shape",
+               "group_norm": "num_groups"}
 _C.set_recompute(_native_recompute)
 
 

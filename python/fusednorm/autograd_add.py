@@ -6,12 +6,14 @@ with a jvp, and the output recomputed in torch ops when a backward is differenti
 
 The gradient of the sum s = input + residual reaches both inputs unchanged: the backward
 op returns ds = (the norm's input gradient) + (the gradient s receives as an output), and
-input and residual get ds in their own dtypes."""
+input and residual get ds in their own dtypes. Plain eager calls take the same backward as a
+C++ node (AddNormBackward in csrc/autograd.cpp)."""
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _differentiable
+from . import _C, _differentiable
 from ._activation import Activation
+from ._ops import ops as compiled_ops
 from .autograd import _classic, _forward_mode, _forward_mode_or_torch_func, _recomputed, _second_derivative_wanted
 from .backend import ops_for
 
@@ -129,6 +131,9 @@ def apply_add_norm(x, residual, weight, bias, *rest):
     both = residual is not None
     args = (x, residual, weight, bias, *rest)
     if not _forward_mode_or_torch_func():
+        if not torch.compiler.is_compiling() and type(x) is torch.Tensor and ops_for(x) is compiled_ops:
+            y, s = _C.add_norm(*args)  # the plain eager path's C++ node (AddNormBackward)
+            return (y, s) if both else y
         tensors = (x, residual, weight, bias)
         if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
             out = AddNormFunction.forward(*args)
