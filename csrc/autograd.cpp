@@ -411,14 +411,16 @@ void bind_autograd(py::module_& m) {
   m.def("set_recompute", [](py::object fn) { recompute_fn = new py::object(std::move(fn)); },
         "The Python function the nodes' double backward calls (fusednorm.autograd._native_recompute)");
   // Each takes the arguments of its Function's forward in fusednorm/autograd.py (x, weight,
-  // bias, then the norm's own) and returns y.
-  m.def("batch_norm", &batch_norm);
-  m.def("batch_norm_add", &batch_norm_add);
+  // bias, then the norm's own) and returns y; the GIL is released while the op runs, as
+  // torch's own ops release it.
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("batch_norm", &batch_norm, release());
+  m.def("batch_norm_add", &batch_norm_add, release());
+  m.def("instance_norm", &instance_norm, release());
+  m.def("layer_norm", &layer_norm, release());
+  m.def("group_norm", &group_norm, release());
   // add_norm_fwd's arguments in AddNormFunction.forward's order; returns (y, sum).
-  m.def("add_norm", &add_norm);
-  m.def("instance_norm", &instance_norm);
-  m.def("layer_norm", &layer_norm);
-  m.def("group_norm", &group_norm);
+  m.def("add_norm", &add_norm, release());
 }
 
 }  // namespace fusednorm
