@@ -253,3 +253,29 @@ def test_native_add_norm_node_mixed_dtypes_and_second_derivative(rms):
         results.append(torch.autograd.grad((gx * gr).sum(), [t for t in (x, r, w, b) if t is not None]))
     for g, h in zip(*results):
         assert_close(g, h, torch.float64, "gradient")
+
+
+def test_native_path_ops_reach_dispatch_modes_and_meta():
+    """The C++ entry dispatches its ops as a Python call would: a TorchDispatchMode sees the
+    forward and backward ops, and meta tensors get the fake kernels' shapes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fusednorm
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    with Log() as log:
+        FF.group_norm(x, 3).sum().backward()
+    assert [op for op in log.ops if op.startswith("fusednorm.")] == ["fusednorm.group_norm_fwd.default",
+                                                                      "fusednorm.group_norm_bwd.default"]
+    m = fusednorm.BatchNorm2d(3, device="meta")
+    y = m(torch.randn(2, 3, 4, 4, device="meta", requires_grad=True))
+    assert y.device.type == "meta" and y.shape == (2, 3, 4, 4) and y.grad_fn.name() == "fusednorm::BatchNormBackward"
