@@ -149,8 +149,15 @@ def _forward_mode_or_torch_func():
     return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def native_path(x):
+    """Whether a call on input x takes the C++ entries (csrc/autograd.cpp): plain eager
+    (not while Dynamo traces), a plain tensor, and the compiled ops run it. Callers check
+    forward-mode AD and torch.func first (_forward_mode_or_torch_func)."""
+    return not torch.compiler.is_compiling() and type(x) is torch.Tensor and ops_for(x) is compiled_ops
+
+
 def apply(function, x, weight, bias, *rest):
-    """The output of a norm: function.apply(x, weight, bias, *rest)[0], in one of four
+    """The output of a norm: function.apply(x, weight, bias, *rest)[0], in one of five
     ways that give the same result.
     - Plain eager calls (no forward-mode AD, torch.func transform or torch.compile; a plain
       tensor input that the compiled ops run): the norm's C++ entry (function.native,
@@ -165,8 +172,7 @@ def apply(function, x, weight, bias, *rest):
     - Under torch.func transforms, which need the setup_context form: the Function.
     - Under forward-mode AD: the Function with a jvp (_with_jvp)."""
     if not _forward_mode_or_torch_func():
-        if (not torch.compiler.is_compiling() and function.native is not None and type(x) is torch.Tensor
-                and ops_for(x) is compiled_ops):
+        if function.native is not None and native_path(x):
             return function.native(x, weight, bias, *rest)
         if not torch.is_grad_enabled() or not any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, bias, *rest)

@@ -13,8 +13,14 @@ from torch.autograd.function import once_differentiable
 
 from . import _C, _differentiable
 from ._activation import Activation
-from ._ops import ops as compiled_ops
-from .autograd import _classic, _forward_mode, _forward_mode_or_torch_func, _recomputed, _second_derivative_wanted
+from .autograd import (
+    _classic,
+    _forward_mode,
+    _forward_mode_or_torch_func,
+    _recomputed,
+    _second_derivative_wanted,
+    native_path,
+)
 from .backend import ops_for
 
 
@@ -131,7 +137,7 @@ def apply_add_norm(x, residual, weight, bias, *rest):
     both = residual is not None
     args = (x, residual, weight, bias, *rest)
     if not _forward_mode_or_torch_func():
-        if not torch.compiler.is_compiling() and type(x) is torch.Tensor and ops_for(x) is compiled_ops:
+        if native_path(x):
             y, s = _C.add_norm(*args)  # the plain eager path's C++ node (AddNormBackward)
             return (y, s) if both else y
         tensors = (x, residual, weight, bias)
