@@ -1,13 +1,13 @@
 // The norms' autograd in C++ (BatchNorm, with or without its residual add, InstanceNorm,
-// LayerNorm, GroupNorm, and LayerNorm/RMSNorm with or without a residual add), for the
-// plain eager path: fusednorm/autograd.py's apply()
-// calls these when no torch.func transform, forward-mode AD or torch.compile is active and
-// the compiled ops run the input. They do what the Python Functions there do (the same
-// forward op, saved tensors and backward op) the way ATen's own ops do it: the forward op
-// runs below autograd and the output gets a backward node (NormBackward) that holds the
-// saved tensors, without the Python autograd.Function machinery, which cost a small norm
-// more than eager torch.nn's whole forward+backward. Ops go through the dispatcher, so the
-// CPU or CUDA kernel is chosen by the input as for a call from Python.
+// LayerNorm, GroupNorm, and LayerNorm/RMSNorm with or without a residual add), for plain
+// eager calls: fusednorm/autograd.py calls these when autograd.native_path() holds (no
+// torch.func transform, forward-mode AD or Dynamo trace; a plain tensor that the compiled
+// ops run), with or without gradients. They do what the Python Functions there do (the
+// same forward op, saved tensors and backward op) the way ATen's own ops do it: the forward
+// op runs below autograd and, when an input requires a gradient, the output gets a backward
+// node that holds the saved tensors, without the Python autograd.Function machinery, which
+// cost a small norm more than eager torch.nn's whole forward+backward. Ops go through the
+// dispatcher, so the CPU or CUDA kernel is chosen by the input as for a call from Python.
 //
 // A backward whose result will be differentiated again (create_graph=True: grad mode is
 // on in backward) has no kernel: it calls back into Python (set_recompute), which
