@@ -68,11 +68,13 @@ variable_list recompute(const char* kind, const Tensor& dy, const Saved& s, Mask
   return out;
 }
 
-// The four norms: their name, their own arguments (Args, handed to the recompute as
-// `extra`) and the call of their backward op.
+using BatchNormFwd = Result3(const Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, bool, double, double,
+                             int64_t, double, double, const Opt&);
 using GroupNormBwd = Result3(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&, const Opt&,
                              const Opt&, int64_t, double, double, Mask);
 
+// The four norms: their name, their own arguments (Args, handed to the recompute as
+// `extra`) and the call of their backward op.
 struct BatchNorm {
   static constexpr const char* kind = "batch_norm";
   static constexpr const char* node = "fusednorm::BatchNormBackward";
@@ -81,17 +83,6 @@ struct BatchNorm {
     static auto op = find_op<Result3(const Tensor&, const Tensor&, const Opt&, const Opt&, const Tensor&,
                                      const Tensor&, bool, int64_t, double, double, Mask)>("fusednorm::batch_norm_bwd");
     return op.call(dy, s.x, opt(s.weight), opt(s.bias), s.mean, s.rstd, training, s.act, s.act_a, s.act_b, mask);
-  }
-};
-
-// InstanceNorm's backward is GroupNorm's with one group per channel.
-struct InstanceNorm {
-  static constexpr const char* kind = "instance_norm";
-  static constexpr const char* node = "fusednorm::InstanceNormBackward";
-  using Args = int64_t;  // channels
-  static Result3 backward(const Tensor& dy, const Saved& s, Args channels, Mask mask) {
-    static auto op = find_op<GroupNormBwd>("fusednorm::group_norm_bwd");
-    return op.call(dy, s.x, channels, s.mean, s.rstd, opt(s.weight), opt(s.bias), s.act, s.act_a, s.act_b, mask);
   }
 };
 
@@ -114,6 +105,12 @@ struct GroupNorm {
     static auto op = find_op<GroupNormBwd>("fusednorm::group_norm_bwd");
     return op.call(dy, s.x, groups, s.mean, s.rstd, opt(s.weight), opt(s.bias), s.act, s.act_a, s.act_b, mask);
   }
+};
+
+// InstanceNorm's backward is GroupNorm's with one group per channel (Args: the channels).
+struct InstanceNorm : GroupNorm {
+  static constexpr const char* kind = "instance_norm";
+  static constexpr const char* node = "fusednorm::InstanceNormBackward";
 };
 
 // The backward node of a norm's output: gradients for its edges (x, weight, bias), none for
@@ -305,8 +302,7 @@ Tensor forward(const Tensor& x, const Opt& w, const Opt& b, typename Norm::Args 
 
 Tensor batch_norm(const Tensor& x, const Opt& w, const Opt& b, const Opt& rm, const Opt& rv, bool training,
                   double momentum, double eps, int64_t act, double act_a, double act_b) {
-  static auto op = find_op<Result3(const Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, bool, double,
-                                   double, int64_t, double, double, const Opt&)>("fusednorm::batch_norm_fwd");
+  static auto op = find_op<BatchNormFwd>("fusednorm::batch_norm_fwd");
   return forward<BatchNorm>(x, w, b, training, eps, act, act_a, act_b, [&] {
     return op.call(x, w, b, rm, rv, training, momentum, eps, act, act_a, act_b, c10::nullopt);
   });
@@ -314,8 +310,7 @@ Tensor batch_norm(const Tensor& x, const Opt& w, const Opt& b, const Opt& rm, co
 
 Tensor batch_norm_add(const Tensor& x, const Opt& w, const Opt& b, const Opt& rm, const Opt& rv, bool training,
                       double momentum, double eps, int64_t act, double act_a, double act_b, const Tensor& z) {
-  static auto op = find_op<Result3(const Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, bool, double,
-                                   double, int64_t, double, double, const Opt&)>("fusednorm::batch_norm_fwd");
+  static auto op = find_op<BatchNormFwd>("fusednorm::batch_norm_fwd");
   Result3 out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
